@@ -1,0 +1,98 @@
+"""Configuration of one training run: one dataclass, every CLI flag mirrors a field."""
+
+from __future__ import annotations
+
+import dataclasses
+import tomllib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+__all__ = ["TrainConfig"]
+
+
+@dataclass(kw_only=True, slots=True)
+class TrainConfig:
+    """One training run. ``None`` means "the workload's default"."""
+
+    workload: str = "mnist1d"
+    """Built-in workload name (mnist1d, bytelm, linreg) or ``module:factory``."""
+    workload_args: dict[str, Any] = field(default_factory=dict)
+    """Keyword arguments for the workload factory (``--workload-arg key=value``)."""
+    batch_size: int | None = None
+    """Global batch size in examples = micro-batch × accumulation steps × world size."""
+    micro_batch_size: int | None = None
+    """Examples per forward/backward on one process; default: the whole per-rank batch."""
+    lr: float | None = None
+    """Peak learning rate at ``base_batch_size`` (or at ``batch_size`` when that is unset)."""
+    optimizer: str | None = None
+    """Optimizer name: sgd, adamw, lars, lamb, merit."""
+    momentum: float | None = None
+    """Momentum (sgd, lars)."""
+    weight_decay: float | None = None
+    """Weight decay (applied to ≥2-D tensors only by ``bigbatch.optim.param_groups``)."""
+    optimizer_args: dict[str, Any] = field(default_factory=dict)
+    """Further optimizer keyword arguments (betas, eps, trust_coefficient, ...)."""
+    warmup_samples: int | None = None
+    """Learning-rate warmup length in samples (linear)."""
+    schedule: str = "constant"
+    """Decay shape after warmup (see ``bigbatch.schedules``)."""
+    rule: str | None = None
+    """Scaling rule relating the LR to the batch size (used with ``base_batch_size`` and adaptive batches)."""
+    base_batch_size: int | None = None
+    """Batch size at which ``lr`` (and warmup) were tuned; the rule rescales to the running batch."""
+    budget_samples: int | None = None
+    """Training budget in samples; the run stops there."""
+    budget_epochs: float | None = None
+    """Training budget in epochs (overrides ``budget_samples``)."""
+    eval_every_samples: int | None = None
+    """Evaluate every this many samples (default: 20 evaluations per budget)."""
+    checkpoint_every_samples: int | None = None
+    """Checkpoint every this many samples (default: at every evaluation); 0 disables periodic checkpoints."""
+    keep_checkpoints: int = 2
+    """How many periodic checkpoints to keep on disk."""
+    log_every_steps: int = 10
+    """Write a metrics record every this many optimizer steps."""
+    target: float | None = None
+    """Stop when the evaluation metric reaches this value (in its direction)."""
+    seed: int = 0
+    """Seed for the model initialisation and the data order."""
+    device: str = "auto"
+    """cpu, cuda, cuda:N or auto."""
+    amp: bool = True
+    """bf16 autocast on CUDA (ignored on CPU)."""
+    compile: bool = False
+    """Wrap the model in ``torch.compile``."""
+    out: str = "runs/train"
+    """Output directory: metrics.jsonl, summary.json, checkpoints/."""
+    resume: bool = False
+    """Continue from the newest checkpoint in ``out``."""
+    max_steps: int | None = None
+    """Stop after this many optimizer steps in this invocation (checkpointed; resume continues)."""
+    noise_scale: bool = False
+    """Measure the gradient noise scale B_simple while training."""
+    adaptive: str | None = None
+    """Adaptive batch size controller: noise, normtest or ramp."""
+    average_last: int = 0
+    """Keep the last N checkpoints and evaluate their average at the end (0: off)."""
+    progress: str = "auto"
+    """Progress display: auto (bar on a terminal, lines otherwise), bar, lines, none."""
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "TrainConfig":
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(d) - names)
+        if unknown:
+            raise ValueError(f"unknown train config field(s): {', '.join(unknown)}")
+        return cls(**d)
+
+    @classmethod
+    def from_toml(cls, path: str | Path) -> "TrainConfig":
+        with open(path, "rb") as f:
+            return cls.from_dict(tomllib.load(f))
+
+    def replace(self, **changes: Any) -> "TrainConfig":
+        return dataclasses.replace(self, **changes)

@@ -1,0 +1,54 @@
+"""torch.distributed setup for torchrun launches (one process per GPU, or gloo on CPU)."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+__all__ = ["DistInfo", "init_distributed", "pick_device"]
+
+
+@dataclass(frozen=True, slots=True)
+class DistInfo:
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+
+    @property
+    def enabled(self) -> bool:
+        return self.world_size > 1
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+def pick_device(spec: str, local_rank: int = 0) -> torch.device:
+    """``auto`` → the local rank's GPU when CUDA is there, else CPU."""
+    if spec == "auto":
+        spec = "cuda" if torch.cuda.is_available() else "cpu"
+    if spec.startswith("cuda"):
+        if not torch.cuda.is_available():
+            raise ValueError(f"device {spec!r} requested but CUDA is not available; use --device cpu")
+        if spec == "cuda":
+            spec = f"cuda:{local_rank}"
+    elif spec != "cpu":
+        raise ValueError(f"device must be auto, cpu, cuda or cuda:N, got {spec!r}")
+    return torch.device(spec)
+
+
+def init_distributed(device_spec: str) -> tuple[DistInfo, torch.device]:
+    """Join the process group when launched by torchrun (``WORLD_SIZE`` > 1)."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world <= 1:
+        return DistInfo(), pick_device(device_spec)
+    rank, local = int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", "0"))
+    device = pick_device(device_spec, local)
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    if not dist.is_initialized():
+        dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo", device_id=device if device.type == "cuda" else None)
+    return DistInfo(rank=rank, world_size=world, local_rank=local), device

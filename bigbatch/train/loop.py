@@ -1,0 +1,377 @@
+"""The reference training loop: one loop for CPU, one GPU and torchrun DDP.
+
+Read it top to bottom (nanoGPT style): set-up, then for each optimizer step — draw the global
+batch, realise it as micro-batches × accumulation steps × ranks, forward/backward with the loss
+normalised by the *global* count (examples or tokens) so the accumulated gradient equals the
+big-batch gradient exactly, optimizer step, then logging, evaluation and checkpoints at
+sample-count boundaries. Time is counted in samples (DESIGN.md §2).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from bigbatch._checks import check_int_positive, check_positive
+from bigbatch.optim import create_optimizer
+from bigbatch.train.checkpoint import latest_checkpoint, list_checkpoints, rng_state, save_atomic, set_rng_state, write_json_atomic
+from bigbatch.train.config import TrainConfig
+from bigbatch.train.dist import DistInfo, init_distributed
+from bigbatch.train.metrics import MetricsWriter, ProgressDisplay, truncate_metrics
+from bigbatch.workloads import Workload, load_workload, move_batch
+
+__all__ = ["train", "TrainResult", "BatchPlan", "plan_batch"]
+
+
+@dataclass(frozen=True, slots=True)
+class BatchPlan:
+    """How a global batch is realised: ``batch = micro × accum × world``."""
+
+    batch_size: int
+    micro_batch_size: int
+    accum_steps: int
+    world_size: int
+
+
+def plan_batch(batch_size: int, world_size: int, micro_batch_size: int | None) -> BatchPlan:
+    """Split ``batch_size`` over ranks and accumulation steps, or say which option is wrong."""
+    batch_size = check_int_positive("batch_size", batch_size)
+    if batch_size % world_size:
+        raise ValueError(f"--batch-size {batch_size} is not divisible by the world size {world_size}")
+    per_rank = batch_size // world_size
+    micro = per_rank if micro_batch_size is None else check_int_positive("micro_batch_size", micro_batch_size)
+    if micro > per_rank:
+        micro = per_rank
+    if per_rank % micro:
+        raise ValueError(
+            f"--micro-batch-size {micro} does not divide the per-rank batch {per_rank} "
+            f"(batch size {batch_size} over {world_size} rank(s))"
+        )
+    return BatchPlan(batch_size, micro, per_rank // micro, world_size)
+
+
+@dataclass(slots=True)
+class TrainResult:
+    """What ``train`` returns (also written to ``summary.json``)."""
+
+    summary: dict[str, Any]
+    model: nn.Module
+
+
+class _Resolved:
+    """The config with workload defaults filled in and validated."""
+
+    def __init__(self, cfg: TrainConfig, wl: Workload) -> None:
+        d = wl.defaults
+        self.batch_size = check_int_positive("batch_size", cfg.batch_size or d.batch_size)
+        self.lr = check_positive("lr", cfg.lr if cfg.lr is not None else d.lr)
+        self.optimizer = cfg.optimizer or d.optimizer
+        self.momentum = d.momentum if cfg.momentum is None else cfg.momentum
+        self.weight_decay = d.weight_decay if cfg.weight_decay is None else cfg.weight_decay
+        if not self.weight_decay >= 0:
+            raise ValueError(f"weight_decay must be >= 0, got {self.weight_decay}")
+        self.optimizer_args = {**d.extra, **cfg.optimizer_args} if self.optimizer == d.optimizer else dict(cfg.optimizer_args)
+        if cfg.budget_epochs is not None:
+            self.budget = int(round(check_positive("budget_epochs", cfg.budget_epochs) * wl.dataset_size))
+        else:
+            self.budget = check_int_positive("budget_samples", cfg.budget_samples or d.budget_samples)
+        self.warmup = d.warmup_samples if cfg.warmup_samples is None else int(cfg.warmup_samples)
+        if self.warmup < 0:
+            raise ValueError(f"warmup_samples must be >= 0, got {self.warmup}")
+        if cfg.eval_every_samples is not None:
+            self.eval_every = check_int_positive("eval_every_samples", cfg.eval_every_samples)
+        else:
+            self.eval_every = max(self.batch_size, self.budget // 20)
+        ck = cfg.checkpoint_every_samples
+        self.ckpt_every = self.eval_every if ck is None else int(ck)
+        if self.ckpt_every < 0:
+            raise ValueError(f"checkpoint_every_samples must be >= 0, got {ck}")
+        self.log_every = check_int_positive("log_every_steps", cfg.log_every_steps)
+        self.base_batch = cfg.base_batch_size or self.batch_size
+        if cfg.target is not None and not math.isfinite(cfg.target):
+            raise ValueError(f"target must be a finite number, got {cfg.target}")
+
+
+def _lr_at(r: _Resolved, cfg: TrainConfig, samples: int, batch_size: int) -> float:
+    """Peak LR with linear warmup (in samples) and the configured decay."""
+    lr = r.lr
+    if r.warmup > 0 and samples < r.warmup:
+        return lr * (samples + batch_size) / r.warmup if samples + batch_size < r.warmup else lr
+    if cfg.schedule == "cosine":
+        t = min(1.0, (samples - r.warmup) / max(1, r.budget - r.warmup))
+        return lr * 0.5 * (1 + math.cos(math.pi * t))
+    return lr
+
+
+def _prepare_out(out: str | Path, is_main: bool) -> Path:
+    path = Path(out)
+    if is_main:
+        try:
+            (path / "checkpoints").mkdir(parents=True, exist_ok=True)
+            probe = path / ".write_test"
+            probe.write_text("")
+            probe.unlink()
+        except OSError as e:
+            raise ValueError(f"--out {path} is not a writable directory: {e.strerror or e}") from None
+    return path
+
+
+def _unwrap(model: nn.Module) -> nn.Module:
+    model = getattr(model, "module", model)  # DDP
+    return getattr(model, "_orig_mod", model)  # torch.compile
+
+
+def train(cfg: TrainConfig, workload: Workload | None = None) -> TrainResult:
+    """Run one training run as configured; returns the summary and the trained model."""
+    info, device = init_distributed(cfg.device)
+    wl = workload if workload is not None else load_workload(cfg.workload, **cfg.workload_args)
+    r = _Resolved(cfg, wl)
+    plan = plan_batch(r.batch_size, info.world_size, cfg.micro_batch_size)
+    out = _prepare_out(cfg.out, info.is_main)
+    ckpt_dir = out / "checkpoints"
+
+    torch.manual_seed(cfg.seed)
+    raw_model = wl.build_model().to(device)
+    momentum_kw = {"momentum": r.momentum} if r.optimizer in ("sgd", "lars") else {}
+    optimizer = create_optimizer(r.optimizer, raw_model, lr=r.lr, weight_decay=r.weight_decay, **momentum_kw, **r.optimizer_args)
+    for g in optimizer.param_groups:  # groups may carry their own LR; keep their ratio to the peak
+        g.setdefault("lr_ratio", g["lr"] / r.lr)
+    sampler = wl.sampler(cfg.seed)
+
+    # ---- resume -------------------------------------------------------------------------
+    state: dict[str, Any] = {
+        "step": 0,
+        "samples": 0,
+        "next_eval": 0,
+        "next_ckpt": r.ckpt_every if r.ckpt_every > 0 else None,
+        "best_metric": None,
+        "last_metric": None,
+        "steps_to_target": None,
+        "samples_to_target": None,
+        "wall_before": 0.0,
+    }
+    resumed_from = None
+    if cfg.resume and (ck := latest_checkpoint(ckpt_dir)) is not None:
+        blob = torch.load(ck, map_location=device, weights_only=False)
+        raw_model.load_state_dict(blob["model"])
+        optimizer.load_state_dict(blob["optimizer"])
+        sampler.load_state_dict(blob["sampler"])
+        state.update(blob["state"])
+        set_rng_state(blob["rng"])
+        resumed_from = str(ck)
+        if info.is_main:
+            truncate_metrics(out / "metrics.jsonl", state["step"])
+    elif info.is_main and not cfg.resume:
+        for old in list_checkpoints(ckpt_dir):
+            old.unlink()
+        (out / "metrics.jsonl").unlink(missing_ok=True)
+
+    model: nn.Module = raw_model
+    if cfg.compile:
+        model = torch.compile(model)
+    if info.enabled:
+        from torch.nn.parallel import DistributedDataParallel as DDP
+
+        model = DDP(model, device_ids=[device.index] if device.type == "cuda" else None)
+    use_amp = cfg.amp and device.type == "cuda"
+    autocast = (lambda: torch.autocast("cuda", dtype=torch.bfloat16)) if use_amp else contextlib.nullcontext
+
+    metrics = MetricsWriter(out / "metrics.jsonl", enabled=info.is_main)
+    higher = wl.higher_is_better
+    better = (lambda a, b: a >= b) if higher else (lambda a, b: a <= b)
+    progress = ProgressDisplay(cfg.progress, r.budget, getattr(wl, "name", cfg.workload), enabled=info.is_main)
+
+    def evaluate() -> float:
+        raw_model.eval()
+        with autocast():
+            value = float(wl.evaluate(raw_model, device))
+        raw_model.train()
+        return value
+
+    def checkpoint() -> None:
+        if not info.is_main:
+            return
+        blob = {
+            "model": raw_model.state_dict(),
+            "optimizer": optimizer.state_dict(),
+            "sampler": sampler.state_dict(),
+            "state": dict(state),
+            "rng": rng_state(),
+            "step": state["step"],
+            "samples": state["samples"],
+            "config": cfg.to_dict(),
+        }
+        save_atomic(blob, ckpt_dir / f"ckpt_{state['step']:08d}.pt")
+        keep = max(cfg.keep_checkpoints, cfg.average_last, 1)
+        for old in list_checkpoints(ckpt_dir)[:-keep]:
+            old.unlink()
+
+    def record_eval(value: float) -> bool:
+        """Log an evaluation; True when the target is reached now."""
+        state["last_metric"] = value
+        if state["best_metric"] is None or better(value, state["best_metric"]):
+            state["best_metric"] = value
+        metrics.write({"kind": "eval", "step": state["step"], "samples": state["samples"], wl.metric_name: value})
+        hit = cfg.target is not None and state["steps_to_target"] is None and better(value, cfg.target)
+        if hit:
+            state["steps_to_target"], state["samples_to_target"] = state["step"], state["samples"]
+        return hit
+
+    # ---- the loop -----------------------------------------------------------------------
+    t_start = time.perf_counter()
+    stopped = "budget"
+    steps_this_run = 0
+    interval_loss = torch.zeros((), device=device)
+    interval_count = 0
+    interval_t0 = time.perf_counter()
+    interval_steps = 0
+    model.train()
+    try:
+        if state["samples"] == 0 and state["next_eval"] == 0:
+            state["next_eval"] = r.eval_every
+            if record_eval(evaluate()):
+                stopped = "target"
+        while stopped != "target" and state["samples"] < r.budget:
+            if cfg.max_steps is not None and steps_this_run >= cfg.max_steps:
+                stopped = "max_steps"
+                break
+            batch_size = plan.batch_size
+            indices = sampler.next(batch_size)
+            per_rank = batch_size // info.world_size
+            local = indices[info.rank * per_rank : (info.rank + 1) * per_rank]
+            micro = [
+                move_batch(wl.fetch(local[i * plan.micro_batch_size : (i + 1) * plan.micro_batch_size]), device)
+                for i in range(plan.accum_steps)
+            ]
+            n_local = sum(wl.count(mb) for mb in micro)
+            if info.enabled:
+                n_global = torch.tensor(float(n_local), device=device)
+                dist.all_reduce(n_global)  # stays on the device: no host sync
+            else:
+                n_global = float(n_local)
+            # DDP averages gradients over ranks; scaling by world/N makes the result Σ loss / N.
+            scale = info.world_size / n_global
+
+            lr = _lr_at(r, cfg, state["samples"], batch_size)
+            for g in optimizer.param_groups:
+                g["lr"] = lr * g["lr_ratio"]
+
+            for i, mb in enumerate(micro):
+                sync = not info.enabled or i == plan.accum_steps - 1
+                with contextlib.nullcontext() if sync else model.no_sync():
+                    with autocast():
+                        loss_sum, _ = wl.loss(model, mb)
+                    (loss_sum * scale).backward()
+                interval_loss += loss_sum.detach().float()
+            interval_count += n_local
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            state["step"] += 1
+            state["samples"] += batch_size
+            steps_this_run += 1
+            interval_steps += 1
+
+            # ---- logging (the only per-interval host sync) -----------------------------
+            if state["step"] % r.log_every == 0 or state["samples"] >= r.budget:
+                loss_t = interval_loss.clone()
+                if info.enabled:
+                    packed = torch.stack([loss_t, torch.tensor(float(interval_count), device=device)])
+                    dist.all_reduce(packed)
+                    loss_t, count = packed[0], float(packed[1])
+                else:
+                    count = float(interval_count)
+                loss = float(loss_t) / max(count, 1.0)
+                dt = (time.perf_counter() - interval_t0) / interval_steps
+                rec = {
+                    "kind": "train",
+                    "step": state["step"],
+                    "samples": state["samples"],
+                    "epoch": state["samples"] / wl.dataset_size,
+                    "loss": loss,
+                    "lr": lr,
+                    "batch_size": batch_size,
+                    "accum_steps": plan.accum_steps,
+                    "step_time": dt,
+                    "samples_per_s": batch_size / dt,
+                }
+                if wl.count_unit == "tokens":
+                    rec["tokens_per_s"] = count / interval_steps / dt
+                metrics.write(rec)
+                progress.update(state["samples"], {"loss": loss, "lr": lr, wl.metric_name: state["last_metric"]})
+                interval_loss.zero_()
+                interval_count, interval_steps, interval_t0 = 0, 0, time.perf_counter()
+                if not math.isfinite(loss):
+                    stopped = "diverged"
+                    break
+
+            # ---- evaluation, target, checkpoints at sample boundaries ------------------
+            if state["samples"] >= state["next_eval"] or state["samples"] >= r.budget:
+                while state["next_eval"] <= state["samples"]:
+                    state["next_eval"] += r.eval_every
+                value = evaluate()
+                progress.update(state["samples"], {wl.metric_name: value}, force=True)
+                if not math.isfinite(value):
+                    stopped = "diverged"
+                    break
+                if record_eval(value) and cfg.target is not None:
+                    stopped = "target"
+            if state["next_ckpt"] is not None and state["samples"] >= state["next_ckpt"]:
+                while state["next_ckpt"] <= state["samples"]:
+                    state["next_ckpt"] += r.ckpt_every
+                state["wall_before"] += time.perf_counter() - t_start
+                t_start = time.perf_counter()
+                checkpoint()
+    finally:
+        progress.close()
+
+    wall = state["wall_before"] + time.perf_counter() - t_start
+    if stopped in ("budget", "target", "max_steps"):
+        state["wall_before"] = wall
+        t_start = time.perf_counter()
+        checkpoint()
+    elif stopped == "diverged" and info.is_main:
+        print(
+            f"training diverged at step {state['step']} (non-finite loss or metric); "
+            f"the last good checkpoint is kept in {ckpt_dir}",
+            flush=True,
+        )
+    metrics.close()
+
+    summary = {
+        "workload": getattr(wl, "name", cfg.workload),
+        "metric_name": wl.metric_name,
+        "higher_is_better": higher,
+        "final_metric": state["last_metric"],
+        "best_metric": state["best_metric"],
+        "target": cfg.target,
+        "reached_target": state["steps_to_target"] is not None,
+        "steps_to_target": state["steps_to_target"],
+        "samples_to_target": state["samples_to_target"],
+        "steps": state["step"],
+        "samples": state["samples"],
+        "epochs": state["samples"] / wl.dataset_size,
+        "batch_size": plan.batch_size,
+        "micro_batch_size": plan.micro_batch_size,
+        "accum_steps": plan.accum_steps,
+        "world_size": info.world_size,
+        "optimizer": r.optimizer,
+        "lr": r.lr,
+        "stopped": stopped,
+        "diverged": stopped == "diverged",
+        "wall_seconds": wall,
+        "resumed_from": resumed_from,
+        "device": str(device),
+        "config": cfg.to_dict(),
+    }
+    if info.is_main:
+        write_json_atomic(summary, out / "summary.json")
+    return TrainResult(summary=summary, model=raw_model)

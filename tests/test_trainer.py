@@ -1,0 +1,122 @@
+"""The reference trainer: exact accumulation, exact resume, clear errors."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from bigbatch.train import TrainConfig, plan_batch, train
+from bigbatch.train.metrics import read_metrics
+
+MNIST_SMALL = {"num_samples": 2000}
+
+
+def _params(model):
+    return torch.cat([p.detach().reshape(-1) for p in model.parameters()])
+
+
+@pytest.mark.parametrize(
+    "workload,wargs,opt",
+    [("linreg", {"dim": 16}, "sgd"), ("mnist1d", MNIST_SMALL, "sgd"), ("mnist1d", {**MNIST_SMALL, "model": "mlp"}, "sgd")],
+)
+def test_accumulation_equals_big_batch(tmp_path, workload, wargs, opt):
+    common = dict(workload=workload, workload_args=wargs, batch_size=64, lr=0.05, optimizer=opt,
+                  budget_samples=64 * 6, checkpoint_every_samples=0, progress="none")
+    big = train(TrainConfig(**common, out=str(tmp_path / "big")))
+    acc = train(TrainConfig(**common, micro_batch_size=16, out=str(tmp_path / "acc")))
+    assert acc.summary["accum_steps"] == 4
+    a, b = _params(big.model), _params(acc.model)
+    torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-6)
+
+
+def test_token_normalised_accumulation_bytelm(tmp_path, bytelm_corpus):
+    common = dict(workload="bytelm", workload_args={"corpus": [str(bytelm_corpus)], "context": 32, "d_model": 32,
+                  "n_head": 2, "n_layer": 1, "max_bytes": None, "val_windows": 8},
+                  batch_size=16, lr=1e-3, optimizer="adamw", budget_samples=16 * 3,
+                  checkpoint_every_samples=0, progress="none")
+    big = train(TrainConfig(**common, out=str(tmp_path / "big")))
+    acc = train(TrainConfig(**common, micro_batch_size=4, out=str(tmp_path / "acc")))
+    torch.testing.assert_close(_params(big.model), _params(acc.model), rtol=1e-5, atol=1e-6)
+
+
+def _strip(records):
+    return [{k: v for k, v in r.items() if k not in ("step_time", "samples_per_s", "tokens_per_s")} for r in records]
+
+
+def test_resume_is_bit_for_bit(tmp_path):
+    common = dict(workload="mnist1d", workload_args=MNIST_SMALL, batch_size=32, lr=0.05, budget_samples=32 * 30,
+                  eval_every_samples=32 * 5, checkpoint_every_samples=32 * 5, log_every_steps=2, progress="none")
+    full = train(TrainConfig(**common, out=str(tmp_path / "full")))
+    part = train(TrainConfig(**common, out=str(tmp_path / "part"), max_steps=13))
+    assert part.summary["stopped"] == "max_steps" and part.summary["steps"] == 13
+    # a crash after the step-10 checkpoint: the newest checkpoint is at step 13 (max_steps), drop it
+    ckpts = sorted((tmp_path / "part" / "checkpoints").glob("ckpt_*.pt"))
+    ckpts[-1].unlink()
+    resumed = train(TrainConfig(**common, out=str(tmp_path / "part"), resume=True))
+    assert resumed.summary["resumed_from"].endswith("ckpt_00000010.pt")
+    assert torch.equal(_params(full.model), _params(resumed.model))
+    assert _strip(read_metrics(tmp_path / "full" / "metrics.jsonl")) == _strip(read_metrics(tmp_path / "part" / "metrics.jsonl"))
+
+
+def test_target_stops_and_records(tmp_path):
+    res = train(TrainConfig(workload="linreg", workload_args={"dim": 8}, batch_size=32, lr=0.1, budget_samples=32 * 400,
+                            eval_every_samples=32, target=0.05, out=str(tmp_path), progress="none"))
+    s = res.summary
+    assert s["reached_target"] and s["stopped"] == "target"
+    assert s["steps_to_target"] == s["steps"] and s["samples_to_target"] == 32 * s["steps"]
+    assert s["final_metric"] <= 0.05
+    saved = json.loads((tmp_path / "summary.json").read_text())
+    for key in ("final_metric", "metric_name", "steps", "samples", "reached_target", "wall_seconds"):
+        assert key in saved
+
+
+def test_divergence_stops_with_message(tmp_path, capsys):
+    res = train(TrainConfig(workload="linreg", workload_args={"dim": 8}, batch_size=32, lr=50.0, budget_samples=32 * 400,
+                            log_every_steps=1, checkpoint_every_samples=32 * 2, out=str(tmp_path), progress="none"))
+    assert res.summary["diverged"]
+    assert "diverged" in capsys.readouterr().out
+    blob = torch.load(sorted((tmp_path / "checkpoints").glob("*.pt"))[-1], weights_only=False)
+    assert all(torch.isfinite(t).all() for t in blob["model"].values())
+
+
+def test_plan_batch_errors():
+    assert plan_batch(256, 2, 32).accum_steps == 4
+    with pytest.raises(ValueError, match="world size"):
+        plan_batch(255, 2, None)
+    with pytest.raises(ValueError, match="micro-batch-size"):
+        plan_batch(96, 1, 64)
+    with pytest.raises(ValueError, match="batch_size"):
+        plan_batch(0, 1, None)
+
+
+def _cli(*args):
+    return subprocess.run([sys.executable, "-m", "bigbatch", "train", *args], capture_output=True, text=True)
+
+
+@pytest.mark.parametrize(
+    "args,needle",
+    [
+        (["--lr", "-0.1"], "--lr must be > 0"),
+        (["--lr", "nan"], "--lr must be > 0"),
+        (["--workload", "mnist2d"], "did you mean mnist1d"),
+        (["--optimizer", "lamm"], "adamw"),
+        (["--batch-size", "100", "--micro-batch-size", "30"], "--micro-batch-size 30"),
+        (["--workload", "bytelm", "--corpus", "/no/such/dir"], "--corpus path does not exist"),
+        (["--out", "/proc/forbidden/x"], "--out"),
+    ],
+)
+def test_cli_bad_input_one_line_exit_2(tmp_path, args, needle):
+    r = _cli("--workload-arg", "num_samples=2000", "--out", str(tmp_path / "o"), *args) if "--workload" not in args else _cli("--out", str(tmp_path / "o"), *args)
+    assert r.returncode == 2, r.stderr
+    assert needle in r.stderr
+    assert "Traceback" not in r.stderr
+    assert len(r.stderr.strip().splitlines()) == 1
+
+
+def test_cli_train_runs_and_reports(tmp_path):
+    r = _cli("--workload", "linreg", "--workload-arg", "dim=4", "--budget-samples", "640", "--out", str(tmp_path), "--progress", "none")
+    assert r.returncode == 0, r.stderr
+    assert "summary.json" in r.stdout
+    assert (tmp_path / "metrics.jsonl").exists() and (tmp_path / "summary.json").exists()
