@@ -73,6 +73,8 @@ class TrainConfig:
     """Measure the gradient noise scale B_simple while training."""
     adaptive: str | None = None
     """Adaptive batch size controller: noise, normtest or ramp."""
+    adaptive_args: dict[str, Any] = field(default_factory=dict)
+    """Keyword arguments of the adaptive controller (min/max batch, growth, ...)."""
     average_last: int = 0
     """Keep the last N checkpoints and evaluate their average at the end (0: off)."""
     progress: str = "auto"

@@ -97,6 +97,14 @@ class _Resolved:
             raise ValueError(f"checkpoint_every_samples must be >= 0, got {ck}")
         self.log_every = check_int_positive("log_every_steps", cfg.log_every_steps)
         self.base_batch = cfg.base_batch_size or self.batch_size
+        # Interim rule application until bigbatch.scaling lands: peak LR at the running batch.
+        k = self.batch_size / self.base_batch
+        rule = cfg.rule or "none"
+        factors = {"none": 1.0, "linear": k, "sqrt": math.sqrt(k)}
+        if rule not in factors:
+            raise ValueError(f"unknown rule {rule!r}; valid: {', '.join(factors)}")
+        self.base_lr = self.lr
+        self.lr = self.lr * factors[rule]
         if cfg.target is not None and not math.isfinite(cfg.target):
             raise ValueError(f"target must be a finite number, got {cfg.target}")
 
