@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import os
 from pathlib import Path
 from typing import Any, Optional
 
@@ -45,11 +46,15 @@ def train_command(
     device: Optional[str] = typer.Option(None, help="auto, cpu, cuda, cuda:N."),
     amp: Optional[bool] = typer.Option(None, "--amp/--no-amp", help="bf16 autocast on CUDA."),
     compile: Optional[bool] = typer.Option(None, "--compile/--no-compile", help="torch.compile the model."),
+    fsdp: Optional[bool] = typer.Option(None, "--fsdp/--ddp", help="Under torchrun: FSDP2 sharding instead of DDP."),
+    nproc: Optional[int] = typer.Option(None, help="Launch torchrun with N processes on this host."),
+    max_restarts: Optional[int] = typer.Option(None, help="torchrun restarts after a failure (workers resume from the newest checkpoint)."),
     out: Optional[str] = typer.Option(None, help="Output directory."),
     resume: Optional[bool] = typer.Option(None, "--resume/--no-resume", help="Continue from the newest checkpoint in --out."),
     max_steps: Optional[int] = typer.Option(None, help="Stop after N steps in this invocation (resumable)."),
     noise_scale: Optional[bool] = typer.Option(None, "--noise-scale/--no-noise-scale", help="Measure B_simple while training."),
     adaptive: Optional[str] = typer.Option(None, help="Adaptive batch size: noise, normtest, ramp."),
+    adaptive_arg: Optional[list[str]] = typer.Option(None, "--adaptive-arg", help="key=value for the adaptive controller (repeatable), e.g. max_batch_size=4096."),
     average_last: Optional[int] = typer.Option(None, help="Average the last N checkpoints at the end."),
     progress: Optional[str] = typer.Option(None, help="auto, bar, lines, none."),
     config: Optional[Path] = typer.Option(None, help="TOML file with TrainConfig fields; flags override it."),
@@ -70,7 +75,7 @@ def train_command(
         base_batch_size=base_batch_size, budget_samples=budget_samples, budget_epochs=budget_epochs,
         eval_every_samples=eval_every_samples, checkpoint_every_samples=checkpoint_every_samples,
         keep_checkpoints=keep_checkpoints, log_every_steps=log_every_steps, target=target, seed=seed, device=device,
-        amp=amp, compile=compile, out=out, resume=resume, max_steps=max_steps, noise_scale=noise_scale,
+        amp=amp, compile=compile, fsdp=fsdp, nproc=nproc, max_restarts=max_restarts, out=out, resume=resume, max_steps=max_steps, noise_scale=noise_scale,
         adaptive=adaptive, average_last=average_last, progress=progress,
     )
     if lr is not None and not lr > 0:
@@ -78,6 +83,14 @@ def train_command(
     cfg = config_from_options(config, options)
     if wargs:
         cfg = dataclasses.replace(cfg, workload_args={**cfg.workload_args, **wargs})
+    if adaptive_arg:
+        cfg = dataclasses.replace(cfg, adaptive_args={**cfg.adaptive_args, **parse_workload_args(adaptive_arg)})
+    if cfg.nproc < 1:
+        raise ValueError(f"--nproc must be >= 1, got {cfg.nproc}")
+    if cfg.max_restarts < 0:
+        raise ValueError(f"--max-restarts must be >= 0, got {cfg.max_restarts}")
+    if cfg.nproc > 1 and "LOCAL_RANK" not in os.environ:
+        raise typer.Exit(_launch_torchrun(cfg.nproc, cfg.max_restarts))
     result = train(cfg)
     s = result.summary
     if s.get("world_size", 1) > 1 and _rank() != 0:
@@ -97,9 +110,38 @@ def train_command(
 
 
 def _rank() -> int:
-    import os
-
     return int(os.environ.get("RANK", "0"))
+
+
+def _strip_option(args: list[str], names: tuple[str, ...]) -> list[str]:
+    """Drop ``--name VALUE`` / ``--name=VALUE`` occurrences from an argument list."""
+    out: list[str] = []
+    skip = False
+    for a in args:
+        if skip:
+            skip = False
+            continue
+        if a in names:
+            skip = True
+            continue
+        if any(a.startswith(n + "=") for n in names):
+            continue
+        out.append(a)
+    return out
+
+
+def _launch_torchrun(nproc: int, max_restarts: int) -> int:
+    """Re-run this very command under ``torchrun --standalone --nproc-per-node N``."""
+    import subprocess
+    import sys
+
+    args = _strip_option(sys.argv[1:], ("--nproc", "--max-restarts"))
+    cmd = [
+        sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}",
+        f"--max-restarts={max_restarts}", "-m", "bigbatch", *args,
+    ]
+    typer.echo("launching: " + " ".join(cmd[1:]), err=True)
+    return subprocess.call(cmd)
 
 
 def register(app: typer.Typer) -> None:

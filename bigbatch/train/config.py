@@ -61,6 +61,12 @@ class TrainConfig:
     """cpu, cuda, cuda:N or auto."""
     amp: bool = True
     """bf16 autocast on CUDA (ignored on CPU)."""
+    fsdp: bool = False
+    """Shard parameters, gradients and optimizer state with FSDP2 (``fully_shard``) instead of DDP."""
+    nproc: int = 1
+    """``bigbatch train`` launches torchrun with this many processes on this host (1: no launch)."""
+    max_restarts: int = 0
+    """torchrun restarts after a worker failure; restarted workers resume from the newest checkpoint."""
     compile: bool = False
     """Wrap the model in ``torch.compile``."""
     out: str = "runs/train"

@@ -50,5 +50,9 @@ def init_distributed(device_spec: str) -> tuple[DistInfo, torch.device]:
     if device.type == "cuda":
         torch.cuda.set_device(device)
     if not dist.is_initialized():
+        if device.type != "cuda":
+            # Gloo's eager full-mesh connect races a restarted peer (torchrun --max-restarts) and
+            # gives up after three quick retries; lazy connections wait for the peer instead.
+            os.environ.setdefault("TORCH_GLOO_LAZY_INIT", "1")
         dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo", device_id=device if device.type == "cuda" else None)
     return DistInfo(rank=rank, world_size=world, local_rank=local), device

@@ -26,10 +26,20 @@ from bigbatch.optim import create_optimizer
 from bigbatch.train.checkpoint import latest_checkpoint, list_checkpoints, rng_state, save_atomic, set_rng_state, write_json_atomic
 from bigbatch.train.config import TrainConfig
 from bigbatch.train.dist import DistInfo, init_distributed
+from bigbatch.train.parallel import full_model_state, full_optimizer_state, gradient_sync, load_full_state, wrap_model
 from bigbatch.train.metrics import MetricsWriter, ProgressDisplay, truncate_metrics
 from bigbatch.workloads import Workload, load_workload, move_batch
 
 __all__ = ["train", "TrainResult", "BatchPlan", "plan_batch"]
+
+
+def _parse_fault(spec: str | None) -> tuple[int, int] | None:
+    """``BIGBATCH_TEST_FAULT=rank:step`` makes that rank fail once at that step (tests the restart path)."""
+    if not spec:
+        return None
+    rank, step = spec.split(":")
+    return int(rank), int(step)
+
 
 
 @dataclass(frozen=True, slots=True)
@@ -149,6 +159,10 @@ def train(cfg: TrainConfig, workload: Workload | None = None) -> TrainResult:
 
     torch.manual_seed(cfg.seed)
     raw_model = wl.build_model().to(device)
+    strategy = "fsdp" if cfg.fsdp else "ddp"
+    sharded = strategy == "fsdp" and info.enabled
+    if sharded:  # FSDP2 shards in place; the optimizer must then see the sharded parameters
+        wrap_model(raw_model, info, device, "fsdp", wl)
     momentum_kw = {"momentum": r.momentum} if r.optimizer in ("sgd", "lars") else {}
     optimizer = create_optimizer(r.optimizer, raw_model, lr=r.lr, weight_decay=r.weight_decay, **momentum_kw, **r.optimizer_args)
     for g in optimizer.param_groups:  # groups may carry their own LR; keep their ratio to the peak
@@ -168,17 +182,20 @@ def train(cfg: TrainConfig, workload: Workload | None = None) -> TrainResult:
         "wall_before": 0.0,
     }
     resumed_from = None
-    if cfg.resume and (ck := latest_checkpoint(ckpt_dir)) is not None:
-        blob = torch.load(ck, map_location=device, weights_only=False)
-        raw_model.load_state_dict(blob["model"])
-        optimizer.load_state_dict(blob["optimizer"])
+    # torchrun --max-restarts: a restarted worker continues from the newest checkpoint.
+    restarted = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")) > 0
+    fault = _parse_fault(os.environ.get("BIGBATCH_TEST_FAULT"))
+    resume = cfg.resume or restarted
+    if resume and (ck := latest_checkpoint(ckpt_dir)) is not None:
+        blob = torch.load(ck, map_location="cpu" if sharded else device, weights_only=False)
+        load_full_state(raw_model, optimizer, blob["model"], blob["optimizer"])
         sampler.load_state_dict(blob["sampler"])
         state.update(blob["state"])
         set_rng_state(blob["rng"])
         resumed_from = str(ck)
         if info.is_main:
             truncate_metrics(out / "metrics.jsonl", state["step"])
-    elif info.is_main and not cfg.resume:
+    elif info.is_main and not resume:
         for old in list_checkpoints(ckpt_dir):
             old.unlink()
         (out / "metrics.jsonl").unlink(missing_ok=True)
@@ -186,10 +203,8 @@ def train(cfg: TrainConfig, workload: Workload | None = None) -> TrainResult:
     model: nn.Module = raw_model
     if cfg.compile:
         model = torch.compile(model)
-    if info.enabled:
-        from torch.nn.parallel import DistributedDataParallel as DDP
-
-        model = DDP(model, device_ids=[device.index] if device.type == "cuda" else None)
+    if info.enabled and not sharded:
+        model = wrap_model(model, info, device, "ddp", wl)
     use_amp = cfg.amp and device.type == "cuda"
     autocast = (lambda: torch.autocast("cuda", dtype=torch.bfloat16)) if use_amp else contextlib.nullcontext
 
@@ -206,11 +221,15 @@ def train(cfg: TrainConfig, workload: Workload | None = None) -> TrainResult:
         return value
 
     def checkpoint() -> None:
+        if not info.is_main and not sharded:
+            return
+        model_sd = full_model_state(raw_model)  # a collective under FSDP
+        optim_sd = full_optimizer_state(raw_model, optimizer)
         if not info.is_main:
             return
         blob = {
-            "model": raw_model.state_dict(),
-            "optimizer": optimizer.state_dict(),
+            "model": model_sd,
+            "optimizer": optim_sd,
             "sampler": sampler.state_dict(),
             "state": dict(state),
             "rng": rng_state(),
@@ -275,7 +294,7 @@ def train(cfg: TrainConfig, workload: Workload | None = None) -> TrainResult:
 
             for i, mb in enumerate(micro):
                 sync = not info.enabled or i == plan.accum_steps - 1
-                with contextlib.nullcontext() if sync else model.no_sync():
+                with gradient_sync(model, sync):
                     with autocast():
                         loss_sum, _ = wl.loss(model, mb)
                     (loss_sum * scale).backward()
@@ -283,6 +302,8 @@ def train(cfg: TrainConfig, workload: Workload | None = None) -> TrainResult:
             interval_count += n_local
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
+            if fault is not None and not restarted and fault == (info.rank, state["step"] + 1):
+                raise RuntimeError(f"injected fault on rank {info.rank} at step {state['step'] + 1} (BIGBATCH_TEST_FAULT)")
             state["step"] += 1
             state["samples"] += batch_size
             steps_this_run += 1
@@ -371,6 +392,7 @@ def train(cfg: TrainConfig, workload: Workload | None = None) -> TrainResult:
         "micro_batch_size": plan.micro_batch_size,
         "accum_steps": plan.accum_steps,
         "world_size": info.world_size,
+        "parallel": strategy if info.enabled else "none",
         "optimizer": r.optimizer,
         "lr": r.lr,
         "stopped": stopped,

@@ -108,7 +108,10 @@ class LinReg:
 
     def delta(self, model: nn.Module) -> torch.Tensor:
         """``w − w*`` for the model's current weights."""
-        return model.weight.detach().reshape(-1).cpu().float() - self.w_star
+        w = model.weight.detach()
+        if hasattr(w, "full_tensor"):  # an FSDP2 shard (DTensor): gather the whole weight (collective)
+            w = w.full_tensor()
+        return w.reshape(-1).cpu().float() - self.w_star
 
     def true_gradient(self, model: nn.Module) -> torch.Tensor:
         """The population gradient ``G = δ``."""
