@@ -49,6 +49,9 @@ class Recipe:
     """Warmup length in epochs."""
     warmup: str = "linear"
     """Warmup shape: linear, exponential, none."""
+    warmup_start_factor: float | None = None
+    """LR at the start of warmup as a fraction of the peak; None: 0 (linear), 0.01 (exponential).
+    Goyal et al. 2017 (§2.2) start at the small-batch LR, i.e. 1/k under the linear rule."""
     budget_epochs: float | None = None
     """Training length in epochs (needed by poly, cosine, wsd)."""
     schedule: str = "constant"
@@ -116,6 +119,7 @@ class Recipe:
         e = float(epoch_samples)
         return Schedule(
             peak_lr=self.lr, decay=self.schedule, warmup=self.warmup, warmup_samples=self.warmup_epochs * e,
+            warmup_start_factor=self.warmup_start_factor,
             total_samples=None if self.budget_epochs is None else self.budget_epochs * e, epoch_samples=e,
             poly_power=self.poly_power, exp_gamma=self.exp_gamma, milestones=tuple(m * e for m in self.milestones),
             gamma=self.gamma, min_lr_ratio=self.min_lr_ratio, decay_fraction=self.decay_fraction,

@@ -240,3 +240,12 @@ def test_scaling_plan_follows_batch_changes():
     assert plan.recipe_for(256) is plan.recipe_for(256)  # cached
     with pytest.raises(ValueError, match="unknown rule"):
         ScalingPlan(base, "quadratic")
+
+
+def test_goyal_gradual_warmup_from_small_batch_lr():
+    # Goyal et al. 2017, §2.2: warmup from η to kη over 5 epochs (start factor 1/k).
+    base = Recipe(batch_size=256, lr=0.1, warmup_epochs=5, budget_epochs=90, schedule="multistep", milestones=(30, 60, 80))
+    big = rescale(base, 8192, "linear").recipe.replace(warmup_start_factor=1 / 32)
+    assert big.lr_at_epoch(0) == pytest.approx(0.1)
+    assert big.lr_at_epoch(2.5) == pytest.approx(0.1 + (3.2 - 0.1) / 2)
+    assert big.lr_at_epoch(5) == pytest.approx(3.2) and big.lr_at_epoch(30) == pytest.approx(0.32)

@@ -120,6 +120,7 @@ def scale_command(
     dataset_size: Optional[int] = typer.Option(None, help="Samples per epoch (to show lengths in samples)."),
     warmup_epochs: Optional[float] = typer.Option(None, help="Warmup length in epochs."),
     warmup: Optional[str] = typer.Option(None, help="Warmup shape: linear, exponential, none."),
+    warmup_start_factor: Optional[float] = typer.Option(None, help="LR at warmup start as a fraction of the peak."),
     budget_epochs: Optional[float] = typer.Option(None, help="Training length in epochs."),
     schedule: Optional[str] = typer.Option(None, help="constant, poly, exp, multistep, cosine, wsd, power."),
     poly_power: Optional[float] = typer.Option(None, help="Power of the poly decay."),
@@ -147,7 +148,8 @@ def scale_command(
     options = dict(
         batch_size=from_batch, lr=lr, optimizer=optimizer, momentum=momentum, betas=betas, eps=eps,
         weight_decay=weight_decay, dataset_size=dataset_size, warmup_epochs=warmup_epochs, warmup=warmup,
-        budget_epochs=budget_epochs, schedule=schedule, poly_power=poly_power, exp_gamma=exp_gamma,
+        warmup_start_factor=warmup_start_factor, budget_epochs=budget_epochs, schedule=schedule,
+        poly_power=poly_power, exp_gamma=exp_gamma,
         milestones=milestones, gamma=gamma, min_lr_ratio=min_lr_ratio, decay_fraction=decay_fraction,
         wsd_decay_shape=wsd_decay_shape, power_a=power_a, power_b=power_b, ema_decay=ema_decay,
     )
