@@ -9,15 +9,15 @@ invertible: ``rescale(rescale(r, kB), B) == r`` up to rounding.
 rule           learning rate                       warmup (epochs)   other
 =============  ==================================  ================  =======================================
 ``linear``     η × k  (Goyal et al. 2017, §2.1)    same              —
-``sqrt``       η × √k (Krizhevsky 2014, §5)        same              —
-``legw``       η × √k (You et al. 2019, §3)        × k               decay stretched to the new warmup end
+``sqrt``       η × √k (Krizhevsky 2014)             same              —
+``legw``       η × √k (You et al. 2019, LEGW)      × k               decay stretched to the new warmup end
 ``adam-sqrt``  η × √k (Malladi et al. 2022, SDE    same              1−β₁, 1−β₂ × k;  ε ÷ √k
-               square-root scaling rule, Def. 4.2)
+               square-root scaling rule)
 ``none``       same                                same              —
 =============  ==================================  ================  =======================================
 
 Under every rule the model-EMA decay follows the EMA scaling rule ρ → ρ^k (Busbridge et al.
-2023, "How to Scale Your EMA", Def. 1.2), and the Power scheduler's coefficient ``a`` scales
+2023, "How to Scale Your EMA", EMA scaling rule), and the Power scheduler's coefficient ``a`` scales
 like η (Shen et al. 2024 make it proportional to the batch size).
 
 The recipe's lengths are in epochs (``dataset_size`` samples each), so the schedule is
@@ -42,9 +42,9 @@ __all__ = [
 
 RULES: dict[str, str] = {
     "linear": "Goyal et al. 2017, linear scaling rule (§2.1)",
-    "sqrt": "Krizhevsky 2014, square-root scaling (§5)",
-    "legw": "You et al. 2019, LEGW: sqrt LR scaling with linear-epoch gradual warmup (§3)",
-    "adam-sqrt": "Malladi et al. 2022, SDE square-root scaling rule for Adam (Def. 4.2)",
+    "sqrt": "Krizhevsky 2014, square-root scaling ('One weird trick')",
+    "legw": "You et al. 2019, LEGW: sqrt LR scaling with linear-epoch gradual warmup",
+    "adam-sqrt": "Malladi et al. 2022, SDE square-root scaling rule for Adam",
     "none": "no scaling",
 }
 """Rule name → the paper it comes from."""

@@ -18,11 +18,11 @@ Decay shapes, ``n`` samples seen, ``T`` the total (budget) samples, ``η`` the p
 ``η_min = min_lr_ratio · η``:
 
 * ``constant``: ``η``.
-* ``poly``: ``η_min + (η - η_min)(1 - (n-W)/(T-W))^p`` (You et al. 2019, LEGW §4).
+* ``poly``: ``η_min + (η - η_min)(1 - (n-W)/(T-W))^p`` (You et al. 2019, LEGW).
 * ``exp``: ``η · γ^((n-W)/epoch)``, ``γ = exp_gamma`` per epoch.
 * ``multistep``: ``η · γ^(number of milestones ≤ n)``, milestones in samples (Goyal et al. 2017, §5.1: ×0.1 at epochs 30, 60, 80).
 * ``cosine``: ``η_min + (η - η_min)(1 + cos(π (n-W)/(T-W)))/2`` (Loshchilov & Hutter 2017, eq. 5, one cycle).
-* ``wsd``: warmup-stable-decay (Hu et al. 2024, MiniCPM §4): ``η`` until ``T(1 - f)``, then a
+* ``wsd``: warmup-stable-decay (Hu et al. 2024, MiniCPM): ``η`` until ``T(1 - f)``, then a
   ``linear``, ``cosine`` or ``sqrt`` (``1 - sqrt(t)``, Hägele et al. 2024) decay to ``η_min`` at ``T``.
 * ``power``: ``min(η, a · n^b)`` (Shen et al. 2024, eq. 3; their batch factor β is folded
   into ``a`` here, so a scaling rule scales ``a`` as it scales ``η``); when ``T`` is known it

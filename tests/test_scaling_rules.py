@@ -53,7 +53,7 @@ def test_issue_example_legw_and_linear():
 
 
 def test_adam_sqrt_matches_malladi_definition():
-    # Malladi et al. 2022, Def. 4.2 (square-root scaling rule), float64 reference:
+    # Malladi et al. 2022, square-root scaling rule, float64 reference:
     # η' = √κ η, 1-β' = κ(1-β) for β1 and β2, ε' = ε/√κ.
     b1, b2, eps, lr, kappa = 0.9, 0.999, 1e-8, 3e-4, 4.0
     r = rescale(Recipe(batch_size=64, lr=lr, optimizer="adamw", betas=(b1, b2), eps=eps), 256, "adam-sqrt").recipe
