@@ -76,6 +76,12 @@ def _scalar(x: Number | torch.Tensor, device: torch.device) -> torch.Tensor:
     return torch.full((), float(x), device=device, dtype=torch.float32)  # a fill kernel, no sync
 
 
+def _comm_hook(monitor, bucket):  # no annotations: DDP checks them against dist.GradBucket
+    """Read the rank-local bucket (before it is divided and all-reduced), then reduce as usual."""
+    monitor._read_bucket(bucket)
+    return monitor._inner_hook(monitor._inner_state, bucket)
+
+
 class _MicroBatch:
     __slots__ = ("mon", "count", "samples", "loss_scale")
 
@@ -165,7 +171,7 @@ class NoiseMonitor:
 
             self._inner_hook = comm_hook or allreduce_hook
             self._inner_state = comm_state if comm_hook is not None else process_group
-            model.register_comm_hook(self, NoiseMonitor._comm_hook)
+            model.register_comm_hook(self, _comm_hook)
         else:
             for p, g in zip(self._params, self._group_index):
                 self._handles.append(p.register_hook(self._make_hook(g)))
@@ -179,8 +185,7 @@ class NoiseMonitor:
 
         return hook
 
-    @staticmethod
-    def _comm_hook(self: "NoiseMonitor", bucket: Any) -> Any:
+    def _read_bucket(self, bucket: Any) -> None:
         if self._in_step and not self._closed:
             if len(self.group_names) == 1:
                 self._bucket_raw.append(_flat_norm(bucket.buffer()).square().reshape(1))
@@ -189,7 +194,6 @@ class NoiseMonitor:
                 sq = torch.stack(torch._foreach_norm(grads, 2, dtype=torch.float32)).square()
                 idx = tuple(self._group_of[id(p)] for p in bucket.parameters())
                 self._bucket_raw.append(self._group_sum(sq, idx))
-        return self._inner_hook(self._inner_state, bucket)
 
     def _group_sum(self, sq: torch.Tensor, idx: tuple[int, ...]) -> torch.Tensor:
         """Per-group sums of ``sq`` (one entry per parameter, groups ``idx``) as a ``[G]`` tensor."""
