@@ -46,6 +46,7 @@ __all__ = ["NoiseMonitor", "split_batch"]
 
 Number = int | float
 _MODES = ("auto", "accumulation", "ddp", "split")
+_SOURCES = ("prefix", "micro")
 
 
 def split_batch(batch: Mapping[str, torch.Tensor], splits: int) -> list[dict[str, torch.Tensor]]:
@@ -108,10 +109,19 @@ class NoiseMonitor:
         beta: EMA factor per step of the estimators.
         groups: per-group breakdown (see :data:`bigbatch.noise.groups.GroupSpec`).
         splits: pieces per batch in ``"split"`` mode (>= 2).
+        source: small-batch gradients in accumulation/split mode. ``"prefix"``: the
+            accumulated ``.grad`` after each micro-batch but the last — after ``j`` of them it
+            is the mean gradient of the first ``m_j`` units, one fused norm per micro-batch.
+            ``"micro"`` (default): each micro-batch's own gradient, read by a tensor hook on every
+            parameter before it is added into ``.grad`` (independent readings, lower variance,
+            but one norm launch per parameter per micro-batch: ~10% of a launch-bound eager
+            step, see docs/bench_noise.md).
         process_group: for the reductions under DDP (default: the world).
         comm_hook, comm_state: in ``"ddp"`` mode, the communication hook that does the
             actual reduction (default: DDP's ``allreduce_hook``); DDP accepts one hook, so a
             user's own hook is wrapped here instead of registered.
+        every: measure one step in ``every`` (steps are counted by ``begin_step``); the others
+            cost nothing (no hooks attached, no collective). The EMA's ``beta`` is per reading.
         max_pending: readings kept on the device before the monitor syncs on its own.
 
     Loss normalisation: by default the gradient the optimizer sees is assumed to be the mean
@@ -129,15 +139,18 @@ class NoiseMonitor:
         beta: float = 0.99,
         groups: GroupSpec = None,
         splits: int = 2,
+        source: str = "micro",
         process_group: Any = None,
         comm_hook: Callable[[Any, Any], Any] | None = None,
         comm_state: Any = None,
+        every: int = 1,
         max_pending: int = 64,
     ) -> None:
         mode = check_choice("noise monitor mode", mode, _MODES)
         self.beta = beta
         self.estimator = NoiseScale(beta)
         self.max_pending = check_int_positive("max_pending", max_pending)
+        self.every = check_int_positive("every", every)
         self.process_group = process_group
         self.world_size = dist.get_world_size(process_group) if dist.is_available() and dist.is_initialized() else 1
         ddp = _is_ddp(model)
@@ -148,6 +161,7 @@ class NoiseMonitor:
         if mode == "split" and self.world_size > 1:
             raise ValueError("mode='split' is for one process; under DDP use 'ddp' or 'accumulation'")
         self.mode = mode
+        self.source = check_choice("noise monitor source", source, _SOURCES)
         self.splits = check_int_positive("splits", splits) if mode == "split" else 1
         if mode == "split" and self.splits < 2:
             raise ValueError(f"splits must be >= 2 in split mode, got {splits}")
@@ -172,9 +186,7 @@ class NoiseMonitor:
             self._inner_hook = comm_hook or allreduce_hook
             self._inner_state = comm_state if comm_hook is not None else process_group
             model.register_comm_hook(self, _comm_hook)
-        else:
-            for p, g in zip(self._params, self._group_index):
-                self._handles.append(p.register_hook(self._make_hook(g)))
+        self._measure = False
         self._reset_step()
 
     # ---- hooks (run inside backward; they only read) ---------------------------------------
@@ -186,7 +198,7 @@ class NoiseMonitor:
         return hook
 
     def _read_bucket(self, bucket: Any) -> None:
-        if self._in_step and not self._closed:
+        if self._in_step and self._measure and not self._closed:
             if len(self.group_names) == 1:
                 self._bucket_raw.append(_flat_norm(bucket.buffer()).square().reshape(1))
             else:
@@ -209,6 +221,7 @@ class NoiseMonitor:
     # ---- the loop's calls -----------------------------------------------------------------
     def _reset_step(self) -> None:
         self._micro: list[tuple[torch.Tensor, Any, Any]] = []  # (raw [G], count, loss_scale)
+        self._prefix: list[tuple[torch.Tensor, Any, Any]] = []  # (raw [G], cumulative count, loss_scale)
         self._bucket_raw: list[torch.Tensor] = []
         self._count_local: Any = 0
         self._samples_local: Any = 0
@@ -223,6 +236,17 @@ class NoiseMonitor:
             raise RuntimeError("NoiseMonitor is closed")
         self._reset_step()
         self._in_step = True
+        self._measure = self._step_index % self.every == 0
+        self._detach()
+        if self._measure and self.mode != "ddp" and self.source == "micro":
+            # Attached only for measured steps: a hook costs a Python call per parameter
+            # per micro-batch even when it does nothing.
+            self._handles = [p.register_hook(self._make_hook(g)) for p, g in zip(self._params, self._group_index)]
+
+    def _detach(self) -> None:
+        for h in self._handles:
+            h.remove()
+        self._handles = []
 
     def micro_batch(self, count: Number | torch.Tensor, *, samples: Number | torch.Tensor | None = None,
                     loss_scale: Number | torch.Tensor | None = None) -> _MicroBatch:
@@ -252,7 +276,15 @@ class NoiseMonitor:
         else:
             self._samples_local = self._samples_local + mb.samples
         self._scales.append(mb.loss_scale)
-        if self.mode == "ddp" or not norms:
+        if self.mode == "ddp" or not self._measure:
+            return
+        if self.source == "prefix":
+            # .grad now holds (loss scale)·Σ of the first m_j units' gradients: a batch of m_j.
+            vec = self._grad_sqnorms()
+            if vec is not None:
+                self._prefix.append((vec, self._count_local, mb.loss_scale))
+            return
+        if not norms:
             return
         if not isinstance(mb.count, torch.Tensor) and mb.count == 0:
             return  # an empty micro-batch carries no gradient and no information
@@ -297,29 +329,39 @@ class NoiseMonitor:
 
     def _collect(self) -> dict[str, Any] | None:
         """Device-side sums of the step, all-reduced across ranks; None if the step has no reading."""
-        if self._broken or self._n_micro == 0:
+        self._detach()
+        if self._broken or self._n_micro == 0 or not self._measure:
             return None
-        big = self._grad_sqnorms()
-        if big is None:
-            return None
-        dev = big.device
         explicit = [s is not None for s in self._scales]
         if any(explicit) and not all(explicit):
             raise ValueError("loss_scale must be given to every micro_batch of a step or to none")
         scale = self._scales[-1] if all(explicit) else None
-        if self.mode == "ddp":
-            if not self._bucket_raw:
+        if self.mode == "ddp" or self.source == "prefix":
+            # A prefix (or a rank's whole share) mixes micro-batches: one common scale needed.
+            numbers = [s for s in self._scales if s is not None and not isinstance(s, torch.Tensor)]
+            if any(s != numbers[0] for s in numbers):
+                raise ValueError(f"loss_scale must be the same for every micro_batch of a step in {self.mode} mode "
+                                 f"with source={self.source!r}, got {numbers}")
+        if self.mode != "ddp" and self.source == "prefix":
+            if not self._prefix:
                 return None
-            raw = torch.stack(self._bucket_raw).sum(0).to(dev)
-            n = self._count_local
-            small_sum = raw / (n * n) if scale is None else raw / (n * n * scale * scale)
-            inv_n_sum, k = 1.0 / n, 1
+            big = self._prefix[-1][0]  # after the last backward: the whole (reduced) gradient
+            readings = [r for r in self._prefix[:-1] if isinstance(r[1], torch.Tensor) or r[1] > 0]
         else:
-            readings = self._micro
-            if not readings:
+            big = self._grad_sqnorms()
+            if big is None:
                 return None
+            readings = self._micro
+            if self.mode == "ddp":
+                if not self._bucket_raw:
+                    return None
+                readings = [(torch.stack(self._bucket_raw).sum(0), self._count_local, scale)]
+        dev = big.device
+        if readings:
             small_sum = sum(r.to(dev) / (n * n if c is None else n * n * c * c) for r, n, c in readings)
             inv_n_sum, k = sum(1.0 / n for _, n, _ in readings), len(readings)
+        else:  # still take part in the all-reduce: other ranks may have readings
+            small_sum, inv_n_sum, k = torch.zeros_like(big), 0.0, 0
         if scale is not None:
             big = big * (self.world_size / scale) ** 2
         scal = [inv_n_sum, k, self._count_local]
@@ -351,7 +393,8 @@ class NoiseMonitor:
             else:
                 small_sum, big = vals[:n_groups], vals[n_groups:]
                 inv_n_sum, k, n_global = (float(v) for v in raw["host"])
-            if k < 2:
+            b_small = k / inv_n_sum if k > 0 and inv_n_sum > 0 else math.inf
+            if not b_small < n_global * (1 - 1e-9):
                 if not self._warned_single:
                     self._warned_single = True
                     warnings.warn("NoiseMonitor: a step with one micro-batch on one process has a single batch "
@@ -363,7 +406,7 @@ class NoiseMonitor:
                 f_big = 1.0 / n_global**2 if raw["explicit"] else 1.0
                 small = [s * f_small / k for s in small_sum]
                 big = [b * f_big for b in big]
-                b_small, b_big = k / inv_n_sum, n_global
+                b_big = n_global
                 values.update(b_small=b_small, b_big=b_big)
                 estimators = [self.estimator, *self.group_estimators.values()]
                 inputs = [(sum(small), sum(big)), *zip(small, big)][: len(estimators)]
@@ -426,8 +469,6 @@ class NoiseMonitor:
 
     def close(self) -> None:
         """Remove the parameter hooks (a DDP comm hook cannot be removed; it becomes a pass-through)."""
-        for h in self._handles:
-            h.remove()
-        self._handles.clear()
+        self._detach()
         self._closed = True
         self._in_step = self._in_micro = False
