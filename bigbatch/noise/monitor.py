@@ -41,46 +41,13 @@ from bigbatch._checks import check_choice, check_int_positive, check_nonnegative
 from bigbatch.noise.estimator import NoiseScale
 from bigbatch.noise.groups import GroupSpec, assign_groups
 from bigbatch.noise.reading import NoiseReading
+from bigbatch.noise.sums import comm_hook as _ddp_hook, flat_norm as _flat_norm, is_ddp, scalar as _scalar, split_batch, step_inputs
 
 __all__ = ["NoiseMonitor", "split_batch"]
 
 Number = int | float
 _MODES = ("auto", "accumulation", "ddp", "split")
 _SOURCES = ("prefix", "micro")
-
-
-def split_batch(batch: Mapping[str, torch.Tensor], splits: int) -> list[dict[str, torch.Tensor]]:
-    """``batch`` cut into ``splits`` pieces along the first (example) dimension; empty pieces dropped."""
-    splits = check_int_positive("splits", splits)
-    keys = list(batch)
-    parts = [torch.tensor_split(batch[k], splits, dim=0) for k in keys]
-    out = [{k: parts[j][i] for j, k in enumerate(keys)} for i in range(splits)]
-    return [p for p in out if not keys or p[keys[0]].shape[0] > 0]
-
-
-def _is_ddp(model: nn.Module) -> bool:
-    from torch.nn.parallel import DistributedDataParallel
-
-    return isinstance(model, DistributedDataParallel)
-
-
-def _flat_norm(grad: torch.Tensor) -> torch.Tensor:
-    if grad.is_sparse:
-        grad = grad.coalesce()._values()
-    # dtype=float32 reduces bf16/fp16 gradients in fp32 without materialising a copy.
-    return torch.linalg.vector_norm(grad, dtype=torch.float32)
-
-
-def _scalar(x: Number | torch.Tensor, device: torch.device) -> torch.Tensor:
-    if isinstance(x, torch.Tensor):
-        return x.detach().to(device=device, dtype=torch.float32).reshape(())
-    return torch.full((), float(x), device=device, dtype=torch.float32)  # a fill kernel, no sync
-
-
-def _comm_hook(monitor, bucket):  # no annotations: DDP checks them against dist.GradBucket
-    """Read the rank-local bucket (before it is divided and all-reduced), then reduce as usual."""
-    monitor._read_bucket(bucket)
-    return monitor._inner_hook(monitor._inner_state, bucket)
 
 
 class _MicroBatch:
@@ -153,7 +120,7 @@ class NoiseMonitor:
         self.every = check_int_positive("every", every)
         self.process_group = process_group
         self.world_size = dist.get_world_size(process_group) if dist.is_available() and dist.is_initialized() else 1
-        ddp = _is_ddp(model)
+        ddp = is_ddp(model)
         if mode == "auto":
             mode = "ddp" if ddp and self.world_size > 1 else "accumulation"
         if mode == "ddp" and not ddp:
@@ -185,7 +152,7 @@ class NoiseMonitor:
 
             self._inner_hook = comm_hook or allreduce_hook
             self._inner_state = comm_state if comm_hook is not None else process_group
-            model.register_comm_hook(self, _comm_hook)
+            model.register_comm_hook(self, _ddp_hook)
         self._measure = False
         self._reset_step()
 
@@ -199,6 +166,9 @@ class NoiseMonitor:
 
     def _read_bucket(self, bucket: Any) -> None:
         if self._in_step and self._measure and not self._closed:
+            if self._bucket_raw and self._bucket_micro != self._n_micro:
+                self._multi_sync = True  # reduced in two backwards: no_sync was not used
+            self._bucket_micro = self._n_micro
             if len(self.group_names) == 1:
                 self._bucket_raw.append(_flat_norm(bucket.buffer()).square().reshape(1))
             else:
@@ -223,6 +193,8 @@ class NoiseMonitor:
         self._micro: list[tuple[torch.Tensor, Any, Any]] = []  # (raw [G], count, loss_scale)
         self._prefix: list[tuple[torch.Tensor, Any, Any]] = []  # (raw [G], cumulative count, loss_scale)
         self._bucket_raw: list[torch.Tensor] = []
+        self._bucket_micro = 0
+        self._multi_sync = False
         self._count_local: Any = 0
         self._samples_local: Any = 0
         self._have_samples = True
@@ -353,7 +325,11 @@ class NoiseMonitor:
                 return None
             readings = self._micro
             if self.mode == "ddp":
-                if not self._bucket_raw:
+                if self._multi_sync:
+                    warnings.warn("NoiseMonitor: DDP reduced gradients in more than one backward of a step; "
+                                  "run all micro-batches but the last under model.no_sync() (no reading this step)",
+                                  RuntimeWarning, stacklevel=3)
+                if not self._bucket_raw or self._multi_sync:
                     return None
                 readings = [(torch.stack(self._bucket_raw).sum(0), self._count_local, scale)]
         dev = big.device
@@ -387,26 +363,15 @@ class NoiseMonitor:
         values: dict[str, Any] = {"valid": False, "b_small": math.nan, "b_big": math.nan,
                                   "grad_sqnorm_step": math.nan, "trace_sigma_step": math.nan}
         if raw is not None:
-            vals = raw["dev"].tolist()  # the one host sync
-            if raw["host"] is None:
-                small_sum, (inv_n_sum, k, n_global), big = vals[:n_groups], vals[n_groups:n_groups + 3], vals[n_groups + 3:]
-            else:
-                small_sum, big = vals[:n_groups], vals[n_groups:]
-                inv_n_sum, k, n_global = (float(v) for v in raw["host"])
-            b_small = k / inv_n_sum if k > 0 and inv_n_sum > 0 else math.inf
-            if not b_small < n_global * (1 - 1e-9):
+            got = step_inputs(raw["dev"].tolist(), raw["host"], raw["explicit"], n_groups, self.world_size)  # the host sync
+            if got is None:
                 if not self._warned_single:
                     self._warned_single = True
                     warnings.warn("NoiseMonitor: a step with one micro-batch on one process has a single batch "
                                   "size and gives no estimate; use mode='split' or gradient accumulation",
                                   RuntimeWarning, stacklevel=3)
             else:
-                # Default normalisation: the hooks saw (world/N)·Σ g, so |G_b|² needs (N/world)².
-                f_small = 1.0 if raw["explicit"] else (n_global / self.world_size) ** 2
-                f_big = 1.0 / n_global**2 if raw["explicit"] else 1.0
-                small = [s * f_small / k for s in small_sum]
-                big = [b * f_big for b in big]
-                b_big = n_global
+                small, big, b_small, b_big = got
                 values.update(b_small=b_small, b_big=b_big)
                 estimators = [self.estimator, *self.group_estimators.values()]
                 inputs = [(sum(small), sum(big)), *zip(small, big)][: len(estimators)]
