@@ -4,6 +4,7 @@ import copy
 import json
 import os
 import time
+import warnings
 
 import pytest
 import torch
@@ -83,6 +84,18 @@ def _worker(rank: int, init_file: str, out_file: str) -> None:
             result[f"groups_{m}"] = gm[m].end_step().groups
         result.update({n: {"b_simple": r.b_simple, "b_small": r.b_small, "b_big": r.b_big, "n": r.n_updates} for n, r in readings.items()})
         result["truth"] = wl.true_b_simple(models["ddp"].module)
+        # without no_sync DDP reduces in every backward: the step must give no reading
+        mon = mons["ddp"]
+        n_before = mon.estimator.n_updates
+        mon.begin_step()
+        for mb in split_batch(local, k):
+            with mon.micro_batch(wl.count(mb)):
+                loss, _ = wl.loss(models["ddp"], mb)
+                (loss * WORLD / B).backward()
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            r = mon.end_step()
+            result["multi_sync"] = [r.valid, mon.estimator.n_updates - n_before, any("no_sync" in str(w.message) for w in caught)]
         if rank == 0:
             with open(out_file, "w") as f:
                 json.dump(result, f)
@@ -119,6 +132,7 @@ def test_ddp_and_accumulation_modes_agree_with_closed_form(tmp_path):
         assert r[name]["n"] == 800
         assert r[name]["b_simple"] == pytest.approx(truth, rel=0.05), name
     assert r["ddp"]["b_simple"] == pytest.approx(r["acc"]["b_simple"], rel=0.07)
+    assert r["multi_sync"] == [False, 0, True]
     ga, gb = r["groups_ddp"], r["groups_accumulation"]
     assert set(ga) == {"0.weight", "0.bias", "2.weight", "2.bias"}
     for name in ga:
