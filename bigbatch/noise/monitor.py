@@ -1,0 +1,441 @@
+"""``NoiseMonitor``: measures B_simple during training without an extra backward pass.
+
+McCandlish et al. 2018 (App. A.1) need squared gradient norms at two batch sizes. A training
+step already computes gradients at two sizes, so the monitor only reads them:
+
+* ``"accumulation"``: each micro-batch gradient (``source="micro"``: a tensor hook on every
+  parameter sees it *before* it is added into ``.grad``, so no copy is stored; or
+  ``source="prefix"``: the accumulated ``.grad`` after each micro-batch but the last) against
+  the accumulated (and, under DDP, reduced) gradient of the step.
+* ``"ddp"``: each rank's local gradient, read by a DDP communication hook just before the
+  bucket is all-reduced, against the reduced gradient. One extra all-reduce of ``G + 3``
+  floats per step (``G`` = number of groups).
+* ``"split"``: one process, no accumulation: the loop splits its batch in ``splits`` pieces
+  (``monitor.split_batch``), which turns it into accumulation mode at the cost of smaller kernels.
+
+The loop drives it explicitly (STYLE.md: no callback maze)::
+
+    monitor.begin_step()
+    for mb in micro_batches:
+        with monitor.micro_batch(count):          # count: units the loss is normalised by
+            loss.backward()
+    reading = monitor.end_step()                   # before optimizer.step()
+    ...
+    metrics.update(reading.as_dict())              # the first host sync, when logging
+
+Nothing the optimizer sees is touched: hooks return ``None`` and the comm hook forwards the
+bucket to the usual all-reduce. Per-step sums stay on the device; values reach the host only
+when a reading is read (or every ``max_pending`` steps).
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+from typing import Any, Callable, Mapping
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from bigbatch._checks import check_choice, check_int_positive, check_nonnegative
+from bigbatch.noise.estimator import NoiseScale
+from bigbatch.noise.groups import GroupSpec, assign_groups
+from bigbatch.noise.reading import NoiseReading
+from bigbatch.noise.sums import comm_hook as _ddp_hook, flat_norm as _flat_norm, is_ddp, scalar as _scalar, split_batch, step_inputs
+
+__all__ = ["NoiseMonitor", "split_batch"]
+
+Number = int | float
+_MODES = ("auto", "accumulation", "ddp", "split")
+_SOURCES = ("prefix", "micro")
+
+
+class _MicroBatch:
+    __slots__ = ("mon", "count", "samples", "loss_scale")
+
+    def __init__(self, mon: "NoiseMonitor", count: Any, samples: Any, loss_scale: Any) -> None:
+        self.mon, self.count, self.samples, self.loss_scale = mon, count, samples, loss_scale
+
+    def __enter__(self) -> "_MicroBatch":
+        self.mon._micro_norms = []
+        self.mon._in_micro = True
+        return self
+
+    def __exit__(self, exc_type: Any, *exc: Any) -> None:
+        self.mon._in_micro = False
+        self.mon._close_micro(self, ok=exc_type is None)
+
+
+class NoiseMonitor:
+    """Feeds a :class:`NoiseScale` (and one per parameter group) from a training loop.
+
+    Args:
+        model: the module being trained, or its ``DistributedDataParallel`` wrapper.
+        mode: ``"auto"`` (``"ddp"`` for a DDP model on more than one rank, else
+            ``"accumulation"``), ``"accumulation"``, ``"ddp"`` or ``"split"``.
+        beta: EMA factor per step of the estimators.
+        groups: per-group breakdown (see :data:`bigbatch.noise.groups.GroupSpec`).
+        splits: pieces per batch in ``"split"`` mode (>= 2).
+        source: small-batch gradients in accumulation/split mode. ``"prefix"``: the
+            accumulated ``.grad`` after each micro-batch but the last — after ``j`` of them it
+            is the mean gradient of the first ``m_j`` units, one fused norm per micro-batch.
+            ``"micro"`` (default): each micro-batch's own gradient, read by a tensor hook on every
+            parameter before it is added into ``.grad`` (independent readings, lower variance,
+            but one norm launch per parameter per micro-batch: +2% on an H200 at GPT-2 small,
+            +9% when the eager step is launch-bound; ``every=10`` brings it under 1%; see
+            docs/bench_noise.md).
+        process_group: for the reductions under DDP (default: the world).
+        comm_hook, comm_state: in ``"ddp"`` mode, the communication hook that does the
+            actual reduction (default: DDP's ``allreduce_hook``); DDP accepts one hook, so a
+            user's own hook is wrapped here instead of registered.
+        every: measure one step in ``every`` (steps are counted by ``begin_step``); the others
+            cost nothing (no hooks attached, no collective). The EMA's ``beta`` is per reading.
+        max_pending: readings kept on the device before the monitor syncs on its own.
+
+    Loss normalisation: by default the gradient the optimizer sees is assumed to be the mean
+    over all loss units of the step on all ranks (the bigbatch trainer's ``Σ loss / N``; also
+    a per-rank mean under DDP with equal shards). Otherwise pass ``loss_scale`` — the factor
+    the *summed* loss was multiplied by before ``backward`` (including a GradScaler's scale) —
+    to every ``micro_batch`` of the step.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        *,
+        mode: str = "auto",
+        beta: float = 0.99,
+        groups: GroupSpec = None,
+        splits: int = 2,
+        source: str = "micro",
+        process_group: Any = None,
+        comm_hook: Callable[[Any, Any], Any] | None = None,
+        comm_state: Any = None,
+        every: int = 1,
+        max_pending: int = 64,
+    ) -> None:
+        mode = check_choice("noise monitor mode", mode, _MODES)
+        self.beta = beta
+        self.estimator = NoiseScale(beta)
+        self.max_pending = check_int_positive("max_pending", max_pending)
+        self.every = check_int_positive("every", every)
+        self.process_group = process_group
+        self.world_size = dist.get_world_size(process_group) if dist.is_available() and dist.is_initialized() else 1
+        ddp = is_ddp(model)
+        if mode == "auto":
+            mode = "ddp" if ddp and self.world_size > 1 else "accumulation"
+        if mode == "ddp" and not ddp:
+            raise ValueError("mode='ddp' needs a DistributedDataParallel model; use 'accumulation' or 'split'")
+        if mode == "split" and self.world_size > 1:
+            raise ValueError("mode='split' is for one process; under DDP use 'ddp' or 'accumulation'")
+        self.mode = mode
+        self.source = check_choice("noise monitor source", source, _SOURCES)
+        self.splits = check_int_positive("splits", splits) if mode == "split" else 1
+        if mode == "split" and self.splits < 2:
+            raise ValueError(f"splits must be >= 2 in split mode, got {splits}")
+        inner = model.module if ddp else model
+        self._params, self._group_index, self.group_names = assign_groups(inner, groups)
+        if not self._params:
+            raise ValueError("model has no trainable parameters")
+        self._group_of = {id(p): g for p, g in zip(self._params, self._group_index)}
+        self.group_estimators = {name: NoiseScale(beta) for name in self.group_names} if groups is not None else {}
+        self._idx_cache: dict[tuple[Any, ...], torch.Tensor] = {}
+        self._handles: list[Any] = []
+        self._in_step = self._in_micro = False
+        self._closed = False
+        self._micro_norms: list[tuple[int, torch.Tensor]] = []
+        self._pending: list[tuple[NoiseReading, dict[str, Any] | None]] = []
+        self._step_index = 0
+        self._warned_single = False
+        self._ups_ema, self._ups_pow, self._ups_n = 0.0, 1.0, 0
+        if mode == "ddp":
+            from torch.distributed.algorithms.ddp_comm_hooks.default_hooks import allreduce_hook
+
+            self._inner_hook = comm_hook or allreduce_hook
+            self._inner_state = comm_state if comm_hook is not None else process_group
+            model.register_comm_hook(self, _ddp_hook)
+        self._measure = False
+        self._reset_step()
+
+    # ---- hooks (run inside backward; they only read) ---------------------------------------
+    def _make_hook(self, g: int) -> Callable[[torch.Tensor], None]:
+        def hook(grad: torch.Tensor) -> None:
+            if self._in_micro:
+                self._micro_norms.append((g, _flat_norm(grad)))
+
+        return hook
+
+    def _read_bucket(self, bucket: Any) -> None:
+        if self._in_step and self._measure and not self._closed:
+            if self._bucket_raw and self._bucket_micro != self._n_micro:
+                self._multi_sync = True  # reduced in two backwards: no_sync was not used
+            self._bucket_micro = self._n_micro
+            if len(self.group_names) == 1:
+                self._bucket_raw.append(_flat_norm(bucket.buffer()).square().reshape(1))
+            else:
+                grads = list(bucket.gradients())
+                sq = torch.stack(torch._foreach_norm(grads, 2, dtype=torch.float32)).square()
+                idx = tuple(self._group_of[id(p)] for p in bucket.parameters())
+                self._bucket_raw.append(self._group_sum(sq, idx))
+
+    def _group_sum(self, sq: torch.Tensor, idx: tuple[int, ...]) -> torch.Tensor:
+        """Per-group sums of ``sq`` (one entry per parameter, groups ``idx``) as a ``[G]`` tensor."""
+        n_groups = len(self.group_names)
+        if n_groups == 1:
+            return sq.sum().reshape(1)
+        key = (sq.device, idx)
+        t = self._idx_cache.get(key)
+        if t is None:  # built once per hook order; the order of a fixed graph repeats
+            t = self._idx_cache[key] = torch.tensor(idx, dtype=torch.long).to(sq.device)
+        return torch.zeros(n_groups, device=sq.device, dtype=sq.dtype).index_add_(0, t, sq)
+
+    # ---- the loop's calls -----------------------------------------------------------------
+    def _reset_step(self) -> None:
+        self._micro: list[tuple[torch.Tensor, Any, Any]] = []  # (raw [G], count, loss_scale)
+        self._prefix: list[tuple[torch.Tensor, Any, Any]] = []  # (raw [G], cumulative count, loss_scale)
+        self._bucket_raw: list[torch.Tensor] = []
+        self._bucket_micro = 0
+        self._multi_sync = False
+        self._count_local: Any = 0
+        self._samples_local: Any = 0
+        self._have_samples = True
+        self._scales: list[Any] = []
+        self._n_micro = 0
+        self._broken = False
+
+    def begin_step(self) -> None:
+        """Start an optimizer step (clears what a previous unfinished step left)."""
+        if self._closed:
+            raise RuntimeError("NoiseMonitor is closed")
+        self._reset_step()
+        self._in_step = True
+        self._measure = self._step_index % self.every == 0
+        self._detach()
+        if self._measure and self.mode != "ddp" and self.source == "micro":
+            # Attached only for measured steps: a hook costs a Python call per parameter
+            # per micro-batch even when it does nothing.
+            self._handles = [p.register_hook(self._make_hook(g)) for p, g in zip(self._params, self._group_index)]
+
+    def _detach(self) -> None:
+        for h in self._handles:
+            h.remove()
+        self._handles = []
+
+    def micro_batch(self, count: Number | torch.Tensor, *, samples: Number | torch.Tensor | None = None,
+                    loss_scale: Number | torch.Tensor | None = None) -> _MicroBatch:
+        """Context for one micro-batch's backward.
+
+        ``count``: loss units in this micro-batch (examples or tokens: what the loss sum is
+        divided by). ``samples``: examples in it, when ``count`` is tokens (gives
+        ``b_simple_samples``). ``loss_scale``: see the class docstring.
+        """
+        if not self._in_step:
+            raise RuntimeError("call monitor.begin_step() before monitor.micro_batch()")
+        if not isinstance(count, torch.Tensor):
+            check_nonnegative("count", count)
+        if samples is not None and not isinstance(samples, torch.Tensor):
+            check_nonnegative("samples", samples)
+        return _MicroBatch(self, count, samples, loss_scale)
+
+    def _close_micro(self, mb: _MicroBatch, ok: bool) -> None:
+        norms, self._micro_norms = self._micro_norms, []
+        if not ok:
+            self._broken = True  # a partial backward: this step's gradient is unknown
+            return
+        self._n_micro += 1
+        self._count_local = self._count_local + mb.count
+        if mb.samples is None:
+            self._have_samples = False
+        else:
+            self._samples_local = self._samples_local + mb.samples
+        self._scales.append(mb.loss_scale)
+        if self.mode == "ddp" or not self._measure:
+            return
+        if self.source == "prefix":
+            # .grad now holds (loss scale)·Σ of the first m_j units' gradients: a batch of m_j.
+            vec = self._grad_sqnorms()
+            if vec is not None:
+                self._prefix.append((vec, self._count_local, mb.loss_scale))
+            return
+        if not norms:
+            return
+        if not isinstance(mb.count, torch.Tensor) and mb.count == 0:
+            return  # an empty micro-batch carries no gradient and no information
+        sq = torch.stack([n for _, n in norms]).square()
+        self._micro.append((self._group_sum(sq, tuple(g for g, _ in norms)), mb.count, mb.loss_scale))
+
+    def split_batch(self, batch: Mapping[str, torch.Tensor]) -> list[dict[str, torch.Tensor]]:
+        """The pieces the loop should run as micro-batches: ``splits`` pieces in split mode, else ``[batch]``."""
+        return split_batch(batch, self.splits) if self.mode == "split" else [dict(batch)]
+
+    def _grad_sqnorms(self) -> torch.Tensor | None:
+        """Per-group squared norms of the current ``.grad`` (the accumulated, reduced gradient)."""
+        buckets: dict[tuple[Any, Any], tuple[list[torch.Tensor], list[int]]] = {}
+        for p, g in zip(self._params, self._group_index):
+            if p.grad is not None:
+                gr = p.grad.coalesce()._values() if p.grad.is_sparse else p.grad
+                lst = buckets.setdefault((gr.device, gr.dtype), ([], []))
+                lst[0].append(gr)
+                lst[1].append(g)
+        if not buckets:
+            return None
+        parts = [self._group_sum(torch.stack(torch._foreach_norm(gs, 2, dtype=torch.float32)).square(), tuple(idx))
+                 for gs, idx in buckets.values()]
+        dev = parts[0].device
+        return sum(p.to(dev) for p in parts)  # type: ignore[return-value]
+
+    def end_step(self) -> NoiseReading:
+        """Finish the step (call after the last backward, before ``optimizer.step()``).
+
+        Under DDP every rank must call it (it holds a collective). The returned reading is
+        lazy: its values are fetched from the device when first read.
+        """
+        if not self._in_step:
+            raise RuntimeError("monitor.end_step() without monitor.begin_step()")
+        self._in_step = False
+        reading = NoiseReading(self, self._step_index)
+        self._step_index += 1
+        self._pending.append((reading, self._collect()))
+        if len(self._pending) >= self.max_pending:
+            self.flush()
+        return reading
+
+    def _collect(self) -> dict[str, Any] | None:
+        """Device-side sums of the step, all-reduced across ranks; None if the step has no reading."""
+        self._detach()
+        if self._broken or self._n_micro == 0 or not self._measure:
+            return None
+        explicit = [s is not None for s in self._scales]
+        if any(explicit) and not all(explicit):
+            raise ValueError("loss_scale must be given to every micro_batch of a step or to none")
+        scale = self._scales[-1] if all(explicit) else None
+        if self.mode == "ddp" or self.source == "prefix":
+            # A prefix (or a rank's whole share) mixes micro-batches: one common scale needed.
+            numbers = [s for s in self._scales if s is not None and not isinstance(s, torch.Tensor)]
+            if any(s != numbers[0] for s in numbers):
+                raise ValueError(f"loss_scale must be the same for every micro_batch of a step in {self.mode} mode "
+                                 f"with source={self.source!r}, got {numbers}")
+        if self.mode != "ddp" and self.source == "prefix":
+            if not self._prefix:
+                return None
+            big = self._prefix[-1][0]  # after the last backward: the whole (reduced) gradient
+            readings = [r for r in self._prefix[:-1] if isinstance(r[1], torch.Tensor) or r[1] > 0]
+        else:
+            big = self._grad_sqnorms()
+            if big is None:
+                return None
+            readings = self._micro
+            if self.mode == "ddp":
+                if self._multi_sync:
+                    warnings.warn("NoiseMonitor: DDP reduced gradients in more than one backward of a step; "
+                                  "run all micro-batches but the last under model.no_sync() (no reading this step)",
+                                  RuntimeWarning, stacklevel=3)
+                if not self._bucket_raw or self._multi_sync:
+                    return None
+                readings = [(torch.stack(self._bucket_raw).sum(0), self._count_local, scale)]
+        dev = big.device
+        if readings:
+            small_sum = sum(r.to(dev) / (n * n if c is None else n * n * c * c) for r, n, c in readings)
+            inv_n_sum, k = sum(1.0 / n for _, n, _ in readings), len(readings)
+        else:  # still take part in the all-reduce: other ranks may have readings
+            small_sum, inv_n_sum, k = torch.zeros_like(big), 0.0, 0
+        if scale is not None:
+            big = big * (self.world_size / scale) ** 2
+        scal = [inv_n_sum, k, self._count_local]
+        host: list[Any] | None = scal
+        if self.world_size > 1 or any(isinstance(v, torch.Tensor) for v in scal):
+            vec = torch.cat([small_sum.float(), torch.stack([_scalar(v, dev) for v in scal])])
+            if self.world_size > 1:
+                dist.all_reduce(vec, group=self.process_group)
+            small_sum, host = vec, None
+        samples = self._samples_local if self._have_samples else None
+        return {"dev": torch.cat([small_sum.float(), big.float()]), "host": host, "explicit": scale is not None,
+                "count_local": self._count_local, "samples_local": samples}
+
+    # ---- host side ------------------------------------------------------------------------
+    def flush(self) -> None:
+        """Bring pending readings to the host and fold them into the estimators, in step order."""
+        pending, self._pending = self._pending, []
+        for reading, raw in pending:
+            reading._set(self._flush_one(raw))
+
+    def _flush_one(self, raw: dict[str, Any] | None) -> dict[str, Any]:
+        n_groups = len(self.group_names)
+        values: dict[str, Any] = {"valid": False, "b_small": math.nan, "b_big": math.nan,
+                                  "grad_sqnorm_step": math.nan, "trace_sigma_step": math.nan}
+        if raw is not None:
+            got = step_inputs(raw["dev"].tolist(), raw["host"], raw["explicit"], n_groups, self.world_size)  # the host sync
+            if got is None:
+                if not self._warned_single:
+                    self._warned_single = True
+                    warnings.warn("NoiseMonitor: a step with one micro-batch on one process has a single batch "
+                                  "size and gives no estimate; use mode='split' or gradient accumulation",
+                                  RuntimeWarning, stacklevel=3)
+            else:
+                small, big, b_small, b_big = got
+                values.update(b_small=b_small, b_big=b_big)
+                estimators = [self.estimator, *self.group_estimators.values()]
+                inputs = [(sum(small), sum(big)), *zip(small, big)][: len(estimators)]
+                if all(math.isfinite(a) and math.isfinite(b) for a, b in inputs):
+                    values["valid"] = all([est.update(a, b, b_small, b_big) for est, (a, b) in zip(estimators, inputs)])
+                else:  # one bad group makes the whole step unusable; counted, not folded in
+                    for est in estimators:
+                        est.n_skipped += 1
+                if values["valid"]:
+                    values.update(grad_sqnorm_step=self.estimator.last_grad_sqnorm,
+                                  trace_sigma_step=self.estimator.last_trace_sigma)
+            if raw["samples_local"] is not None:
+                ratio = float(raw["count_local"]) / max(float(raw["samples_local"]), 1e-30)
+                if math.isfinite(ratio) and ratio > 0:
+                    self._ups_ema = self.beta * self._ups_ema + (1 - self.beta) * ratio
+                    self._ups_pow *= self.beta
+                    self._ups_n += 1
+        values.update(self._snapshot())
+        return values
+
+    @property
+    def units_per_sample(self) -> float:
+        """EMA of loss units per example (tokens per sequence); nan unless ``samples`` were given."""
+        return self._ups_ema / (1 - self._ups_pow) if self._ups_n else math.nan
+
+    def _snapshot(self) -> dict[str, Any]:
+        est = self.estimator
+        snap: dict[str, Any] = {"b_simple": est.b_simple, "grad_sqnorm": est.grad_sqnorm,
+                                "trace_sigma": est.trace_sigma, "n_updates": est.n_updates,
+                                "b_simple_samples": est.b_simple / self.units_per_sample if self._ups_n else None}
+        snap["groups"] = {name: {"b_simple": e.b_simple, "grad_sqnorm": e.grad_sqnorm, "trace_sigma": e.trace_sigma}
+                          for name, e in self.group_estimators.items()}
+        return snap
+
+    @property
+    def b_simple(self) -> float:
+        """Current ``B_simple`` in loss units (flushes pending readings)."""
+        self.flush()
+        return self.estimator.b_simple
+
+    # ---- state and teardown ---------------------------------------------------------------
+    def state_dict(self) -> dict[str, Any]:
+        self.flush()
+        return {"version": 1, "mode": self.mode, "step": self._step_index, "groups": list(self.group_names),
+                "estimator": self.estimator.state_dict(),
+                "group_estimators": {k: e.state_dict() for k, e in self.group_estimators.items()},
+                "units_per_sample": [self._ups_ema, self._ups_pow, self._ups_n]}
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        if list(state.get("groups", [])) != list(self.group_names) or \
+                set(state.get("group_estimators", {})) != set(self.group_estimators):
+            raise ValueError(f"noise monitor state has groups {state.get('groups')}, this monitor has {self.group_names}")
+        self.flush()
+        self.estimator.load_state_dict(state["estimator"])
+        for k, e in self.group_estimators.items():
+            e.load_state_dict(state["group_estimators"][k])
+        self._step_index = int(state["step"])
+        ema, pw, n = state["units_per_sample"]
+        self._ups_ema, self._ups_pow, self._ups_n = float(ema), float(pw), int(n)
+
+    def close(self) -> None:
+        """Remove the parameter hooks (a DDP comm hook cannot be removed; it becomes a pass-through)."""
+        self._detach()
+        self._closed = True
+        self._in_step = self._in_micro = False
