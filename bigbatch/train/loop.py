@@ -22,7 +22,9 @@ import torch.distributed as dist
 from torch import nn
 
 from bigbatch._checks import check_int_positive, check_positive
+from bigbatch.adaptive import ControllerState, create_controller
 from bigbatch.optim import create_optimizer
+from bigbatch.scaling import Recipe, ScalingPlan
 from bigbatch.train.checkpoint import latest_checkpoint, list_checkpoints, rng_state, save_atomic, set_rng_state, write_json_atomic
 from bigbatch.train.config import TrainConfig
 from bigbatch.train.dist import DistInfo, init_distributed
@@ -94,7 +96,8 @@ class _Resolved:
             self.budget = int(round(check_positive("budget_epochs", cfg.budget_epochs) * wl.dataset_size))
         else:
             self.budget = check_int_positive("budget_samples", cfg.budget_samples or d.budget_samples)
-        self.warmup = d.warmup_samples if cfg.warmup_samples is None else int(cfg.warmup_samples)
+        # A workload's default warmup is cut to a short budget; a warmup the user asked for is not.
+        self.warmup = min(d.warmup_samples, self.budget) if cfg.warmup_samples is None else int(cfg.warmup_samples)
         if self.warmup < 0:
             raise ValueError(f"warmup_samples must be >= 0, got {self.warmup}")
         if cfg.eval_every_samples is not None:
@@ -107,27 +110,38 @@ class _Resolved:
             raise ValueError(f"checkpoint_every_samples must be >= 0, got {ck}")
         self.log_every = check_int_positive("log_every_steps", cfg.log_every_steps)
         self.base_batch = cfg.base_batch_size or self.batch_size
-        # Interim rule application until bigbatch.scaling lands: peak LR at the running batch.
-        k = self.batch_size / self.base_batch
-        rule = cfg.rule or "none"
-        factors = {"none": 1.0, "linear": k, "sqrt": math.sqrt(k)}
-        if rule not in factors:
-            raise ValueError(f"unknown rule {rule!r}; valid: {', '.join(factors)}")
-        self.base_lr = self.lr
-        self.lr = self.lr * factors[rule]
         if cfg.target is not None and not math.isfinite(cfg.target):
             raise ValueError(f"target must be a finite number, got {cfg.target}")
 
 
-def _lr_at(r: _Resolved, cfg: TrainConfig, samples: int, batch_size: int) -> float:
-    """Peak LR with linear warmup (in samples) and the configured decay."""
-    lr = r.lr
-    if r.warmup > 0 and samples < r.warmup:
-        return lr * (samples + batch_size) / r.warmup if samples + batch_size < r.warmup else lr
-    if cfg.schedule == "cosine":
-        t = min(1.0, (samples - r.warmup) / max(1, r.budget - r.warmup))
-        return lr * 0.5 * (1 + math.cos(math.pi * t))
-    return lr
+def _scaling_plan(r: _Resolved, cfg: TrainConfig, wl: Workload) -> ScalingPlan:
+    """The run's recipe at its base batch, and the rule that moves it to any batch size."""
+    args = r.optimizer_args
+    recipe = Recipe.from_samples(
+        dataset_size=wl.dataset_size,
+        batch_size=r.base_batch,
+        lr=r.lr,
+        optimizer=r.optimizer,
+        momentum=r.momentum if r.optimizer in ("sgd", "lars") else None,
+        betas=tuple(args["betas"]) if "betas" in args else None,
+        eps=args.get("eps"),
+        weight_decay=r.weight_decay,
+        warmup_samples=r.warmup,
+        budget_samples=r.budget,
+        schedule=cfg.schedule,
+    )
+    return ScalingPlan(recipe, cfg.rule)
+
+
+def _apply_hparams(optimizer: torch.optim.Optimizer, scaling: ScalingPlan, batch_size: int, done: int | None) -> int:
+    """Set the rule's momentum/betas/eps for ``batch_size`` (adam-sqrt moves them) once per change."""
+    if batch_size != done:
+        hp = scaling.hparams_for(batch_size)
+        for g in optimizer.param_groups:
+            for key in ("momentum", "betas", "eps"):
+                if key in g and hp.get(key) is not None:
+                    g[key] = hp[key]
+    return batch_size
 
 
 def _prepare_out(out: str | Path, is_main: bool) -> Path:
@@ -154,6 +168,7 @@ def train(cfg: TrainConfig, workload: Workload | None = None) -> TrainResult:
     wl = workload if workload is not None else load_workload(cfg.workload, **cfg.workload_args)
     r = _Resolved(cfg, wl)
     plan = plan_batch(r.batch_size, info.world_size, cfg.micro_batch_size)
+    scaling = _scaling_plan(r, cfg, wl)
     out = _prepare_out(cfg.out, info.is_main)
     ckpt_dir = out / "checkpoints"
 
@@ -164,9 +179,16 @@ def train(cfg: TrainConfig, workload: Workload | None = None) -> TrainResult:
     if sharded:  # FSDP2 shards in place; the optimizer must then see the sharded parameters
         wrap_model(raw_model, info, device, "fsdp", wl)
     momentum_kw = {"momentum": r.momentum} if r.optimizer in ("sgd", "lars") else {}
-    optimizer = create_optimizer(r.optimizer, raw_model, lr=r.lr, weight_decay=r.weight_decay, **momentum_kw, **r.optimizer_args)
+    peak = scaling.recipe_for(plan.batch_size).lr
+    optimizer = create_optimizer(r.optimizer, raw_model, lr=peak, weight_decay=r.weight_decay, **momentum_kw, **r.optimizer_args)
     for g in optimizer.param_groups:  # groups may carry their own LR; keep their ratio to the peak
-        g.setdefault("lr_ratio", g["lr"] / r.lr)
+        g.setdefault("lr_ratio", g["lr"] / peak)
+    controller = None
+    if cfg.adaptive:
+        # The batch changes through accumulation steps when the micro-batch is fixed, else through
+        # the micro-batch itself; either way it must stay a multiple of this.
+        granularity = (cfg.micro_batch_size or 1) * info.world_size
+        controller = create_controller(cfg.adaptive, **{"granularity": granularity, **cfg.adaptive_args})
     sampler = wl.sampler(cfg.seed)
 
     # ---- resume -------------------------------------------------------------------------
@@ -180,6 +202,8 @@ def train(cfg: TrainConfig, workload: Workload | None = None) -> TrainResult:
         "steps_to_target": None,
         "samples_to_target": None,
         "wall_before": 0.0,
+        "batch_size": plan.batch_size,
+        "batch_changes": 0,
     }
     resumed_from = None
     # torchrun --max-restarts: a restarted worker continues from the newest checkpoint.
@@ -191,6 +215,8 @@ def train(cfg: TrainConfig, workload: Workload | None = None) -> TrainResult:
         load_full_state(raw_model, optimizer, blob["model"], blob["optimizer"])
         sampler.load_state_dict(blob["sampler"])
         state.update(blob["state"])
+        if controller is not None and blob.get("controller") is not None:
+            controller.load_state_dict(blob["controller"])
         set_rng_state(blob["rng"])
         resumed_from = str(ck)
         if info.is_main:
@@ -199,6 +225,12 @@ def train(cfg: TrainConfig, workload: Workload | None = None) -> TrainResult:
         for old in list_checkpoints(ckpt_dir):
             old.unlink()
         (out / "metrics.jsonl").unlink(missing_ok=True)
+
+    if controller is not None and state["step"] == 0:  # the controller's start size (min batch, ramp start)
+        state["batch_size"] = controller.next_batch_size(ControllerState(samples=0, batch_size=plan.batch_size))
+    if state["batch_size"] != plan.batch_size:
+        plan = plan_batch(state["batch_size"], info.world_size, cfg.micro_batch_size)
+    hparams_batch = _apply_hparams(optimizer, scaling, plan.batch_size, None)
 
     model: nn.Module = raw_model
     if cfg.compile:
@@ -233,6 +265,7 @@ def train(cfg: TrainConfig, workload: Workload | None = None) -> TrainResult:
             "sampler": sampler.state_dict(),
             "state": dict(state),
             "rng": rng_state(),
+            "controller": None if controller is None else controller.state_dict(),
             "step": state["step"],
             "samples": state["samples"],
             "config": cfg.to_dict(),
@@ -252,6 +285,8 @@ def train(cfg: TrainConfig, workload: Workload | None = None) -> TrainResult:
         if hit:
             state["steps_to_target"], state["samples_to_target"] = state["step"], state["samples"]
         return hit
+
+    noise_est = None  # the noise monitor's estimator, read by the adaptive controller
 
     # ---- the loop -----------------------------------------------------------------------
     t_start = time.perf_counter()
@@ -288,7 +323,10 @@ def train(cfg: TrainConfig, workload: Workload | None = None) -> TrainResult:
             # DDP averages gradients over ranks; scaling by world/N makes the result Σ loss / N.
             scale = info.world_size / n_global
 
-            lr = _lr_at(r, cfg, state["samples"], batch_size)
+            hparams_batch = _apply_hparams(optimizer, scaling, batch_size, hparams_batch)
+            # The LR of the step that ends at samples + batch: the schedule runs in samples, so a
+            # batch change keeps its position and only the rule's factor for the new batch moves.
+            lr = scaling.lr_at(state["samples"] + batch_size, batch_size)
             for g in optimizer.param_groups:
                 g["lr"] = lr * g["lr_ratio"]
 
@@ -308,6 +346,20 @@ def train(cfg: TrainConfig, workload: Workload | None = None) -> TrainResult:
             state["samples"] += batch_size
             steps_this_run += 1
             interval_steps += 1
+
+            # ---- adaptive batch size: realised by accumulation steps / micro-batch ----------
+            if controller is not None:
+                new = controller.next_batch_size(
+                    ControllerState.from_estimator(noise_est, samples=state["samples"], batch_size=batch_size, step=state["step"])
+                )
+                if new != batch_size:
+                    plan = plan_batch(new, info.world_size, cfg.micro_batch_size)
+                    state["batch_size"] = plan.batch_size
+                    state["batch_changes"] += 1
+                    reason = controller.changes[-1].reason if controller.changes else ""
+                    metrics.write({"kind": "batch_size", "step": state["step"], "samples": state["samples"],
+                                   "old": batch_size, "new": plan.batch_size, "accum_steps": plan.accum_steps,
+                                   "micro_batch_size": plan.micro_batch_size, "reason": reason})
 
             # ---- logging (the only per-interval host sync) -----------------------------
             if state["step"] % r.log_every == 0 or state["samples"] >= r.budget:
@@ -393,8 +445,12 @@ def train(cfg: TrainConfig, workload: Workload | None = None) -> TrainResult:
         "accum_steps": plan.accum_steps,
         "world_size": info.world_size,
         "parallel": strategy if info.enabled else "none",
+        "batch_changes": state["batch_changes"],
         "optimizer": r.optimizer,
-        "lr": r.lr,
+        "lr": scaling.recipe_for(plan.batch_size).lr,
+        "base_lr": r.lr,
+        "base_batch_size": r.base_batch,
+        "rule": scaling.rule,
         "stopped": stopped,
         "diverged": stopped == "diverged",
         "wall_seconds": wall,
