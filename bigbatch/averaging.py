@@ -30,7 +30,7 @@ from bigbatch._checks import check_choice, check_in_range, check_int_positive, c
 
 __all__ = ["average_checkpoints", "last_checkpoints", "load_model_state", "extract_state_dict", "EMA"]
 
-_STEP = re.compile(r"(\d+)\.pt$")
+_STEP = re.compile(r"(?:^|[_.-])(\d+)\.pt$")
 #: Where model weights live inside common checkpoint layouts, tried in this order.
 _MODEL_KEYS = ("model", "state_dict", "model_state_dict", "module")
 
@@ -115,7 +115,8 @@ def extract_state_dict(obj: Any, *, key: str | None = None, where: str = "checkp
 def last_checkpoints(directory: str | Path, n: int, *, allow_fewer: bool = False) -> list[Path]:
     """The ``n`` newest checkpoints in ``directory``, oldest first.
 
-    Files are ``*<step>.pt`` (the trainer writes ``ckpt_<step:08d>.pt``) and are ordered by
+    Files are ``<name>_<step>.pt`` (or ``-``/``.`` before the step, or just ``<step>.pt``;
+    the trainer writes ``ckpt_<step:08d>.pt``) and are ordered by
     the integer step in the name, not by modification time, which copies change. A run
     directory with a ``checkpoints/`` subdirectory is accepted too.
     """
@@ -123,7 +124,7 @@ def last_checkpoints(directory: str | Path, n: int, *, allow_fewer: bool = False
     d = Path(directory)
     if not d.is_dir():
         raise FileNotFoundError(f"checkpoint directory not found: {d}")
-    if (d / "checkpoints").is_dir() and not any(_STEP.search(p.name) for p in d.glob("*.pt")):
+    if (d / "checkpoints").is_dir():  # a run directory written by bigbatch train
         d = d / "checkpoints"
     found = sorted((int(m.group(1)), p.name, p) for p in d.glob("*.pt") if (m := _STEP.search(p.name)) and not p.name.startswith("."))
     if not found:

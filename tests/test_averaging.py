@@ -156,6 +156,7 @@ def test_last_checkpoints_orders_by_step(tmp_path):
     for step in (5, 100, 20, 3):
         torch.save({"w": torch.zeros(1)}, tmp_path / f"ckpt_{step:d}.pt")
     (tmp_path / "notes.txt").write_text("x")
+    torch.save({"w": torch.zeros(1)}, tmp_path / "avg2.pt")  # no step in the name: ignored
     assert [p.name for p in last_checkpoints(tmp_path, 2)] == ["ckpt_20.pt", "ckpt_100.pt"]
     assert len(last_checkpoints(tmp_path, 9, allow_fewer=True)) == 4
     with pytest.raises(ValueError, match="n must be <= the 4"):
@@ -164,6 +165,7 @@ def test_last_checkpoints_orders_by_step(tmp_path):
         last_checkpoints(tmp_path, 0)
     run = tmp_path / "run"
     (run / "checkpoints").mkdir(parents=True)
+    torch.save({"w": torch.zeros(1)}, run / "avg_5.pt")  # an output next to checkpoints/ does not count
     torch.save({"w": torch.zeros(1)}, run / "checkpoints" / "ckpt_00000007.pt")
     assert last_checkpoints(run, 1)[0].name == "ckpt_00000007.pt"
 

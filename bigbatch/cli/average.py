@@ -19,8 +19,7 @@ def average_command(
 ) -> None:
     """Average model weights: `bigbatch average a.pt b.pt -o avg.pt` or `bigbatch average --last 5 RUN_DIR -o avg.pt`.
 
-    Floating-point tensors are averaged, integer buffers come from the last file; the output
-    is a plain state_dict (`model.load_state_dict(torch.load("avg.pt"))`).
+    Floating-point tensors are averaged, integer buffers come from the last file; the output is a plain state_dict (`model.load_state_dict(torch.load("avg.pt"))`).
     """
     from bigbatch.averaging import average_checkpoints, last_checkpoints
     from bigbatch.train.checkpoint import save_atomic
