@@ -18,7 +18,6 @@ import contextlib
 import math
 import pickle
 import re
-import warnings
 from collections import OrderedDict
 from pathlib import Path
 from typing import Any, Iterable, Iterator, Mapping
@@ -246,8 +245,9 @@ class EMA:
     buffers (BatchNorm running statistics) are copied from the model by default (``buffers=
     "copy"``: they are themselves running averages under the live weights) or averaged like
     parameters (``"average"``); integer buffers are always copied. A non-finite weight raises
-    ``ValueError`` and leaves the average untouched (``on_nonfinite="skip"`` skips the update
-    and counts it in ``skipped`` instead); the check costs one host sync per update.
+    ``ValueError`` and leaves the average untouched, at the cost of one host sync per update;
+    ``on_nonfinite="skip"`` instead leaves the EMA unchanged on the device for such a step,
+    without any host sync, and counts it in ``skipped``.
     """
 
     def __init__(
@@ -280,7 +280,7 @@ class EMA:
         self.on_nonfinite = check_choice("on_nonfinite mode", on_nonfinite, ["raise", "skip"])
         self.samples = 0
         self.updates = 0
-        self.skipped = 0
+        self._skipped: int | torch.Tensor = 0
         self.shadow: OrderedDict[str, torch.Tensor] = OrderedDict()
         for name, t in self._tracked(model):
             want = dtype or (_acc_dtype(t.dtype) if t.is_floating_point() else t.dtype)
@@ -334,31 +334,34 @@ class EMA:
         return names, avg_e, avg_m, cp_e, cp_m
 
     @torch.no_grad()
-    def update(self, model: nn.Module, batch_size: int) -> bool:
-        """Fold in the model's current weights after a step of ``batch_size`` samples.
-
-        Returns ``True`` when applied, ``False`` when skipped for non-finite weights
-        (``on_nonfinite="skip"``).
-        """
+    def update(self, model: nn.Module, batch_size: int) -> None:
+        """Fold in the model's current weights after a step of ``batch_size`` samples."""
         w = 1.0 - self.decay_at(batch_size)
         names, avg_e, avg_m, cp_e, cp_m = self._pairs(model)
-        if avg_m:
-            finite = torch.stack([torch.isfinite(t).all() for t in avg_m]).all()
-            if not bool(finite):
-                bad = next(n for n, t in zip(names, avg_m) if not bool(torch.isfinite(t).all()))
-                if self.on_nonfinite == "raise":
-                    raise ValueError(f"model weights are not finite ({bad!r} has NaN or inf); the EMA was left unchanged")
-                self.skipped += 1
-                warnings.warn(f"EMA update skipped: {bad!r} has NaN or inf", RuntimeWarning, stacklevel=2)
-                return False
-            src = [m if m.dtype == e.dtype else m.to(e.dtype) for e, m in zip(avg_e, avg_m)]
+        checked = avg_m + [m for m in cp_m if m.is_floating_point()]
+        finite = torch.stack([torch.isfinite(t).all() for t in checked]).all() if checked else None
+        src = [m if m.dtype == e.dtype else m.to(e.dtype) for e, m in zip(avg_e, avg_m)]
+        if finite is not None and self.on_nonfinite == "raise":
+            if not bool(finite):  # the one host sync per update
+                bad = next(n for n, t in zip(names + [""] * len(cp_m), checked) if not bool(torch.isfinite(t).all()))
+                raise ValueError(f"model weights are not finite ({bad or 'a buffer'!r} has NaN or inf); the EMA was left unchanged")
+        elif finite is not None:
+            # no host sync: a non-finite step leaves every EMA tensor as it was
+            src = [torch.where(finite, m, e) for e, m in zip(avg_e, src)]
+            cp_m = [torch.where(finite, m, e) for e, m in zip(cp_e, cp_m)]
+            self._skipped = self._skipped + (~finite).long()
+        if avg_e:
             # θ̄ + w (θ − θ̄) = ρ^B θ̄ + (1 − ρ^B) θ
             torch._foreach_lerp_(avg_e, src, w)
         for e, m in zip(cp_e, cp_m):
             e.copy_(m)
         self.samples += int(batch_size)
         self.updates += 1
-        return True
+
+    @property
+    def skipped(self) -> int:
+        """Updates skipped for non-finite weights (``on_nonfinite="skip"``); reading it syncs."""
+        return int(self._skipped)
 
     # -- using the average ------------------------------------------------------------
 
@@ -407,6 +410,6 @@ class EMA:
         self.log_decay = float(state["log_decay"])
         self.buffers = check_choice("buffers mode", state["buffers"], ["copy", "average"])
         self.on_nonfinite = state.get("on_nonfinite", self.on_nonfinite)
-        self.samples, self.updates, self.skipped = int(state["samples"]), int(state["updates"]), int(state.get("skipped", 0))
+        self.samples, self.updates, self._skipped = int(state["samples"]), int(state["updates"]), int(state.get("skipped", 0))
         for name, t in shadow.items():
             self.shadow[name].copy_(t)

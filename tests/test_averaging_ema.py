@@ -161,10 +161,23 @@ def test_nonfinite_weights_raise_or_skip_and_never_enter_the_average():
         ema.update(m, 2)
     assert all(torch.equal(before[k], ema.shadow[k]) for k in before) and ema.samples == 0
     skip = EMA(_lin(), horizon_samples=10, on_nonfinite="skip")
-    with pytest.warns(RuntimeWarning, match="skipped"):
-        assert skip.update(m, 2) is False
-    assert skip.skipped == 1 and skip.updates == 0
-    assert all(torch.isfinite(v).all() for v in skip.shadow.values())
+    kept = {k: v.clone() for k, v in skip.shadow.items()}
+    skip.update(m, 2)
+    assert skip.skipped == 1
+    assert all(torch.equal(kept[k], skip.shadow[k]) for k in kept)
+    with torch.no_grad():
+        m.bias[0] = 0.0
+    skip.update(m, 2)  # finite again: applied
+    assert skip.skipped == 1 and not torch.equal(kept["bias"], skip.shadow["bias"])
+    # a non-finite buffer is not copied either
+    bn = nn.BatchNorm1d(2)
+    e = EMA(bn, horizon_samples=10, on_nonfinite="skip")
+    with torch.no_grad():
+        bn.running_mean.fill_(float("inf"))
+    e.update(bn, 1)
+    assert e.skipped == 1 and torch.isfinite(e.shadow["running_mean"]).all()
+    with pytest.raises(ValueError, match="not finite"):
+        EMA(nn.BatchNorm1d(2), horizon_samples=10).update(bn, 1)
 
 
 def test_state_dict_round_trip_continues_identically():
