@@ -20,10 +20,10 @@ from torch import nn
 
 from bigbatch._checks import check_choice, check_int_positive, check_nonnegative
 from bigbatch.data.masks import block_causal_mask, packed_attention, shift_targets
-from bigbatch.data.packing import pack
+from bigbatch.data.packing import pack_sequences
 from bigbatch.workloads.base import Batch, EpochSampler, WorkloadDefaults
 
-__all__ = ["ByteLM", "GPT", "GPTConfig", "read_corpus"]
+__all__ = ["ByteLM", "GPT", "GPTConfig", "read_corpus", "pack_documents"]
 
 
 class GPTConfig:
@@ -170,8 +170,8 @@ def read_corpus(paths: Sequence[str | Path], val_fraction: float = 0.05, max_byt
 def pack_documents(docs: Sequence[bytes], window: int, method: str = "bfd", max_bytes: int | None = None) -> dict[str, torch.Tensor]:
     """Documents cut into pieces of at most ``window`` bytes and packed into rows of ``window``.
 
-    Returns ``tokens`` (uint8, rows × window), ``doc`` (int32 piece id within its row, -1 on
-    padding) and ``pos`` (int16/int32 position within the piece). Pieces of one byte have no
+    Returns ``tokens`` (uint8, rows × window), ``doc`` (int32 piece index, -1 on padding),
+    ``pos`` (int32 position within the piece) and the packing ``efficiency``. Pieces of one byte have no
     next-byte target and are dropped; ``max_bytes`` caps the total bytes, as in ``read_corpus``.
     """
     pieces: list[bytes] = []
@@ -190,20 +190,9 @@ def pack_documents(docs: Sequence[bytes], window: int, method: str = "bfd", max_
             break
     if not pieces:
         raise ValueError("corpus has no document of at least 2 bytes to pack")
-    p = pack([len(x) for x in pieces], window, method)
-    tokens = torch.zeros(p.n_rows, window, dtype=torch.uint8)
-    doc = torch.full((p.n_rows, window), -1, dtype=torch.int32)
-    pos = torch.zeros(p.n_rows, window, dtype=torch.int32)
-    ramp = torch.arange(window, dtype=torch.int32)
-    for r, items in enumerate(p.rows):
-        o = 0
-        for j, i in enumerate(items.tolist()):
-            n = len(pieces[i])
-            tokens[r, o : o + n] = torch.frombuffer(bytearray(pieces[i]), dtype=torch.uint8)
-            doc[r, o : o + n] = j
-            pos[r, o : o + n] = ramp[:n]
-            o += n
-    return {"tokens": tokens, "doc": doc, "pos": pos, "efficiency": torch.tensor(p.efficiency, dtype=torch.float64)}
+    rows = pack_sequences([torch.frombuffer(bytearray(x), dtype=torch.uint8) for x in pieces], window, method)
+    eff = torch.tensor(rows.efficiency, dtype=torch.float64)
+    return {"tokens": rows.tokens, "doc": rows.doc_ids.to(torch.int32), "pos": rows.position_ids.to(torch.int32), "efficiency": eff}
 
 
 class ByteLM:
