@@ -251,12 +251,16 @@ def pack_sequences(
     tokens = torch.full((p.n_rows, p.capacity), pad_value, dtype=dtype)
     doc = torch.full((p.n_rows, p.capacity), -1, dtype=torch.long)
     pos = torch.zeros((p.n_rows, p.capacity), dtype=torch.long)
-    for r, items in enumerate(p.rows):
-        o = 0
-        for i in items.tolist():
-            n = int(lengths[i])
-            tokens[r, o : o + n] = seqs[i]
-            doc[r, o : o + n] = i
-            pos[r, o : o + n] = torch.arange(n)
-            o += n
+    if seqs:
+        # one scatter for all tokens: each sequence's slot is row·L + (tokens before it in its row)
+        order = p.placed[np.argsort(p.row_of[p.placed], kind="stable")]
+        lens, rows = lengths[order], p.row_of[order]
+        before = np.cumsum(lens) - lens
+        first = np.flatnonzero(np.r_[True, rows[1:] != rows[:-1]])
+        row_start = np.repeat(before[first], np.diff(np.r_[first, len(order)]))
+        within = np.arange(int(lens.sum())) - np.repeat(before, lens)
+        dest = torch.from_numpy(np.repeat(rows * p.capacity + before - row_start, lens) + within)
+        tokens.view(-1)[dest] = torch.cat([seqs[i] for i in order.tolist()]).to(dtype)
+        doc.view(-1)[dest] = torch.from_numpy(np.repeat(order, lens))
+        pos.view(-1)[dest] = torch.from_numpy(within)
     return PackedRows(tokens=tokens, doc_ids=doc, position_ids=pos, packing=p)
