@@ -12,16 +12,18 @@ import math
 import sysconfig
 import zlib
 from pathlib import Path
-from typing import Sequence
+from typing import Any, Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from bigbatch._checks import check_int_positive, check_nonnegative
+from bigbatch._checks import check_choice, check_int_positive, check_nonnegative
+from bigbatch.data.masks import block_causal_mask, packed_attention, shift_targets
+from bigbatch.data.packing import pack_sequences
 from bigbatch.workloads.base import Batch, EpochSampler, WorkloadDefaults
 
-__all__ = ["ByteLM", "GPT", "GPTConfig", "read_corpus"]
+__all__ = ["ByteLM", "GPT", "GPTConfig", "read_corpus", "pack_documents"]
 
 
 class GPTConfig:
@@ -54,15 +56,15 @@ class _Block(nn.Module):
         self.fc = nn.Linear(cfg.d_model, 4 * cfg.d_model)
         self.fc_out = nn.Linear(4 * cfg.d_model, cfg.d_model)
 
-    def forward(self, x: torch.Tensor, attn_mask: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, attn_mask: Any = None) -> torch.Tensor:
         b, t, c = x.shape
         q, k, v = self.qkv(self.ln1(x)).split(c, dim=2)
         q, k, v = (z.view(b, t, self.n_head, c // self.n_head).transpose(1, 2) for z in (q, k, v))
         p = self.dropout if self.training else 0.0
         if attn_mask is None:
             y = F.scaled_dot_product_attention(q, k, v, is_causal=True, dropout_p=p)
-        else:  # block-diagonal causal mask (packed documents), shape (b, 1, t, t) or (t, t)
-            y = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, dropout_p=p)
+        else:  # packed documents: a bool (b, 1, t, t) block-causal mask or a FlexAttention BlockMask
+            y = packed_attention(q, k, v, attn_mask, dropout_p=p)
         x = x + self.proj(y.transpose(1, 2).reshape(b, t, c))
         return x + self.fc_out(F.gelu(self.fc(self.ln2(x))))
 
@@ -94,7 +96,7 @@ class GPT(nn.Module):
         elif isinstance(m, nn.Embedding):
             nn.init.normal_(m.weight, std=0.02)
 
-    def forward(self, idx: torch.Tensor, pos: torch.Tensor | None = None, attn_mask: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(self, idx: torch.Tensor, pos: torch.Tensor | None = None, attn_mask: Any = None) -> torch.Tensor:
         t = idx.shape[1]
         if pos is None:
             pos = torch.arange(t, device=idx.device)
@@ -112,13 +114,8 @@ def default_corpus() -> list[Path]:
     return sorted(files)
 
 
-def read_corpus(paths: Sequence[str | Path], val_fraction: float = 0.05, max_bytes: int | None = None) -> tuple[torch.Tensor, torch.Tensor, list[Path]]:
-    """Bytes of the corpus split into (train, val) by a hash of each file's path.
-
-    Directories are searched for ``*.py``, ``*.txt`` and ``*.md`` files. The split is by
-    file, deterministic, and independent of the file order, so validation text never appears
-    in training. ``max_bytes`` caps the training bytes (files taken in sorted order).
-    """
+def _split_corpus(paths: Sequence[str | Path], val_fraction: float, max_bytes: int | None) -> tuple[list[bytes], list[bytes], list[Path]]:
+    """Files' bytes split into (train, val) documents; see ``read_corpus``."""
     files: list[Path] = []
     for p in paths:
         path = Path(p)
@@ -149,11 +146,53 @@ def read_corpus(paths: Sequence[str | Path], val_fraction: float = 0.05, max_byt
         last = train[-1]
         k = max(1, len(last) // 10)
         train[-1], val = last[:-k], [last[-k:]]
-    to_tensor = lambda chunks: torch.frombuffer(bytearray(b"\n".join(chunks)), dtype=torch.uint8).clone()  # noqa: E731
-    train_t = to_tensor(train)
+    return train, val, files
+
+
+def _to_tensor(chunks: list[bytes]) -> torch.Tensor:
+    return torch.frombuffer(bytearray(b"\n".join(chunks)), dtype=torch.uint8).clone()
+
+
+def read_corpus(paths: Sequence[str | Path], val_fraction: float = 0.05, max_bytes: int | None = None) -> tuple[torch.Tensor, torch.Tensor, list[Path]]:
+    """Bytes of the corpus split into (train, val) by a hash of each file's path.
+
+    Directories are searched for ``*.py``, ``*.txt`` and ``*.md`` files. The split is by
+    file, deterministic, and independent of the file order, so validation text never appears
+    in training. ``max_bytes`` caps the training bytes (files taken in sorted order).
+    """
+    train, val, files = _split_corpus(paths, val_fraction, max_bytes)
+    train_t = _to_tensor(train)
     if max_bytes is not None:
         train_t = train_t[:max_bytes]
-    return train_t, to_tensor(val), files
+    return train_t, _to_tensor(val), files
+
+
+def pack_documents(docs: Sequence[bytes], window: int, method: str = "bfd", max_bytes: int | None = None) -> dict[str, torch.Tensor]:
+    """Documents cut into pieces of at most ``window`` bytes and packed into rows of ``window``.
+
+    Returns ``tokens`` (uint8, rows × window), ``doc`` (int32 piece index, -1 on padding),
+    ``pos`` (int32 position within the piece) and the packing ``efficiency``. Pieces of one byte have no
+    next-byte target and are dropped; ``max_bytes`` caps the total bytes, as in ``read_corpus``.
+    """
+    pieces: list[bytes] = []
+    total = 0
+    for d in docs:
+        for i in range(0, len(d), window):
+            piece = d[i : i + window]
+            if max_bytes is not None and total + len(piece) > max_bytes:
+                piece = piece[: max_bytes - total]
+            if len(piece) >= 2:
+                pieces.append(piece)
+                total += len(piece)
+            if max_bytes is not None and total >= max_bytes:
+                break
+        if max_bytes is not None and total >= max_bytes:
+            break
+    if not pieces:
+        raise ValueError("corpus has no document of at least 2 bytes to pack")
+    rows = pack_sequences([torch.frombuffer(bytearray(x), dtype=torch.uint8) for x in pieces], window, method)
+    eff = torch.tensor(rows.efficiency, dtype=torch.float64)
+    return {"tokens": rows.tokens, "doc": rows.doc_ids.to(torch.int32), "pos": rows.position_ids.to(torch.int32), "efficiency": eff}
 
 
 class ByteLM:
@@ -162,6 +201,14 @@ class ByteLM:
     The training stream is cut into non-overlapping windows (one epoch = one pass over the
     training bytes); validation uses ``val_windows`` fixed windows. Loss: summed cross-entropy
     over tokens, normalised by the token count (``count_unit = "tokens"``).
+
+    ``packing="bfd"`` or ``"spfhp"`` (``True`` means bfd): each file is a document, cut into
+    pieces of at most ``context + 1`` bytes that are packed into rows (``bigbatch.data``,
+    Krell et al. 2021); an example is one row. Attention is block-diagonal causal per piece,
+    positions restart at each piece, and a piece's last byte predicts nothing, so no byte
+    sees or predicts another file. The loss stays a sum over target bytes with their count,
+    so the trainer normalises by the global token count whatever the padding per row.
+    Validation is unchanged, so packed and unpacked runs report comparable bits per byte.
     """
 
     metric_name = "val_bpb"
@@ -178,6 +225,7 @@ class ByteLM:
         max_bytes: int | None = 4_000_000,
         val_windows: int = 256,
         size: str | None = None,
+        packing: bool | str = False,
     ) -> None:
         if size == "gpt2-small":
             self.cfg = GPTConfig.gpt2_small(context)
@@ -189,9 +237,19 @@ class ByteLM:
         paths = list(corpus) if corpus else default_corpus()
         if corpus is None and not paths:
             raise ValueError("the standard library's .py files were not found; pass --corpus PATH")
-        self.train_bytes, self.val_bytes, self.files = read_corpus(paths, max_bytes=max_bytes)
+        train_docs, val_docs, self.files = _split_corpus(paths, 0.05, max_bytes)
+        self.train_bytes = _to_tensor(train_docs)[:max_bytes] if max_bytes is not None else _to_tensor(train_docs)
+        self.val_bytes = _to_tensor(val_docs)
         w = self.cfg.context + 1
-        self.dataset_size = len(self.train_bytes) // w
+        self.packing = None if packing is False or packing is None else ("bfd" if packing is True else check_choice("packing method", str(packing), ["bfd", "spfhp"]))
+        self.packed: dict[str, torch.Tensor] | None = None
+        self.packing_efficiency = 1.0
+        if self.packing is not None:
+            self.packed = pack_documents(train_docs, w, self.packing, max_bytes)
+            self.packing_efficiency = float(self.packed.pop("efficiency"))
+            self.dataset_size = len(self.packed["tokens"])
+        else:
+            self.dataset_size = len(self.train_bytes) // w
         if self.dataset_size < 1:
             raise ValueError(f"corpus too small: {len(self.train_bytes)} training bytes for context {self.cfg.context}")
         n_val = max(1, min(check_int_positive("val_windows", val_windows), len(self.val_bytes) // w))
@@ -216,6 +274,10 @@ class ByteLM:
         return EpochSampler(self.dataset_size, seed)
 
     def fetch(self, indices: torch.Tensor) -> Batch:
+        if self.packed is not None:
+            doc = self.packed["doc"][indices]
+            x, y = shift_targets(self.packed["tokens"][indices].long(), doc)
+            return {"x": x, "y": y, "pos": self.packed["pos"][indices, :-1].long(), "doc": doc[:, :-1]}
         w = self.cfg.context + 1
         offs = indices[:, None] * w + torch.arange(w)[None]
         chunk = self.train_bytes[offs].long()
@@ -225,7 +287,10 @@ class ByteLM:
         return int((batch["y"] >= 0).sum())
 
     def loss(self, model: nn.Module, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
-        logits = model(batch["x"])
+        if "doc" in batch:  # packed rows: no attention across documents
+            logits = model(batch["x"], pos=batch["pos"], attn_mask=block_causal_mask(batch["doc"]))
+        else:
+            logits = model(batch["x"])
         y = batch["y"]
         loss = F.cross_entropy(logits.float().flatten(0, 1), y.flatten(), reduction="sum", ignore_index=-100)
         return loss, (y >= 0).sum()

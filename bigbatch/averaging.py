@@ -1,0 +1,415 @@
+"""Checkpoint averaging and a weight EMA whose decay is defined per sample.
+
+* ``average_checkpoints``: the uniform average of the last N checkpoints (Popel & Bojar 2018,
+  "Training Tips for the Transformer Model", §4.10: averaging the last checkpoints is a cheap
+  ensemble that smooths the noise of large-learning-rate training). Streams: one checkpoint is
+  loaded at a time next to the running average.
+* ``EMA``: θ̄ ← ρ_B θ̄ + (1 - ρ_B) θ with ρ_B = ρ^B for a step of B samples — the EMA scaling rule
+  of Busbridge et al. 2023, "How to Scale Your EMA", Definition 1.1 (ρ̂ = ρ^κ when the batch is
+  scaled by κ). Stating the decay per sample (or as a horizon in samples) makes the averaging
+  window independent of the batch size, as every time constant in bigbatch is (DESIGN.md §2).
+
+Core module: torch, numpy and the standard library only.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import pickle
+import re
+from collections import OrderedDict
+from pathlib import Path
+from typing import Any, Iterable, Iterator, Mapping
+
+import torch
+from torch import nn
+
+from bigbatch._checks import check_choice, check_in_range, check_int_positive, check_positive
+
+__all__ = ["average_checkpoints", "last_checkpoints", "load_model_state", "extract_state_dict", "EMA"]
+
+_STEP = re.compile(r"(?:^|[_.-])(\d+)\.pt$")
+#: Where model weights live inside common checkpoint layouts, tried in this order.
+_MODEL_KEYS = ("model", "state_dict", "model_state_dict", "module")
+
+
+# ---- loading -----------------------------------------------------------------------------
+
+
+def _numpy_safe_globals() -> list[Any]:
+    """Types a trainer checkpoint's numpy RNG state needs under ``weights_only=True``.
+
+    ``np.random.get_state()`` is a tuple holding a uint32 ndarray; these are data
+    constructors only (torch's own error message recommends allow-listing them).
+    """
+    try:
+        import numpy as np
+        from numpy._core.multiarray import _reconstruct  # numpy >= 2
+    except ImportError:  # pragma: no cover - numpy 1.x
+        import numpy as np
+        from numpy.core.multiarray import _reconstruct  # type: ignore[no-redef]
+    found: list[Any] = [_reconstruct, np.ndarray, np.dtype]
+    dtypes = getattr(np, "dtypes", None)
+    if dtypes is not None:
+        found += [getattr(dtypes, n) for n in ("UInt32DType", "Int64DType", "Float64DType") if hasattr(dtypes, n)]
+    return found
+
+
+def load_model_state(path: str | Path, *, key: str | None = None, weights_only: bool = True) -> "OrderedDict[str, Any]":
+    """The model weights stored in ``path`` (see ``extract_state_dict`` for the layouts).
+
+    Loads with ``mmap=True`` so that the parts of a trainer checkpoint that are not model
+    weights (optimizer moments, ...) are never read into memory. ``weights_only=False`` runs
+    arbitrary pickled code: use it only for files you trust.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"checkpoint not found: {path}")
+    try:
+        with torch.serialization.safe_globals(_numpy_safe_globals()):
+            try:
+                blob = torch.load(path, map_location="cpu", weights_only=weights_only, mmap=True)
+            except RuntimeError as e:  # legacy (non-zip) files cannot be memory-mapped
+                if "mmap" not in str(e):
+                    raise
+                blob = torch.load(path, map_location="cpu", weights_only=weights_only)
+    except pickle.UnpicklingError as e:
+        first = str(e).strip().splitlines()[-1] if str(e).strip() else ""
+        raise ValueError(
+            f"{path} holds objects that weights_only loading refuses ({first}); "
+            "if you trust the file, load it with weights_only=False (CLI: --no-weights-only)"
+        ) from None
+    return extract_state_dict(blob, key=key, where=str(path))
+
+
+def extract_state_dict(obj: Any, *, key: str | None = None, where: str = "checkpoint") -> "OrderedDict[str, Any]":
+    """The model ``state_dict`` inside ``obj``.
+
+    ``obj`` is a plain ``state_dict`` (a mapping whose values are tensors), or a mapping that
+    holds one under ``key`` — by default the first of ``model`` (bigbatch's trainer, which
+    saves ``{"model": ..., "optimizer": ..., "step": ...}``), ``state_dict`` (Lightning),
+    ``model_state_dict``, ``module``.
+    """
+    if not isinstance(obj, Mapping):
+        raise ValueError(f"{where}: expected a state_dict or a dict holding one, got {type(obj).__name__}")
+    if key is not None:
+        if key not in obj:
+            raise ValueError(f"{where}: key {key!r} not found; top-level keys: {', '.join(map(str, list(obj)[:10]))}")
+        sd = obj[key]
+        if not isinstance(sd, Mapping):
+            raise ValueError(f"{where}: {key!r} is a {type(sd).__name__}, not a state_dict")
+        return OrderedDict(sd)
+    if obj and all(torch.is_tensor(v) for v in obj.values()):
+        return OrderedDict(obj)
+    for k in _MODEL_KEYS:
+        if isinstance(obj.get(k), Mapping):
+            return OrderedDict(obj[k])
+    raise ValueError(
+        f"{where}: no model weights found: not a plain state_dict and none of the keys "
+        f"{', '.join(_MODEL_KEYS)} holds one (top-level keys: {', '.join(map(str, list(obj)[:10]))}); pass key="
+    )
+
+
+def last_checkpoints(directory: str | Path, n: int, *, allow_fewer: bool = False) -> list[Path]:
+    """The ``n`` newest checkpoints in ``directory``, oldest first.
+
+    Files are ``<name>_<step>.pt`` (or ``-``/``.`` before the step, or just ``<step>.pt``;
+    the trainer writes ``ckpt_<step:08d>.pt``) and are ordered by
+    the integer step in the name, not by modification time, which copies change. A run
+    directory with a ``checkpoints/`` subdirectory is accepted too.
+    """
+    n = check_int_positive("n", n)
+    d = Path(directory)
+    if not d.is_dir():
+        raise FileNotFoundError(f"checkpoint directory not found: {d}")
+    if (d / "checkpoints").is_dir():  # a run directory written by bigbatch train
+        d = d / "checkpoints"
+    found = sorted((int(m.group(1)), p.name, p) for p in d.glob("*.pt") if (m := _STEP.search(p.name)) and not p.name.startswith("."))
+    if not found:
+        raise ValueError(f"no checkpoints named *<step>.pt in {d}")
+    if len(found) < n and not allow_fewer:
+        raise ValueError(f"n must be <= the {len(found)} checkpoint(s) in {d}, got {n}")
+    return [p for _, _, p in found[-n:]]
+
+
+# ---- averaging ---------------------------------------------------------------------------
+
+
+def _describe(src: Any, i: int) -> str:
+    return str(src) if isinstance(src, (str, Path)) else f"state_dict #{i}"
+
+
+def _is_averaged(t: Any) -> bool:
+    return torch.is_tensor(t) and (t.is_floating_point() or t.is_complex())
+
+
+def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
+    # bf16/fp16 averages are accumulated in fp32 and cast back once at the end.
+    return torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
+
+
+def average_checkpoints(
+    sources: Iterable[str | Path | Mapping[str, Any]],
+    *,
+    key: str | None = None,
+    weights_only: bool = True,
+) -> "OrderedDict[str, Any]":
+    """The uniform average of the model weights in ``sources`` (paths or state_dicts).
+
+    Floating-point (and complex) tensors are averaged; integer tensors such as BatchNorm's
+    ``num_batches_tracked`` and non-tensor entries are taken from the last source. Keys,
+    shapes and dtypes must agree; the error names the first mismatch. Paths are loaded one
+    at a time into a running mean ``avg += (x - avg) / k`` (``torch.lerp``), so at most two
+    checkpoints are in memory, and N identical checkpoints average to themselves exactly.
+    Returns a plain ``state_dict`` (CPU tensors) for ``model.load_state_dict``.
+    """
+    avg: OrderedDict[str, Any] | None = None
+    out_dtype: dict[str, torch.dtype] = {}
+    first = ""
+    k = 0
+    for i, src in enumerate(sources):
+        where = _describe(src, i)
+        sd = load_model_state(src, key=key, weights_only=weights_only) if isinstance(src, (str, Path)) else extract_state_dict(src, key=key, where=where)
+        k += 1
+        if avg is None:
+            first = where
+            avg = OrderedDict()
+            for name, t in sd.items():
+                if _is_averaged(t):
+                    _check_finite(t, name, where)
+                    out_dtype[name] = t.dtype
+                    avg[name] = t.detach().to("cpu", _acc_dtype(t.dtype), copy=True)
+                else:
+                    avg[name] = t.detach().clone() if torch.is_tensor(t) else t
+            del sd  # hold the running average and one checkpoint, never two
+            continue
+        _check_same_keys(avg, sd, first, where)
+        for name, t in sd.items():
+            ref = avg[name]
+            if torch.is_tensor(ref) != torch.is_tensor(t):
+                raise ValueError(f"{where}: {name!r} is a {type(t).__name__} but a {type(ref).__name__} in {first}")
+            if not torch.is_tensor(t):
+                avg[name] = t
+                continue
+            if tuple(t.shape) != tuple(ref.shape):
+                raise ValueError(f"{where}: {name!r} has shape {tuple(t.shape)} but {tuple(ref.shape)} in {first}")
+            want = out_dtype.get(name, ref.dtype)
+            if t.dtype != want:
+                raise ValueError(f"{where}: {name!r} has dtype {t.dtype} but {want} in {first}")
+            if name in out_dtype:
+                _check_finite(t, name, where)
+                ref.lerp_(t.detach().to("cpu", ref.dtype), 1.0 / k)
+            else:
+                avg[name] = t.detach().clone()  # integer buffers: the last one wins
+        del sd
+    if avg is None:
+        raise ValueError("sources must name at least one checkpoint, got none")
+    for name, dtype in out_dtype.items():
+        avg[name] = avg[name].to(dtype)
+    return avg
+
+
+def _check_same_keys(ref: Mapping[str, Any], sd: Mapping[str, Any], first: str, where: str) -> None:
+    if list(ref) == list(sd) or set(ref) == set(sd):
+        return
+    missing = [n for n in ref if n not in sd]
+    extra = [n for n in sd if n not in ref]
+    if missing:
+        raise ValueError(f"{where}: key {missing[0]!r} of {first} is missing ({len(missing)} missing, {len(extra)} unexpected)")
+    raise ValueError(f"{where}: unexpected key {extra[0]!r} not in {first} ({len(extra)} unexpected)")
+
+
+def _check_finite(t: torch.Tensor, name: str, where: str) -> None:
+    if not bool(torch.isfinite(t).all()):
+        raise ValueError(f"{where}: {name!r} contains NaN or inf; refusing to average it")
+
+
+# ---- EMA ---------------------------------------------------------------------------------
+
+
+class EMA:
+    """Exponential moving average of a model's weights, decay given per sample.
+
+    After a step of ``batch_size`` = B samples, ``θ̄ ← ρ^B θ̄ + (1 − ρ^B) θ`` (Busbridge et al.
+    2023, Def. 1.1 with κ = B): B steps at batch 1 and one step at batch B weigh the past
+    identically, so changing the batch size does not change the averaging window in samples.
+    Give exactly one of
+
+    * ``horizon_samples`` H: the e-folding time in samples, ρ = exp(−1/H), so ρ^H = 1/e;
+    * ``decay_per_sample`` ρ in (0, 1);
+    * ``decay`` ρ_B together with ``batch_size`` B at which it was tuned (ρ = ρ_B^{1/B}), to
+      carry a step-based recipe (e.g. 0.9999 at batch 256) to other batch sizes.
+
+    Parameters are averaged in fp32 (or the parameter's dtype when wider). Floating-point
+    buffers (BatchNorm running statistics) are copied from the model by default (``buffers=
+    "copy"``: they are themselves running averages under the live weights) or averaged like
+    parameters (``"average"``); integer buffers are always copied. A non-finite weight raises
+    ``ValueError`` and leaves the average untouched, at the cost of one host sync per update;
+    ``on_nonfinite="skip"`` instead leaves the EMA unchanged on the device for such a step,
+    without any host sync, and counts it in ``skipped``.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        *,
+        horizon_samples: float | None = None,
+        decay_per_sample: float | None = None,
+        decay: float | None = None,
+        batch_size: int | None = None,
+        buffers: str = "copy",
+        on_nonfinite: str = "raise",
+        dtype: torch.dtype | None = None,
+    ) -> None:
+        given = [x is not None for x in (horizon_samples, decay_per_sample, decay)]
+        if sum(given) != 1:
+            raise ValueError("give exactly one of horizon_samples, decay_per_sample, or decay with batch_size")
+        if horizon_samples is not None:
+            self.log_decay = -1.0 / check_positive("horizon_samples", horizon_samples)
+        elif decay_per_sample is not None:
+            self.log_decay = math.log(check_in_range("decay_per_sample", decay_per_sample, 0.0, 1.0, lo_inclusive=False))
+        else:
+            if batch_size is None:
+                raise ValueError("decay needs the batch_size it was tuned at (decay is per step of that batch)")
+            rho = check_in_range("decay", decay, 0.0, 1.0, lo_inclusive=False)
+            self.log_decay = math.log(rho) / check_int_positive("batch_size", batch_size)
+        if batch_size is not None and decay is None:
+            raise ValueError("batch_size is only used with decay (per-step decay at that batch size)")
+        self.buffers = check_choice("buffers mode", buffers, ["copy", "average"])
+        self.on_nonfinite = check_choice("on_nonfinite mode", on_nonfinite, ["raise", "skip"])
+        self.samples = 0
+        self.updates = 0
+        self._skipped: int | torch.Tensor = 0
+        self.shadow: OrderedDict[str, torch.Tensor] = OrderedDict()
+        for name, t in self._tracked(model):
+            want = dtype or (_acc_dtype(t.dtype) if t.is_floating_point() else t.dtype)
+            self.shadow[name] = t.detach().to(want if t.is_floating_point() else t.dtype, copy=True)
+
+    # -- the math: one function, plain to read -------------------------------------------
+
+    @property
+    def decay_per_sample(self) -> float:
+        """ρ, the decay applied per training sample."""
+        return math.exp(self.log_decay)
+
+    @property
+    def horizon_samples(self) -> float:
+        """H = −1/ln ρ: after H samples the old average's weight has fallen to 1/e."""
+        return -1.0 / self.log_decay
+
+    def decay_at(self, batch_size: int) -> float:
+        """ρ^B, the per-step decay at batch size B (Busbridge et al. 2023, Def. 1.1)."""
+        return math.exp(self.log_decay * check_int_positive("batch_size", batch_size))
+
+    # -- updating ---------------------------------------------------------------------
+
+    def _tracked(self, model: nn.Module) -> Iterator[tuple[str, torch.Tensor]]:
+        yield from model.named_parameters()
+        yield from model.named_buffers()
+
+    def _pairs(self, model: nn.Module) -> tuple[list[str], list[torch.Tensor], list[torch.Tensor], list[torch.Tensor], list[torch.Tensor]]:
+        """Names and (ema, model) tensors to average, and (ema, model) tensors to copy."""
+        live = dict(self._tracked(model))
+        if live.keys() != self.shadow.keys():
+            missing = [n for n in self.shadow if n not in live] or [n for n in live if n not in self.shadow]
+            raise ValueError(
+                f"model does not match the EMA: {missing[0]!r} is in one but not the other "
+                "(pass the unwrapped model: model.module for DDP, model._orig_mod for torch.compile)"
+            )
+        params = {n for n, _ in model.named_parameters()}
+        names: list[str] = []
+        avg_e, avg_m, cp_e, cp_m = [], [], [], []
+        for name, e in self.shadow.items():
+            t = live[name].detach()
+            if t.shape != e.shape:
+                raise ValueError(f"model tensor {name!r} has shape {tuple(t.shape)}, the EMA's has {tuple(e.shape)}")
+            if t.is_floating_point() and (name in params or self.buffers == "average"):
+                names.append(name)
+                avg_e.append(e)
+                avg_m.append(t)
+            else:
+                cp_e.append(e)
+                cp_m.append(t)
+        return names, avg_e, avg_m, cp_e, cp_m
+
+    @torch.no_grad()
+    def update(self, model: nn.Module, batch_size: int) -> None:
+        """Fold in the model's current weights after a step of ``batch_size`` samples."""
+        w = 1.0 - self.decay_at(batch_size)
+        names, avg_e, avg_m, cp_e, cp_m = self._pairs(model)
+        checked = avg_m + [m for m in cp_m if m.is_floating_point()]
+        finite = torch.stack([torch.isfinite(t).all() for t in checked]).all() if checked else None
+        src = [m if m.dtype == e.dtype else m.to(e.dtype) for e, m in zip(avg_e, avg_m)]
+        if finite is not None and self.on_nonfinite == "raise":
+            if not bool(finite):  # the one host sync per update
+                bad = next(n for n, t in zip(names + [""] * len(cp_m), checked) if not bool(torch.isfinite(t).all()))
+                raise ValueError(f"model weights are not finite ({bad or 'a buffer'!r} has NaN or inf); the EMA was left unchanged")
+        elif finite is not None:
+            # no host sync: a non-finite step leaves every EMA tensor as it was
+            src = [torch.where(finite, m, e) for e, m in zip(avg_e, src)]
+            cp_m = [torch.where(finite, m, e) for e, m in zip(cp_e, cp_m)]
+            self._skipped = self._skipped + (~finite).long()
+        if avg_e:
+            # θ̄ + w (θ − θ̄) = ρ^B θ̄ + (1 − ρ^B) θ
+            torch._foreach_lerp_(avg_e, src, w)
+        for e, m in zip(cp_e, cp_m):
+            e.copy_(m)
+        self.samples += int(batch_size)
+        self.updates += 1
+
+    @property
+    def skipped(self) -> int:
+        """Updates skipped for non-finite weights (``on_nonfinite="skip"``); reading it syncs."""
+        return int(self._skipped)
+
+    # -- using the average ------------------------------------------------------------
+
+    @torch.no_grad()
+    def copy_to(self, model: nn.Module) -> None:
+        """Overwrite the model's parameters and buffers with the EMA's."""
+        live = dict(self._tracked(model))
+        self._pairs(model)  # same names and shapes, or a clear error
+        for name, e in self.shadow.items():
+            live[name].copy_(e)
+
+    @contextlib.contextmanager
+    def applied(self, model: nn.Module) -> Iterator[nn.Module]:
+        """Within the block the model carries the EMA weights; the live ones come back after.
+
+        ``with ema.applied(model): metric = evaluate(model)`` — costs one copy of the weights.
+        """
+        backup = [t.detach().clone() for _, t in self._tracked(model)]
+        self.copy_to(model)
+        try:
+            yield model
+        finally:
+            with torch.no_grad():
+                for (_, t), b in zip(self._tracked(model), backup):
+                    t.copy_(b)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "log_decay": self.log_decay,
+            "buffers": self.buffers,
+            "on_nonfinite": self.on_nonfinite,
+            "samples": self.samples,
+            "updates": self.updates,
+            "skipped": self.skipped,
+            "shadow": OrderedDict((k, v.clone()) for k, v in self.shadow.items()),
+        }
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        shadow = state["shadow"]
+        if list(shadow) != list(self.shadow):
+            diff = [n for n in self.shadow if n not in shadow] or [n for n in shadow if n not in self.shadow]
+            raise ValueError(f"EMA state does not match this model: {diff[0] if diff else 'key order'!r} differs")
+        for name, t in shadow.items():
+            if t.shape != self.shadow[name].shape:
+                raise ValueError(f"EMA state tensor {name!r} has shape {tuple(t.shape)}, expected {tuple(self.shadow[name].shape)}")
+        self.log_decay = float(state["log_decay"])
+        self.buffers = check_choice("buffers mode", state["buffers"], ["copy", "average"])
+        self.on_nonfinite = state.get("on_nonfinite", self.on_nonfinite)
+        self.samples, self.updates, self._skipped = int(state["samples"]), int(state["updates"]), int(state.get("skipped", 0))
+        for name, t in shadow.items():
+            self.shadow[name].copy_(t)
