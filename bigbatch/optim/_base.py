@@ -1,0 +1,189 @@
+"""Glue shared by LARS, LAMB and MERIT: state, dtype handling, NaN guard, path dispatch.
+
+The classes only validate, hold state and pick a path; the math lives in plain functions
+beside each class (``lamb.py``: ``lamb_single`` / ``lamb_foreach``), the fused CUDA kernels in
+``bigbatch.optim._fused`` (imported only when a fused step runs, so CPU installs never import
+Triton).
+
+Dtypes: parameters may be float32, bfloat16 or float16. Moments are always kept in float32 and
+the arithmetic runs in float32; a low-precision parameter receives the rounded result. With
+``master_weights=True`` a float32 copy of each low-precision parameter is kept in the state and
+updated instead, so small updates are not lost to bf16 rounding (mixed-precision training,
+Micikevicius et al. 2018).
+
+Non-finite gradients (``nonfinite=``): ``"raise"`` (default) raises ``FloatingPointError``
+before any state changes; ``"skip"`` skips the whole step on every parameter, leaves the state
+untouched and counts it in ``optimizer.skipped_steps`` (no host synchronisation on the fused
+path, so it is CUDA-graph capturable). NaN/inf never reaches the moments or the weights.
+"""
+
+from __future__ import annotations
+
+import itertools
+from typing import Any, Callable, Iterable
+
+import torch
+from torch import Tensor
+
+from bigbatch._checks import check_choice, check_nonnegative, check_positive
+from bigbatch.optim._common import all_finite
+
+__all__ = ["TrustRatioOptimizer", "fused_available"]
+
+_FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+
+
+def fused_available(params: Iterable[Tensor]) -> bool:
+    """True when every parameter is a plain CUDA tensor and Triton imports."""
+    ps = list(params)
+    if not ps or not all(p.is_cuda for p in ps):
+        return False
+    try:
+        import triton  # noqa: F401
+    except Exception:
+        return False
+    return True
+
+
+class TrustRatioOptimizer(torch.optim.Optimizer):
+    """Base class: subclasses define ``_state_keys``, ``_init_state`` and ``_update`` (reference math)."""
+
+    _state_keys: tuple[str, ...] = ()
+    _algorithm: str = ""
+
+    def __init__(
+        self,
+        params: Iterable,
+        defaults: dict[str, Any],
+        *,
+        foreach: bool | None,
+        fused: bool | None,
+        master_weights: bool,
+        nonfinite: str,
+    ) -> None:
+        check_positive("lr", defaults["lr"])
+        check_nonnegative("weight_decay", defaults["weight_decay"])
+        check_choice("nonfinite", nonfinite, ("raise", "skip"))
+        if foreach and fused:
+            raise ValueError("foreach and fused cannot both be True; pick one")
+        defaults = {**defaults, "foreach": foreach, "fused": fused, "master_weights": bool(master_weights)}
+        super().__init__(params, defaults)
+        self.nonfinite = nonfinite
+        self.skipped_steps = 0
+        self._state_version = 0  # bumped whenever state tensors are replaced (fused packs re-read them)
+        self._fused_packs: dict[Any, Any] = {}
+        for group in self.param_groups:
+            for p in group["params"]:
+                if p.dtype not in _FLOAT_DTYPES:
+                    raise ValueError(f"params must be float32, bfloat16 or float16, got {p.dtype}")
+                if p.is_sparse:
+                    raise ValueError(f"{type(self).__name__} does not support sparse parameters")
+            if group["fused"] is None:
+                group["fused"] = fused_available(group["params"]) and not group["foreach"]
+            if group["fused"] and not fused_available(group["params"]):
+                raise ValueError("fused=True needs every parameter on a CUDA device and Triton installed")
+
+    # ---- state ---------------------------------------------------------------------------
+    def _state_for(self, p: Tensor, group: dict) -> dict:
+        st = self.state[p]
+        if not st:
+            st["step"] = torch.tensor(0.0, dtype=torch.float32)
+            for k in self._state_keys:
+                st[k] = torch.zeros_like(p, dtype=torch.float32, memory_format=torch.preserve_format)
+            if group["master_weights"] and p.dtype != torch.float32:
+                st["master"] = p.detach().float().clone()
+        return st
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        super().load_state_dict(state_dict)
+        # torch casts floating state to the parameter's dtype; our moments and master copy are
+        # float32 by design, so re-read them from the saved values at full precision.
+        saved_ids = itertools.chain.from_iterable(g["params"] for g in state_dict["param_groups"])
+        params = itertools.chain.from_iterable(g["params"] for g in self.param_groups)
+        for pid, p in zip(saved_ids, params):
+            saved = state_dict["state"].get(pid)
+            if not saved:
+                continue
+            for k, v in saved.items():
+                if k != "step" and torch.is_tensor(v) and v.is_floating_point():
+                    self.state[p][k] = v.detach().to(device=p.device, dtype=torch.float32, copy=True)
+        self._state_version += 1
+
+    def state_dict(self) -> dict[str, Any]:
+        sd = super().state_dict()
+        # Fused state entries are views into flat buffers; save compact standalone copies so a
+        # checkpoint does not carry (or alias) the whole buffer.
+        sd["state"] = {
+            i: {k: (v.clone() if torch.is_tensor(v) and v._base is not None else v) for k, v in s.items()}
+            for i, s in sd["state"].items()
+        }
+        return sd
+
+    # ---- step ----------------------------------------------------------------------------
+    @torch.no_grad()
+    def step(self, closure: Callable[[], Any] | None = None) -> Any:
+        """One update of every parameter that has a gradient; returns ``closure()``'s loss."""
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        fused_groups, ref_groups = [], []
+        for group in self.param_groups:
+            params = [p for p in group["params"] if p.grad is not None]
+            if not params:
+                continue
+            for p in params:
+                if p.grad.is_sparse:
+                    raise ValueError(f"{type(self).__name__} does not support sparse gradients")
+            (fused_groups if group["fused"] else ref_groups).append((group, params))
+        if fused_groups:
+            from bigbatch.optim._fused import fused_step
+
+            skipped = fused_step(self, fused_groups, run_reference=bool(ref_groups))
+            if skipped is not None and ref_groups:
+                self._reference_step(ref_groups, skip=skipped)
+            return loss
+        self._reference_step(ref_groups, skip=None)
+        return loss
+
+    def _reference_step(self, groups: list, skip: Tensor | None) -> None:
+        grads = [p.grad for _, ps in groups for p in ps]
+        if skip is None:
+            finite = bool(all_finite(grads)) if grads else True
+        else:
+            finite = not bool(skip)
+        if not finite:
+            if self.nonfinite == "raise":
+                raise FloatingPointError(
+                    f"{type(self).__name__}: non-finite (nan/inf) gradient; the step was not applied and "
+                    "the optimizer state is unchanged (pass nonfinite='skip' to skip such steps)"
+                )
+            self.skipped_steps += 1
+            return
+        self._state_version += 1
+        prenorm = self._grad_scale(grads)
+        for group, params in groups:
+            states = [self._state_for(p, group) for p in params]
+            for st in states:
+                if st["step"].device.type != "cpu":  # e.g. after a fused step; keep host scalars here
+                    st["step"] = st["step"].detach().cpu()
+                st["step"] += 1
+            low = [p.dtype != torch.float32 for p in params]
+            ws = [st.get("master", p) if lo else p for p, st, lo in zip(params, states, low)]
+            ws = [w.float() if w.dtype != torch.float32 else w for w in ws]  # float32 work copies
+            gs = [p.grad.float() if p.grad.dtype != torch.float32 else p.grad for p in params]
+            if prenorm is not None:
+                gs = torch._foreach_mul(gs, prenorm)  # new tensors: .grad itself is never touched
+            self._update(group, ws, gs, states)
+            for p, w, st, lo in zip(params, ws, states, low):
+                if "master" in st and w is not st["master"]:
+                    st["master"].copy_(w)
+                if lo:
+                    p.copy_(w)
+
+    def _grad_scale(self, grads: list[Tensor]) -> Tensor | None:
+        """Global gradient-norm pre-normalisation factor (LAMB's ``grad_prenorm``), else None."""
+        return None
+
+    def _update(self, group: dict, ws: list[Tensor], gs: list[Tensor], states: list[dict]) -> None:
+        raise NotImplementedError
