@@ -5,8 +5,8 @@ beside each class (``lamb.py``: ``lamb_single`` / ``lamb_foreach``), the fused C
 ``bigbatch.optim._fused`` (imported only when a fused step runs, so CPU installs never import
 Triton).
 
-Dtypes: parameters may be float32, bfloat16 or float16. Moments are always kept in float32 and
-the arithmetic runs in float32; a low-precision parameter receives the rounded result. With
+Dtypes: parameters may be float64, float32, bfloat16 or float16 (fused: not float64). Moments of low-precision parameters are kept in
+float32 and their arithmetic runs in float32; a low-precision parameter receives the rounded result. With
 ``master_weights=True`` a float32 copy of each low-precision parameter is kept in the state and
 updated instead, so small updates are not lost to bf16 rounding (mixed-precision training,
 Micikevicius et al. 2018).
@@ -30,13 +30,18 @@ from bigbatch.optim._common import all_finite
 
 __all__ = ["TrustRatioOptimizer", "fused_available"]
 
-_FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+_FLOAT_DTYPES = (torch.float64, torch.float32, torch.bfloat16, torch.float16)
+_LOW = (torch.bfloat16, torch.float16)
+
+
+def _state_dtype(p: Tensor) -> torch.dtype:
+    return torch.float32 if p.dtype in _LOW else p.dtype
 
 
 def fused_available(params: Iterable[Tensor]) -> bool:
     """True when every parameter is a plain CUDA tensor and Triton imports."""
     ps = list(params)
-    if not ps or not all(p.is_cuda for p in ps):
+    if not ps or not all(p.is_cuda and p.dtype != torch.float64 for p in ps):
         return False
     try:
         import triton  # noqa: F401
@@ -75,7 +80,7 @@ class TrustRatioOptimizer(torch.optim.Optimizer):
         for group in self.param_groups:
             for p in group["params"]:
                 if p.dtype not in _FLOAT_DTYPES:
-                    raise ValueError(f"params must be float32, bfloat16 or float16, got {p.dtype}")
+                    raise ValueError(f"params must be float64, float32, bfloat16 or float16, got {p.dtype}")
                 if p.is_sparse:
                     raise ValueError(f"{type(self).__name__} does not support sparse parameters")
             if group["fused"] is None:
@@ -89,8 +94,8 @@ class TrustRatioOptimizer(torch.optim.Optimizer):
         if not st:
             st["step"] = torch.tensor(0.0, dtype=torch.float32)
             for k in self._state_keys:
-                st[k] = torch.zeros_like(p, dtype=torch.float32, memory_format=torch.preserve_format)
-            if group["master_weights"] and p.dtype != torch.float32:
+                st[k] = torch.zeros_like(p, dtype=_state_dtype(p), memory_format=torch.preserve_format)
+            if group["master_weights"] and p.dtype in _LOW:
                 st["master"] = p.detach().float().clone()
         return st
 
@@ -106,7 +111,7 @@ class TrustRatioOptimizer(torch.optim.Optimizer):
                 continue
             for k, v in saved.items():
                 if k != "step" and torch.is_tensor(v) and v.is_floating_point():
-                    self.state[p][k] = v.detach().to(device=p.device, dtype=torch.float32, copy=True)
+                    self.state[p][k] = v.detach().to(device=p.device, dtype=_state_dtype(p), copy=True)
         self._state_version += 1
 
     def state_dict(self) -> dict[str, Any]:
@@ -168,10 +173,10 @@ class TrustRatioOptimizer(torch.optim.Optimizer):
                 if st["step"].device.type != "cpu":  # e.g. after a fused step; keep host scalars here
                     st["step"] = st["step"].detach().cpu()
                 st["step"] += 1
-            low = [p.dtype != torch.float32 for p in params]
+            low = [p.dtype in _LOW for p in params]
             ws = [st.get("master", p) if lo else p for p, st, lo in zip(params, states, low)]
-            ws = [w.float() if w.dtype != torch.float32 else w for w in ws]  # float32 work copies
-            gs = [p.grad.float() if p.grad.dtype != torch.float32 else p.grad for p in params]
+            ws = [w.float() if w.dtype in _LOW else w for w in ws]  # float32 work copies
+            gs = [p.grad.to(w.dtype) if p.grad.dtype != w.dtype else p.grad for p, w in zip(params, ws)]
             if prenorm is not None:
                 gs = torch._foreach_mul(gs, prenorm)  # new tensors: .grad itself is never touched
             self._update(group, ws, gs, states)

@@ -65,13 +65,19 @@ def _all_reduce(values: Tensor, tensors: Sequence[Tensor], op: str) -> Tensor:
     return values
 
 
+def _acc_dtype(tensors: Sequence[Tensor]) -> torch.dtype:
+    # float64 inputs keep float64 norms (the test references); everything else reduces in float32.
+    return torch.float64 if any(t.dtype == torch.float64 for t in tensors) else torch.float32
+
+
 def tensor_norms(tensors: Sequence[Tensor]) -> Tensor:
     """Per-tensor l2 norms as one 1-D float32 tensor (``len(tensors)`` entries)."""
     if not tensors:
         return torch.zeros(0)
     locs = [local(t) for t in tensors]
     # Sum of squares (not the norm) is what adds across shards.
-    sq = torch.stack([n.float() for n in torch._foreach_norm(locs)]).square()
+    dt = _acc_dtype(locs)
+    sq = torch.stack([n.to(dt) for n in torch._foreach_norm(locs)]).square()
     return _all_reduce(sq, tensors, "sum").sqrt()
 
 
@@ -80,7 +86,8 @@ def tensor_max_abs(tensors: Sequence[Tensor]) -> Tensor:
     if not tensors:
         return torch.zeros(0)
     locs = [local(t) for t in tensors]
-    mx = torch.stack([n.float() for n in torch._foreach_norm(locs, ord=float("inf"))])
+    dt = _acc_dtype(locs)
+    mx = torch.stack([n.to(dt) for n in torch._foreach_norm(locs, ord=float("inf"))])
     return _all_reduce(mx, tensors, "max")
 
 
@@ -136,7 +143,8 @@ def merit_ratio(w: Tensor, u: Tensor, w_full: Tensor | None = None) -> Tensor:
 
 def _max0(x: Tensor) -> Tensor:
     """``x.amax()`` of a non-negative tensor, 0 when it is empty (an empty FSDP shard)."""
-    return x.amax().float() if x.numel() else x.new_zeros((), dtype=torch.float32)
+    dt = torch.float64 if x.dtype == torch.float64 else torch.float32
+    return x.amax().to(dt) if x.numel() else x.new_zeros((), dtype=dt)
 
 
 def all_finite(tensors: Sequence[Tensor]) -> Tensor:

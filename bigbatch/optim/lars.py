@@ -40,12 +40,12 @@ def lars_single(ws, gs, bufs, *, lr, momentum, weight_decay, trust_coefficient, 
     """Plain per-tensor loop (float32 ``ws`` updated in place; ``gs`` only read)."""
     for w, g, v in zip(ws, gs, bufs):
         d = g.add(w, alpha=weight_decay) if weight_decay else g.clone()
-        scale = torch.tensor(lr)
         if adapt:
             n = tensor_norms([w, g])
-            scale = lr * lars_ratio(n[0], n[1], lr=lr, trust_coefficient=trust_coefficient,
-                                    weight_decay=weight_decay, eps=eps, clip=clip)
-        d.mul_(scale.to(d.device))
+            d.mul_(lr * lars_ratio(n[0], n[1], lr=lr, trust_coefficient=trust_coefficient,
+                                   weight_decay=weight_decay, eps=eps, clip=clip).to(d.device))
+        else:
+            d.mul_(lr)
         if momentum:
             v.mul_(momentum).add_(d)
             d = d.add(v, alpha=momentum) if nesterov else v
