@@ -75,7 +75,6 @@ class TrustRatioOptimizer(torch.optim.Optimizer):
         super().__init__(params, defaults)
         self.nonfinite = nonfinite
         self.skipped_steps = 0
-        self._state_version = 0  # bumped whenever state tensors are replaced (fused packs re-read them)
         self._fused_packs: dict[Any, Any] = {}
         for group in self.param_groups:
             for p in group["params"]:
@@ -112,7 +111,7 @@ class TrustRatioOptimizer(torch.optim.Optimizer):
             for k, v in saved.items():
                 if k != "step" and torch.is_tensor(v) and v.is_floating_point():
                     self.state[p][k] = v.detach().to(device=p.device, dtype=_state_dtype(p), copy=True)
-        self._state_version += 1
+        self._fused_packs.clear()  # fused flat buffers must be rebuilt from the loaded state
 
     def state_dict(self) -> dict[str, Any]:
         sd = super().state_dict()
@@ -165,7 +164,8 @@ class TrustRatioOptimizer(torch.optim.Optimizer):
                 )
             self.skipped_steps += 1
             return
-        self._state_version += 1
+        if self._fused_packs:  # state tensors may change identity below: fused packs must re-read them
+            self._fused_packs.clear()
         prenorm = self._grad_scale(grads)
         for group, params in groups:
             states = [self._state_for(p, group) for p in params]
