@@ -5,8 +5,9 @@ beside each class (``lamb.py``: ``lamb_single`` / ``lamb_foreach``), the fused C
 ``bigbatch.optim._fused`` (imported only when a fused step runs, so CPU installs never import
 Triton).
 
-Dtypes: parameters may be float64, float32, bfloat16 or float16 (fused: not float64). Moments of low-precision parameters are kept in
-float32 and their arithmetic runs in float32; a low-precision parameter receives the rounded result. With
+Dtypes: parameters may be float64, float32, bfloat16 or float16 (fused: not float64). Moments
+of low-precision parameters are kept in float32 and their arithmetic runs in float32; a
+low-precision parameter receives the rounded result. With
 ``master_weights=True`` a float32 copy of each low-precision parameter is kept in the state and
 updated instead, so small updates are not lost to bf16 rounding (mixed-precision training,
 Micikevicius et al. 2018).
@@ -74,7 +75,8 @@ class TrustRatioOptimizer(torch.optim.Optimizer):
         defaults = {**defaults, "foreach": foreach, "fused": fused, "master_weights": bool(master_weights)}
         super().__init__(params, defaults)
         self.nonfinite = nonfinite
-        self.skipped_steps = 0
+        self._skipped_host = 0
+        self._fused_skipped: Tensor | None = None  # device counter of the fused path (no sync)
         self._fused_packs: dict[Any, Any] = {}
         for group in self.param_groups:
             for p in group["params"]:
@@ -86,6 +88,12 @@ class TrustRatioOptimizer(torch.optim.Optimizer):
                 group["fused"] = fused_available(group["params"]) and not group["foreach"]
             if group["fused"] and not fused_available(group["params"]):
                 raise ValueError("fused=True needs every parameter on a CUDA device and Triton installed")
+
+    @property
+    def skipped_steps(self) -> int:
+        """Steps skipped because of a non-finite gradient (``nonfinite="skip"``); reading it syncs."""
+        dev = 0 if self._fused_skipped is None else int(self._fused_skipped.item())
+        return self._skipped_host + dev
 
     # ---- state ---------------------------------------------------------------------------
     def _state_for(self, p: Tensor, group: dict) -> dict:
@@ -99,7 +107,12 @@ class TrustRatioOptimizer(torch.optim.Optimizer):
         return st
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        # The execution path is a property of this optimizer, not of the checkpoint: a state saved
+        # by the fused path loads into a foreach one (and across devices) and vice versa.
+        paths = [(g["foreach"], g["fused"]) for g in self.param_groups]
         super().load_state_dict(state_dict)
+        for g, (fe, fu) in zip(self.param_groups, paths):
+            g["foreach"], g["fused"] = fe, fu
         # torch casts floating state to the parameter's dtype; our moments and master copy are
         # float32 by design, so re-read them from the saved values at full precision.
         saved_ids = itertools.chain.from_iterable(g["params"] for g in state_dict["param_groups"])
@@ -143,9 +156,10 @@ class TrustRatioOptimizer(torch.optim.Optimizer):
         if fused_groups:
             from bigbatch.optim._fused import fused_step
 
-            skipped = fused_step(self, fused_groups, run_reference=bool(ref_groups))
-            if skipped is not None and ref_groups:
-                self._reference_step(ref_groups, skip=skipped)
+            ref_grads = [p.grad for _, ps in ref_groups for p in ps]
+            flag = fused_step(self, fused_groups, run_reference=bool(ref_groups), ref_grads=ref_grads)
+            if ref_groups:
+                self._reference_step(ref_groups, skip=flag)
             return loss
         self._reference_step(ref_groups, skip=None)
         return loss
@@ -157,12 +171,14 @@ class TrustRatioOptimizer(torch.optim.Optimizer):
         else:
             finite = not bool(skip)
         if not finite:
+            if skip is not None:  # the fused part already counted (or raised) this step
+                return
             if self.nonfinite == "raise":
                 raise FloatingPointError(
                     f"{type(self).__name__}: non-finite (nan/inf) gradient; the step was not applied and "
                     "the optimizer state is unchanged (pass nonfinite='skip' to skip such steps)"
                 )
-            self.skipped_steps += 1
+            self._skipped_host += 1
             return
         if self._fused_packs:  # state tensors may change identity below: fused packs must re-read them
             self._fused_packs.clear()
