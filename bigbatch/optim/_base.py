@@ -27,7 +27,7 @@ import torch
 from torch import Tensor
 
 from bigbatch._checks import check_choice, check_nonnegative, check_positive
-from bigbatch.optim._common import all_finite
+from bigbatch.optim._common import all_finite, is_dtensor, local
 
 __all__ = ["TrustRatioOptimizer", "fused_available"]
 
@@ -189,22 +189,28 @@ class TrustRatioOptimizer(torch.optim.Optimizer):
                 if st["step"].device.type != "cpu":  # e.g. after a fused step; keep host scalars here
                     st["step"] = st["step"].detach().cpu()
                 st["step"] += 1
+            # FSDP2 shards (DTensors): the math runs on the rank-local shards; only the per-tensor
+            # reductions look at ``shards`` to all-reduce over the shard group.
+            shards = [p if is_dtensor(p) else None for p in params]
+            shards = shards if any(s is not None for s in shards) else None
+            lstates = [{k: local(v) if torch.is_tensor(v) else v for k, v in st.items()} for st in states]
             low = [p.dtype in _LOW for p in params]
-            ws = [st.get("master", p) if lo else p for p, st, lo in zip(params, states, low)]
+            ws = [st.get("master", local(p)) if lo else local(p) for p, st, lo in zip(params, lstates, low)]
             ws = [w.float() if w.dtype in _LOW else w for w in ws]  # float32 work copies
-            gs = [p.grad.to(w.dtype) if p.grad.dtype != w.dtype else p.grad for p, w in zip(params, ws)]
+            gs = [local(p.grad) for p in params]
+            gs = [g.to(w.dtype) if g.dtype != w.dtype else g for g, w in zip(gs, ws)]
             if prenorm is not None:
                 gs = torch._foreach_mul(gs, prenorm)  # new tensors: .grad itself is never touched
-            self._update(group, ws, gs, states)
-            for p, w, st, lo in zip(params, ws, states, low):
+            self._update(group, ws, gs, lstates, shards)
+            for p, w, st, lo in zip(params, ws, lstates, low):
                 if "master" in st and w is not st["master"]:
                     st["master"].copy_(w)
                 if lo:
-                    p.copy_(w)
+                    local(p).copy_(w)
 
     def _grad_scale(self, grads: list[Tensor]) -> Tensor | None:
         """Global gradient-norm pre-normalisation factor (LAMB's ``grad_prenorm``), else None."""
         return None
 
-    def _update(self, group: dict, ws: list[Tensor], gs: list[Tensor], states: list[dict]) -> None:
+    def _update(self, group: dict, ws: list[Tensor], gs: list[Tensor], states: list[dict], shards: list | None) -> None:
         raise NotImplementedError

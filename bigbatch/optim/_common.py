@@ -18,10 +18,10 @@ from typing import Sequence
 import torch
 from torch import Tensor
 
-__all__ = ["trust_ratio", "tensor_norms", "tensor_max_abs", "merit_ratio", "local", "all_finite"]
+__all__ = ["trust_ratio", "tensor_norms", "tensor_max_abs", "merit_ratio", "local", "all_finite", "is_dtensor"]
 
 
-def _is_dtensor(t: Tensor) -> bool:
+def is_dtensor(t: Tensor) -> bool:
     # Imported lazily: torch.distributed may be absent from minimal builds.
     try:
         from torch.distributed.tensor import DTensor
@@ -32,12 +32,12 @@ def _is_dtensor(t: Tensor) -> bool:
 
 def local(t: Tensor) -> Tensor:
     """The rank-local shard of a DTensor (a view: in-place updates reach the DTensor), else ``t``."""
-    return t.to_local() if _is_dtensor(t) else t
+    return t.to_local() if is_dtensor(t) else t
 
 
 def _shard_groups(t: Tensor) -> list:
     """Process groups over which ``t``'s values are split (mesh dims with a Shard placement)."""
-    if not _is_dtensor(t):
+    if not is_dtensor(t):
         return []
     from torch.distributed.tensor import Shard
 
@@ -47,7 +47,7 @@ def _shard_groups(t: Tensor) -> list:
 
 def _all_reduce(values: Tensor, tensors: Sequence[Tensor], op: str) -> Tensor:
     """All-reduce entry i of ``values`` over the shard groups of ``tensors[i]`` (batched per group)."""
-    if not any(_is_dtensor(t) for t in tensors):
+    if not any(is_dtensor(t) for t in tensors):
         return values
     import torch.distributed as dist
 
@@ -70,25 +70,29 @@ def _acc_dtype(tensors: Sequence[Tensor]) -> torch.dtype:
     return torch.float64 if any(t.dtype == torch.float64 for t in tensors) else torch.float32
 
 
-def tensor_norms(tensors: Sequence[Tensor]) -> Tensor:
-    """Per-tensor l2 norms as one 1-D float32 tensor (``len(tensors)`` entries)."""
+def tensor_norms(tensors: Sequence[Tensor], like: Sequence | None = None) -> Tensor:
+    """Per-tensor l2 norms as one 1-D tensor (float32, float64 for float64 inputs).
+
+    ``like[i]``, when given, is the DTensor that ``tensors[i]`` is the local shard of (or None):
+    its placements say over which process groups the sums of squares are all-reduced.
+    """
     if not tensors:
         return torch.zeros(0)
     locs = [local(t) for t in tensors]
     # Sum of squares (not the norm) is what adds across shards.
     dt = _acc_dtype(locs)
     sq = torch.stack([n.to(dt) for n in torch._foreach_norm(locs)]).square()
-    return _all_reduce(sq, tensors, "sum").sqrt()
+    return _all_reduce(sq, tensors if like is None else like, "sum").sqrt()
 
 
-def tensor_max_abs(tensors: Sequence[Tensor]) -> Tensor:
-    """Per-tensor max-norms ``max |x|`` (0 for an empty shard) as one 1-D float32 tensor."""
+def tensor_max_abs(tensors: Sequence[Tensor], like: Sequence | None = None) -> Tensor:
+    """Per-tensor max-norms ``max |x|`` (0 for an empty shard); ``like`` as in :func:`tensor_norms`."""
     if not tensors:
         return torch.zeros(0)
     locs = [local(t) for t in tensors]
     dt = _acc_dtype(locs)
     mx = torch.stack([n.to(dt) for n in torch._foreach_norm(locs, ord=float("inf"))])
-    return _all_reduce(mx, tensors, "max")
+    return _all_reduce(mx, tensors if like is None else like, "max")
 
 
 def trust_ratio(num: Tensor, den: Tensor) -> Tensor:
@@ -106,7 +110,7 @@ def _amax_dim(x: Tensor, dim: int, full: Tensor) -> Tensor:
         out = loc.new_zeros(shape)
     else:
         out = loc.amax(dim=dim, keepdim=True)
-    if _is_dtensor(full):
+    if is_dtensor(full):
         from torch.distributed.tensor import Shard
         import torch.distributed as dist
 

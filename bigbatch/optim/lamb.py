@@ -35,9 +35,10 @@ def lamb_ratio(wn: Tensor, un: Tensor, trust_clip: tuple[float, float] | None) -
     return torch.where(wn > 0, trust_ratio(wn.clamp(trust_clip[0], trust_clip[1]), un), torch.ones_like(wn))
 
 
-def lamb_single(ws, gs, ms, vs, steps, *, lr, beta1, beta2, eps, weight_decay, bias_correction, adapt, trust_clip):
+def lamb_single(ws, gs, ms, vs, steps, *, lr, beta1, beta2, eps, weight_decay, bias_correction, adapt, trust_clip,
+                shards=None):
     """Plain per-tensor loop of Alg. 2 (float32 ``ws`` updated in place; ``gs`` only read)."""
-    for w, g, m, v, t in zip(ws, gs, ms, vs, steps):
+    for k, (w, g, m, v, t) in enumerate(zip(ws, gs, ms, vs, steps)):
         m.mul_(beta1).add_(g, alpha=1 - beta1)
         v.mul_(beta2).addcmul_(g, g, value=1 - beta2)
         bc1 = 1 - beta1**t if bias_correction else 1.0
@@ -46,12 +47,13 @@ def lamb_single(ws, gs, ms, vs, steps, *, lr, beta1, beta2, eps, weight_decay, b
         if weight_decay:
             u.add_(w, alpha=weight_decay)
         if adapt:
-            norms = tensor_norms([w, u])
+            norms = tensor_norms([w, u], like=None if shards is None else [shards[k]] * 2)
             u.mul_(lamb_ratio(norms[0], norms[1], trust_clip))
         w.add_(u, alpha=-lr)
 
 
-def lamb_foreach(ws, gs, ms, vs, steps, *, lr, beta1, beta2, eps, weight_decay, bias_correction, adapt, trust_clip):
+def lamb_foreach(ws, gs, ms, vs, steps, *, lr, beta1, beta2, eps, weight_decay, bias_correction, adapt, trust_clip,
+                 shards=None):
     """The same update with ``torch._foreach_*`` ops: one kernel per op over all tensors."""
     torch._foreach_mul_(ms, beta1)
     torch._foreach_add_(ms, gs, alpha=1 - beta1)
@@ -70,7 +72,7 @@ def lamb_foreach(ws, gs, ms, vs, steps, *, lr, beta1, beta2, eps, weight_decay, 
     if weight_decay:
         torch._foreach_add_(us, ws, alpha=weight_decay)
     if adapt:
-        wn, un = tensor_norms(ws), tensor_norms(us)
+        wn, un = tensor_norms(ws, like=shards), tensor_norms(us, like=shards)
         ratios = lamb_ratio(wn, un, trust_clip)
         torch._foreach_mul_(us, list(ratios.to(us[0].device).unbind()))
     torch._foreach_add_(ws, us, alpha=-lr)
@@ -135,12 +137,12 @@ class LAMB(TrustRatioOptimizer):
         gnorm = tensor_norms(grads).square().sum().sqrt()
         return self.grad_prenorm / torch.clamp(gnorm, min=self.grad_prenorm)
 
-    def _update(self, group: dict[str, Any], ws: list[Tensor], gs: list[Tensor], states: list[dict]) -> None:
+    def _update(self, group: dict[str, Any], ws: list[Tensor], gs: list[Tensor], states: list[dict], shards=None) -> None:
         fn = lamb_single if group["foreach"] is False else lamb_foreach
         fn(
             ws, gs, [s["exp_avg"] for s in states], [s["exp_avg_sq"] for s in states],
             [float(s["step"]) for s in states],
             lr=float(group["lr"]), beta1=group["betas"][0], beta2=group["betas"][1], eps=group["eps"],
             weight_decay=group["weight_decay"], bias_correction=group["bias_correction"],
-            adapt=group["adapt"], trust_clip=group["trust_clip"],
+            adapt=group["adapt"], trust_clip=group["trust_clip"], shards=shards,
         )

@@ -36,12 +36,12 @@ def lars_ratio(wn: Tensor, gn: Tensor, *, lr, trust_coefficient, weight_decay, e
     return ratio
 
 
-def lars_single(ws, gs, bufs, *, lr, momentum, weight_decay, trust_coefficient, eps, clip, nesterov, adapt):
+def lars_single(ws, gs, bufs, *, lr, momentum, weight_decay, trust_coefficient, eps, clip, nesterov, adapt, shards=None):
     """Plain per-tensor loop (float32 ``ws`` updated in place; ``gs`` only read)."""
-    for w, g, v in zip(ws, gs, bufs):
+    for k, (w, g, v) in enumerate(zip(ws, gs, bufs)):
         d = g.add(w, alpha=weight_decay) if weight_decay else g.clone()
         if adapt:
-            n = tensor_norms([w, g])
+            n = tensor_norms([w, g], like=None if shards is None else [shards[k]] * 2)
             d.mul_(lr * lars_ratio(n[0], n[1], lr=lr, trust_coefficient=trust_coefficient,
                                    weight_decay=weight_decay, eps=eps, clip=clip).to(d.device))
         else:
@@ -52,11 +52,11 @@ def lars_single(ws, gs, bufs, *, lr, momentum, weight_decay, trust_coefficient, 
         w.sub_(d)
 
 
-def lars_foreach(ws, gs, bufs, *, lr, momentum, weight_decay, trust_coefficient, eps, clip, nesterov, adapt):
+def lars_foreach(ws, gs, bufs, *, lr, momentum, weight_decay, trust_coefficient, eps, clip, nesterov, adapt, shards=None):
     """The same update with ``torch._foreach_*`` ops."""
     ds = torch._foreach_add(gs, ws, alpha=weight_decay) if weight_decay else torch._foreach_mul(gs, 1.0)
     if adapt:
-        ratio = lars_ratio(tensor_norms(ws), tensor_norms(gs), lr=lr, trust_coefficient=trust_coefficient,
+        ratio = lars_ratio(tensor_norms(ws, like=shards), tensor_norms(gs, like=shards), lr=lr, trust_coefficient=trust_coefficient,
                            weight_decay=weight_decay, eps=eps, clip=clip)
         torch._foreach_mul_(ds, list((lr * ratio).to(ds[0].device).unbind()))
     else:
@@ -113,11 +113,11 @@ class LARS(TrustRatioOptimizer):
         )
         super().__init__(params, defaults, foreach=foreach, fused=fused, master_weights=master_weights, nonfinite=nonfinite)
 
-    def _update(self, group: dict[str, Any], ws: list[Tensor], gs: list[Tensor], states: list[dict]) -> None:
+    def _update(self, group: dict[str, Any], ws: list[Tensor], gs: list[Tensor], states: list[dict], shards=None) -> None:
         fn = lars_single if group["foreach"] is False else lars_foreach
         fn(
             ws, gs, [s["momentum_buffer"] for s in states],
             lr=float(group["lr"]), momentum=group["momentum"], weight_decay=group["weight_decay"],
             trust_coefficient=group["trust_coefficient"], eps=group["eps"], clip=group["clip"],
-            nesterov=group["nesterov"], adapt=group["adapt"],
+            nesterov=group["nesterov"], adapt=group["adapt"], shards=shards,
         )

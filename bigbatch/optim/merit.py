@@ -33,23 +33,23 @@ from bigbatch.optim._common import merit_ratio
 __all__ = ["MERIT", "merit_single", "merit_foreach"]
 
 
-def _apply_ratio(w: Tensor, u: Tensor, lr: float, adapt: bool) -> None:
-    s = u.mul_(merit_ratio(w, u)) if adapt else u
+def _apply_ratio(w: Tensor, u: Tensor, lr: float, adapt: bool, shard=None) -> None:
+    s = u.mul_(merit_ratio(w, u, shard)) if adapt else u
     w.add_(s.clamp_(-1.0, 1.0), alpha=-lr)
 
 
-def merit_single(ws, gs, ms, vs, *, lr, beta1, beta2, eps, weight_decay, adapt):
+def merit_single(ws, gs, ms, vs, *, lr, beta1, beta2, eps, weight_decay, adapt, shards=None):
     """Plain per-tensor loop (float32 ``ws`` updated in place; ``gs`` only read)."""
-    for w, g, m, v in zip(ws, gs, ms, vs):
+    for k, (w, g, m, v) in enumerate(zip(ws, gs, ms, vs)):
         m.mul_(beta1).add_(g, alpha=1 - beta1)
         v.mul_(beta2).addcmul_(g, g, value=1 - beta2)
         u = m / (v.sqrt() + eps)
         if weight_decay:
             u.add_(w, alpha=weight_decay)
-        _apply_ratio(w, u, lr, adapt)
+        _apply_ratio(w, u, lr, adapt, None if shards is None else shards[k])
 
 
-def merit_foreach(ws, gs, ms, vs, *, lr, beta1, beta2, eps, weight_decay, adapt):
+def merit_foreach(ws, gs, ms, vs, *, lr, beta1, beta2, eps, weight_decay, adapt, shards=None):
     """Moments and ``u`` with ``torch._foreach_*``; the row/column maxima per tensor
     (``amax`` over one dim has no foreach form)."""
     torch._foreach_mul_(ms, beta1)
@@ -62,7 +62,8 @@ def merit_foreach(ws, gs, ms, vs, *, lr, beta1, beta2, eps, weight_decay, adapt)
     if weight_decay:
         torch._foreach_add_(us, ws, alpha=weight_decay)
     if adapt:
-        torch._foreach_mul_(us, [merit_ratio(w, u) for w, u in zip(ws, us)])
+        sh = shards if shards is not None else [None] * len(ws)
+        torch._foreach_mul_(us, [merit_ratio(w, u, s) for w, u, s in zip(ws, us, sh)])
     torch._foreach_clamp_min_(us, -1.0)
     torch._foreach_clamp_max_(us, 1.0)
     torch._foreach_add_(ws, us, alpha=-lr)
@@ -100,10 +101,10 @@ class MERIT(TrustRatioOptimizer):
         defaults = dict(lr=lr, betas=(b1, b2), eps=eps, weight_decay=weight_decay, adapt=bool(adapt))
         super().__init__(params, defaults, foreach=foreach, fused=fused, master_weights=master_weights, nonfinite=nonfinite)
 
-    def _update(self, group: dict[str, Any], ws: list[Tensor], gs: list[Tensor], states: list[dict]) -> None:
+    def _update(self, group: dict[str, Any], ws: list[Tensor], gs: list[Tensor], states: list[dict], shards=None) -> None:
         fn = merit_single if group["foreach"] is False else merit_foreach
         fn(
             ws, gs, [s["exp_avg"] for s in states], [s["exp_avg_sq"] for s in states],
             lr=float(group["lr"]), beta1=group["betas"][0], beta2=group["betas"][1], eps=group["eps"],
-            weight_decay=group["weight_decay"], adapt=group["adapt"],
+            weight_decay=group["weight_decay"], adapt=group["adapt"], shards=shards,
         )
