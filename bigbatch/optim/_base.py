@@ -40,9 +40,9 @@ def _state_dtype(p: Tensor) -> torch.dtype:
 
 
 def fused_available(params: Iterable[Tensor]) -> bool:
-    """True when every parameter is a plain CUDA tensor and Triton imports."""
+    """True when every parameter is a plain (not DTensor) float32/bf16/fp16 CUDA tensor and Triton imports."""
     ps = list(params)
-    if not ps or not all(p.is_cuda and p.dtype != torch.float64 for p in ps):
+    if not ps or not all(p.is_cuda and p.dtype != torch.float64 and not is_dtensor(p) for p in ps):
         return False
     try:
         import triton  # noqa: F401
@@ -87,7 +87,10 @@ class TrustRatioOptimizer(torch.optim.Optimizer):
             if group["fused"] is None:
                 group["fused"] = fused_available(group["params"]) and not group["foreach"]
             if group["fused"] and not fused_available(group["params"]):
-                raise ValueError("fused=True needs every parameter on a CUDA device and Triton installed")
+                raise ValueError(
+                    "fused=True needs every parameter to be a plain (non-DTensor) float32/bf16/fp16 CUDA tensor "
+                    "and Triton installed; use foreach=True otherwise"
+                )
 
     @property
     def skipped_steps(self) -> int:
