@@ -222,3 +222,18 @@ def test_torch_compile_step_no_recompile(cls):
     assert frames[1] > 0 and frames[1] == frames[2] == frames[3], f"frames compiled per step: {frames}"
     for a, b in zip(model.parameters(), eager_model.parameters()):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+
+def test_cpu_step_never_imports_the_fused_kernels():
+    import subprocess
+    import sys
+
+    code = (
+        "import sys, torch\n"
+        "from bigbatch.optim import LAMB, MERIT, LARS\n"
+        "for cls in (LAMB, MERIT, LARS):\n"
+        "    p = torch.nn.Parameter(torch.randn(3, 4)); p.grad = torch.randn(3, 4)\n"
+        "    cls([p], lr=0.1).step()\n"
+        "assert 'bigbatch.optim._fused' not in sys.modules and 'triton' not in sys.modules\n"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True)
