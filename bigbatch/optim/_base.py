@@ -1,0 +1,219 @@
+"""Glue shared by LARS, LAMB and MERIT: state, dtype handling, NaN guard, path dispatch.
+
+The classes only validate, hold state and pick a path; the math lives in plain functions
+beside each class (``lamb.py``: ``lamb_single`` / ``lamb_foreach``), the fused CUDA kernels in
+``bigbatch.optim._fused`` (imported only when a fused step runs, so CPU installs never import
+Triton).
+
+Dtypes: parameters may be float64, float32, bfloat16 or float16 (fused: not float64). Moments
+of low-precision parameters are kept in float32 and their arithmetic runs in float32; a
+low-precision parameter receives the rounded result. With
+``master_weights=True`` a float32 copy of each low-precision parameter is kept in the state and
+updated instead, so small updates are not lost to bf16 rounding (mixed-precision training,
+Micikevicius et al. 2018).
+
+Non-finite gradients (``nonfinite=``): ``"raise"`` (default) raises ``FloatingPointError``
+before any state changes; ``"skip"`` skips the whole step on every parameter, leaves the state
+untouched and counts it in ``optimizer.skipped_steps`` (no host synchronisation on the fused
+path, so it is CUDA-graph capturable). NaN/inf never reaches the moments or the weights.
+"""
+
+from __future__ import annotations
+
+import itertools
+from typing import Any, Callable, Iterable
+
+import torch
+from torch import Tensor
+
+from bigbatch._checks import check_choice, check_nonnegative, check_positive
+from bigbatch.optim._common import all_finite, is_dtensor, local
+
+__all__ = ["TrustRatioOptimizer", "fused_available"]
+
+_FLOAT_DTYPES = (torch.float64, torch.float32, torch.bfloat16, torch.float16)
+_LOW = (torch.bfloat16, torch.float16)
+
+
+def _state_dtype(p: Tensor) -> torch.dtype:
+    return torch.float32 if p.dtype in _LOW else p.dtype
+
+
+def fused_available(params: Iterable[Tensor]) -> bool:
+    """True when every parameter is a plain (not DTensor) float32/bf16/fp16 CUDA tensor and Triton imports."""
+    ps = list(params)
+    if not ps or not all(p.is_cuda and p.dtype != torch.float64 and not is_dtensor(p) for p in ps):
+        return False
+    try:
+        import triton  # noqa: F401
+    except Exception:
+        return False
+    return True
+
+
+class TrustRatioOptimizer(torch.optim.Optimizer):
+    """Base class: subclasses define ``_state_keys``, ``_init_state`` and ``_update`` (reference math)."""
+
+    _state_keys: tuple[str, ...] = ()
+    _algorithm: str = ""
+
+    def __init__(
+        self,
+        params: Iterable,
+        defaults: dict[str, Any],
+        *,
+        foreach: bool | None,
+        fused: bool | None,
+        master_weights: bool,
+        nonfinite: str,
+    ) -> None:
+        check_positive("lr", defaults["lr"])
+        check_nonnegative("weight_decay", defaults["weight_decay"])
+        check_choice("nonfinite", nonfinite, ("raise", "skip"))
+        if foreach and fused:
+            raise ValueError("foreach and fused cannot both be True; pick one")
+        defaults = {**defaults, "foreach": foreach, "fused": fused, "master_weights": bool(master_weights)}
+        super().__init__(params, defaults)
+        self.nonfinite = nonfinite
+        self._skipped_host = 0
+        self._fused_skipped: Tensor | None = None  # device counter of the fused path (no sync)
+        self._fused_packs: dict[Any, Any] = {}
+        for group in self.param_groups:
+            for p in group["params"]:
+                if p.dtype not in _FLOAT_DTYPES:
+                    raise ValueError(f"params must be float64, float32, bfloat16 or float16, got {p.dtype}")
+                if p.is_sparse:
+                    raise ValueError(f"{type(self).__name__} does not support sparse parameters")
+            if group["fused"] is None:
+                group["fused"] = fused_available(group["params"]) and not group["foreach"]
+            if group["fused"] and not fused_available(group["params"]):
+                raise ValueError(
+                    "fused=True needs every parameter to be a plain (non-DTensor) float32/bf16/fp16 CUDA tensor "
+                    "and Triton installed; use foreach=True otherwise"
+                )
+
+    @property
+    def skipped_steps(self) -> int:
+        """Steps skipped because of a non-finite gradient (``nonfinite="skip"``); reading it syncs."""
+        dev = 0 if self._fused_skipped is None else int(self._fused_skipped.item())
+        return self._skipped_host + dev
+
+    # ---- state ---------------------------------------------------------------------------
+    def _state_for(self, p: Tensor, group: dict) -> dict:
+        st = self.state[p]
+        if not st:
+            st["step"] = torch.tensor(0.0, dtype=torch.float32)
+            for k in self._state_keys:
+                st[k] = torch.zeros_like(p, dtype=_state_dtype(p), memory_format=torch.preserve_format)
+            if group["master_weights"] and p.dtype in _LOW:
+                st["master"] = p.detach().float().clone()
+        return st
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        # The execution path is a property of this optimizer, not of the checkpoint: a state saved
+        # by the fused path loads into a foreach one (and across devices) and vice versa.
+        paths = [(g["foreach"], g["fused"]) for g in self.param_groups]
+        super().load_state_dict(state_dict)
+        for g, (fe, fu) in zip(self.param_groups, paths):
+            g["foreach"], g["fused"] = fe, fu
+        # torch casts floating state to the parameter's dtype; our moments and master copy are
+        # float32 by design, so re-read them from the saved values at full precision.
+        saved_ids = itertools.chain.from_iterable(g["params"] for g in state_dict["param_groups"])
+        params = itertools.chain.from_iterable(g["params"] for g in self.param_groups)
+        for pid, p in zip(saved_ids, params):
+            saved = state_dict["state"].get(pid)
+            if not saved:
+                continue
+            for k, v in saved.items():
+                if k != "step" and torch.is_tensor(v) and v.is_floating_point():
+                    self.state[p][k] = v.detach().to(device=p.device, dtype=_state_dtype(p), copy=True)
+        self._fused_packs.clear()  # fused flat buffers must be rebuilt from the loaded state
+
+    def state_dict(self) -> dict[str, Any]:
+        sd = super().state_dict()
+        # Fused state entries are views into flat buffers; save compact standalone copies so a
+        # checkpoint does not carry (or alias) the whole buffer.
+        sd["state"] = {
+            i: {k: (v.clone() if torch.is_tensor(v) and v._base is not None else v) for k, v in s.items()}
+            for i, s in sd["state"].items()
+        }
+        return sd
+
+    # ---- step ----------------------------------------------------------------------------
+    @torch.no_grad()
+    def step(self, closure: Callable[[], Any] | None = None) -> Any:
+        """One update of every parameter that has a gradient; returns ``closure()``'s loss."""
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        fused_groups, ref_groups = [], []
+        for group in self.param_groups:
+            params = [p for p in group["params"] if p.grad is not None]
+            if not params:
+                continue
+            for p in params:
+                if p.grad.is_sparse:
+                    raise ValueError(f"{type(self).__name__} does not support sparse gradients")
+            (fused_groups if group["fused"] else ref_groups).append((group, params))
+        if fused_groups:
+            from bigbatch.optim._fused import fused_step
+
+            ref_grads = [p.grad for _, ps in ref_groups for p in ps]
+            flag = fused_step(self, fused_groups, run_reference=bool(ref_groups), ref_grads=ref_grads)
+            if ref_groups:
+                self._reference_step(ref_groups, skip=flag)
+            return loss
+        self._reference_step(ref_groups, skip=None)
+        return loss
+
+    def _reference_step(self, groups: list, skip: Tensor | None) -> None:
+        grads = [p.grad for _, ps in groups for p in ps]
+        if skip is None:
+            finite = bool(all_finite(grads)) if grads else True
+        else:
+            finite = not bool(skip)
+        if not finite:
+            if skip is not None:  # the fused part already counted (or raised) this step
+                return
+            if self.nonfinite == "raise":
+                raise FloatingPointError(
+                    f"{type(self).__name__}: non-finite (nan/inf) gradient; the step was not applied and "
+                    "the optimizer state is unchanged (pass nonfinite='skip' to skip such steps)"
+                )
+            self._skipped_host += 1
+            return
+        if self._fused_packs:  # state tensors may change identity below: fused packs must re-read them
+            self._fused_packs.clear()
+        prenorm = self._grad_scale(grads)
+        for group, params in groups:
+            states = [self._state_for(p, group) for p in params]
+            for st in states:
+                if st["step"].device.type != "cpu":  # e.g. after a fused step; keep host scalars here
+                    st["step"] = st["step"].detach().cpu()
+                st["step"] += 1
+            # FSDP2 shards (DTensors): the math runs on the rank-local shards; only the per-tensor
+            # reductions look at ``shards`` to all-reduce over the shard group.
+            shards = [p if is_dtensor(p) else None for p in params]
+            shards = shards if any(s is not None for s in shards) else None
+            lstates = [{k: local(v) if torch.is_tensor(v) else v for k, v in st.items()} for st in states]
+            low = [p.dtype in _LOW for p in params]
+            ws = [st.get("master", local(p)) if lo else local(p) for p, st, lo in zip(params, lstates, low)]
+            ws = [w.float() if w.dtype in _LOW else w for w in ws]  # float32 work copies
+            gs = [local(p.grad) for p in params]
+            gs = [g.to(w.dtype) if g.dtype != w.dtype else g for g, w in zip(gs, ws)]
+            if prenorm is not None:
+                gs = torch._foreach_mul(gs, prenorm)  # new tensors: .grad itself is never touched
+            self._update(group, ws, gs, lstates, shards)
+            for p, w, st, lo in zip(params, ws, lstates, low):
+                if "master" in st and w is not st["master"]:
+                    st["master"].copy_(w)
+                if lo:
+                    local(p).copy_(w)
+
+    def _grad_scale(self, grads: list[Tensor]) -> Tensor | None:
+        """Global gradient-norm pre-normalisation factor (LAMB's ``grad_prenorm``), else None."""
+        return None
+
+    def _update(self, group: dict, ws: list[Tensor], gs: list[Tensor], states: list[dict], shards: list | None) -> None:
+        raise NotImplementedError
