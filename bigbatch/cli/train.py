@@ -53,6 +53,11 @@ def train_command(
     resume: Optional[bool] = typer.Option(None, "--resume/--no-resume", help="Continue from the newest checkpoint in --out."),
     max_steps: Optional[int] = typer.Option(None, help="Stop after N steps in this invocation (resumable)."),
     noise_scale: Optional[bool] = typer.Option(None, "--noise-scale/--no-noise-scale", help="Measure B_simple while training."),
+    noise_mode: Optional[str] = typer.Option(None, help="Noise-scale source: auto, accumulation, ddp, split."),
+    noise_every: Optional[int] = typer.Option(None, help="Measure the noise scale on one step in N."),
+    noise_beta: Optional[float] = typer.Option(None, help="EMA factor of the noise-scale estimators."),
+    ema_horizon_samples: Optional[int] = typer.Option(None, help="Weight EMA with this horizon in samples (evaluated next to the weights)."),
+    packing: Optional[str] = typer.Option(None, help="bytelm: pack documents into rows (bfd or spfhp) without cross-document attention."),
     adaptive: Optional[str] = typer.Option(None, help="Adaptive batch size: noise, normtest, ramp."),
     adaptive_arg: Optional[list[str]] = typer.Option(None, "--adaptive-arg", help="key=value for the adaptive controller (repeatable), e.g. max_batch_size=4096."),
     average_last: Optional[int] = typer.Option(None, help="Average the last N checkpoints at the end."),
@@ -69,6 +74,8 @@ def train_command(
             if not p.exists():
                 raise ValueError(f"--corpus path does not exist: {p}")
         wargs["corpus"] = [str(p) for p in corpus]
+    if packing:
+        wargs["packing"] = packing
     options = dict(
         workload=workload, batch_size=batch_size, micro_batch_size=micro_batch_size, lr=lr, optimizer=optimizer,
         momentum=momentum, weight_decay=weight_decay, warmup_samples=warmup_samples, schedule=schedule, rule=rule,
@@ -76,7 +83,8 @@ def train_command(
         eval_every_samples=eval_every_samples, checkpoint_every_samples=checkpoint_every_samples,
         keep_checkpoints=keep_checkpoints, log_every_steps=log_every_steps, target=target, seed=seed, device=device,
         amp=amp, compile=compile, fsdp=fsdp, nproc=nproc, max_restarts=max_restarts, out=out, resume=resume, max_steps=max_steps, noise_scale=noise_scale,
-        adaptive=adaptive, average_last=average_last, progress=progress,
+        noise_mode=noise_mode, noise_every=noise_every, noise_beta=noise_beta,
+        ema_horizon_samples=ema_horizon_samples, adaptive=adaptive, average_last=average_last, progress=progress,
     )
     if lr is not None and not lr > 0:
         raise ValueError(f"--lr must be > 0, got {lr}")

@@ -77,10 +77,18 @@ class TrainConfig:
     """Stop after this many optimizer steps in this invocation (checkpointed; resume continues)."""
     noise_scale: bool = False
     """Measure the gradient noise scale B_simple while training."""
+    noise_mode: str = "auto"
+    """Where the two batch sizes come from: auto (ddp under DDP, accumulation with ≥2 micro-batches, else split), accumulation, ddp, split."""
+    noise_every: int | None = None
+    """Measure one step in N (default: every step on CPU, every 10th on CUDA, which keeps the cost under 1%)."""
+    noise_beta: float = 0.99
+    """EMA factor per reading of the |G|² and tr(Σ) estimators."""
     adaptive: str | None = None
     """Adaptive batch size controller: noise, normtest or ramp."""
     adaptive_args: dict[str, Any] = field(default_factory=dict)
     """Keyword arguments of the adaptive controller (min/max batch, growth, ...)."""
+    ema_horizon_samples: int | None = None
+    """Keep an EMA of the weights with this horizon in samples (decay per step ρ^B; Busbridge et al. 2023) and evaluate it too."""
     average_last: int = 0
     """Keep the last N checkpoints and evaluate their average at the end (0: off)."""
     progress: str = "auto"

@@ -23,6 +23,8 @@ from torch import nn
 
 from bigbatch._checks import check_int_positive, check_positive
 from bigbatch.adaptive import ControllerState, create_controller
+from bigbatch.averaging import EMA, average_checkpoints, last_checkpoints
+from bigbatch.noise import NoiseMonitor
 from bigbatch.optim import create_optimizer
 from bigbatch.scaling import Recipe, ScalingPlan
 from bigbatch.train.checkpoint import latest_checkpoint, list_checkpoints, rng_state, save_atomic, set_rng_state, write_json_atomic
@@ -144,6 +146,50 @@ def _apply_hparams(optimizer: torch.optim.Optimizer, scaling: ScalingPlan, batch
     return batch_size
 
 
+@contextlib.contextmanager
+def _measure(monitor: NoiseMonitor | None, wl: Workload, mb: dict):
+    """The noise monitor's micro-batch bracket (examples and loss units both known to it)."""
+    if monitor is None:
+        yield
+        return
+    samples = None
+    if wl.count_unit != "examples":
+        samples = next(iter(v for v in mb.values() if torch.is_tensor(v))).shape[0]
+    with monitor.micro_batch(wl.count(mb), samples=samples):
+        yield
+
+
+def _controller_state(monitor: NoiseMonitor | None, reading: Any, state: dict, batch_size: int) -> ControllerState:
+    """Noise readings in examples (the unit of the batch size), for the batch-size controller.
+
+    With a token-normalised loss the estimator counts tokens; the reading's ``b_simple_samples``
+    gives the conversion, and tr(Σ) is rescaled with it so that B_simple = tr(Σ)/|G|² still holds.
+    """
+    base = ControllerState(samples=state["samples"], batch_size=batch_size, step=state["step"])
+    if monitor is None or monitor.estimator.n_updates == 0:
+        return base
+    est = monitor.estimator
+    g2, tr, b = est.grad_sqnorm, est.trace_sigma, est.b_simple
+    if reading is not None and reading.b_simple_samples is not None and b and math.isfinite(b):
+        ratio = reading.b_simple_samples / reading.b_simple if reading.b_simple else float("nan")
+        b, tr = b * ratio, tr * ratio
+    return ControllerState(samples=state["samples"], batch_size=batch_size, step=state["step"],
+                           b_simple=b, grad_sqnorm=g2, trace_sigma=tr)
+
+
+def _evaluate_average(cfg: TrainConfig, info: DistInfo, raw_model: nn.Module, ckpt_dir: Path, out: Path, evaluate) -> dict[str, Any]:
+    """Average the last N checkpoints (Popel & Bojar 2018), save it, and evaluate it next to the final weights."""
+    paths = last_checkpoints(ckpt_dir, cfg.average_last, allow_fewer=True)
+    avg = average_checkpoints(paths)
+    if info.is_main:
+        save_atomic(avg, out / "averaged.pt")
+    backup = {k: v.detach().clone() for k, v in raw_model.state_dict().items()}
+    raw_model.load_state_dict(avg)
+    value = evaluate()
+    raw_model.load_state_dict(backup)
+    return {"averaged_metric": value, "averaged_checkpoints": [p.name for p in paths]}
+
+
 def _prepare_out(out: str | Path, is_main: bool) -> Path:
     path = Path(out)
     if is_main:
@@ -189,6 +235,9 @@ def train(cfg: TrainConfig, workload: Workload | None = None) -> TrainResult:
         # the micro-batch itself; either way it must stay a multiple of this.
         granularity = (cfg.micro_batch_size or 1) * info.world_size
         controller = create_controller(cfg.adaptive, **{"granularity": granularity, **cfg.adaptive_args})
+    if sharded and (cfg.noise_scale or cfg.ema_horizon_samples):
+        raise ValueError("--noise-scale and --ema-horizon-samples are not supported with --fsdp yet; use DDP")
+    ema = EMA(raw_model, horizon_samples=cfg.ema_horizon_samples) if cfg.ema_horizon_samples else None
     sampler = wl.sampler(cfg.seed)
 
     # ---- resume -------------------------------------------------------------------------
@@ -204,6 +253,7 @@ def train(cfg: TrainConfig, workload: Workload | None = None) -> TrainResult:
         "wall_before": 0.0,
         "batch_size": plan.batch_size,
         "batch_changes": 0,
+        "b_simple_log": [],
     }
     resumed_from = None
     # torchrun --max-restarts: a restarted worker continues from the newest checkpoint.
@@ -217,11 +267,16 @@ def train(cfg: TrainConfig, workload: Workload | None = None) -> TrainResult:
         state.update(blob["state"])
         if controller is not None and blob.get("controller") is not None:
             controller.load_state_dict(blob["controller"])
+        if ema is not None and blob.get("ema") is not None:
+            ema.load_state_dict(blob["ema"])
+        noise_blob = blob.get("noise")
         set_rng_state(blob["rng"])
         resumed_from = str(ck)
         if info.is_main:
             truncate_metrics(out / "metrics.jsonl", state["step"])
-    elif info.is_main and not resume:
+    else:
+        noise_blob = None
+    if not resume and info.is_main:
         for old in list_checkpoints(ckpt_dir):
             old.unlink()
         (out / "metrics.jsonl").unlink(missing_ok=True)
@@ -237,6 +292,15 @@ def train(cfg: TrainConfig, workload: Workload | None = None) -> TrainResult:
         model = torch.compile(model)
     if info.enabled and not sharded:
         model = wrap_model(model, info, device, "ddp", wl)
+    monitor = None
+    if cfg.noise_scale:
+        mode = cfg.noise_mode
+        if mode == "auto":
+            mode = "ddp" if info.enabled else ("accumulation" if plan.accum_steps > 1 else "split")
+        every = cfg.noise_every or (10 if device.type == "cuda" else 1)
+        monitor = NoiseMonitor(model, mode=mode, beta=cfg.noise_beta, every=every)
+        if noise_blob is not None:
+            monitor.load_state_dict(noise_blob)
     use_amp = cfg.amp and device.type == "cuda"
     autocast = (lambda: torch.autocast("cuda", dtype=torch.bfloat16)) if use_amp else contextlib.nullcontext
 
@@ -245,9 +309,9 @@ def train(cfg: TrainConfig, workload: Workload | None = None) -> TrainResult:
     better = (lambda a, b: a >= b) if higher else (lambda a, b: a <= b)
     progress = ProgressDisplay(cfg.progress, r.budget, getattr(wl, "name", cfg.workload), enabled=info.is_main)
 
-    def evaluate() -> float:
+    def evaluate(use_ema: bool = False) -> float:
         raw_model.eval()
-        with autocast():
+        with autocast(), (ema.applied(raw_model) if use_ema else contextlib.nullcontext()):
             value = float(wl.evaluate(raw_model, device))
         raw_model.train()
         return value
@@ -266,6 +330,8 @@ def train(cfg: TrainConfig, workload: Workload | None = None) -> TrainResult:
             "state": dict(state),
             "rng": rng_state(),
             "controller": None if controller is None else controller.state_dict(),
+            "ema": None if ema is None else ema.state_dict(),
+            "noise": None if monitor is None else monitor.state_dict(),
             "step": state["step"],
             "samples": state["samples"],
             "config": cfg.to_dict(),
@@ -280,13 +346,16 @@ def train(cfg: TrainConfig, workload: Workload | None = None) -> TrainResult:
         state["last_metric"] = value
         if state["best_metric"] is None or better(value, state["best_metric"]):
             state["best_metric"] = value
-        metrics.write({"kind": "eval", "step": state["step"], "samples": state["samples"], wl.metric_name: value})
+        rec = {"kind": "eval", "step": state["step"], "samples": state["samples"], wl.metric_name: value}
+        if ema is not None:
+            rec[f"ema_{wl.metric_name}"] = state["ema_metric"] = evaluate(use_ema=True)
+        metrics.write(rec)
         hit = cfg.target is not None and state["steps_to_target"] is None and better(value, cfg.target)
         if hit:
             state["steps_to_target"], state["samples_to_target"] = state["step"], state["samples"]
         return hit
 
-    noise_est = None  # the noise monitor's estimator, read by the adaptive controller
+    reading = None
 
     # ---- the loop -----------------------------------------------------------------------
     t_start = time.perf_counter()
@@ -330,16 +399,24 @@ def train(cfg: TrainConfig, workload: Workload | None = None) -> TrainResult:
             for g in optimizer.param_groups:
                 g["lr"] = lr * g["lr_ratio"]
 
+            if monitor is not None:
+                monitor.begin_step()
+                if monitor.mode == "split":
+                    micro = [piece for mb in micro for piece in monitor.split_batch(mb)]
             for i, mb in enumerate(micro):
-                sync = not info.enabled or i == plan.accum_steps - 1
-                with gradient_sync(model, sync):
+                sync = not info.enabled or i == len(micro) - 1
+                with gradient_sync(model, sync), _measure(monitor, wl, mb):
                     with autocast():
                         loss_sum, _ = wl.loss(model, mb)
                     (loss_sum * scale).backward()
                 interval_loss += loss_sum.detach().float()
+            if monitor is not None:
+                reading = monitor.end_step()
             interval_count += n_local
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
+            if ema is not None:
+                ema.update(raw_model, batch_size)
             if fault is not None and not restarted and fault == (info.rank, state["step"] + 1):
                 raise RuntimeError(f"injected fault on rank {info.rank} at step {state['step'] + 1} (BIGBATCH_TEST_FAULT)")
             state["step"] += 1
@@ -349,9 +426,7 @@ def train(cfg: TrainConfig, workload: Workload | None = None) -> TrainResult:
 
             # ---- adaptive batch size: realised by accumulation steps / micro-batch ----------
             if controller is not None:
-                new = controller.next_batch_size(
-                    ControllerState.from_estimator(noise_est, samples=state["samples"], batch_size=batch_size, step=state["step"])
-                )
+                new = controller.next_batch_size(_controller_state(monitor, reading, state, batch_size))
                 if new != batch_size:
                     plan = plan_batch(new, info.world_size, cfg.micro_batch_size)
                     state["batch_size"] = plan.batch_size
@@ -386,8 +461,20 @@ def train(cfg: TrainConfig, workload: Workload | None = None) -> TrainResult:
                 }
                 if wl.count_unit == "tokens":
                     rec["tokens_per_s"] = count / interval_steps / dt
+                if monitor is not None:
+                    est = monitor.estimator
+                    noise = {"b_simple": est.b_simple, "grad_sqnorm": est.grad_sqnorm, "trace_sigma": est.trace_sigma}
+                    if reading is not None and reading.b_simple_samples is not None:
+                        noise["b_simple_samples"] = reading.b_simple_samples
+                    rec.update(noise)
+                    b = noise.get("b_simple_samples", noise["b_simple"])
+                    if math.isfinite(b) and b > 0:
+                        state["b_simple_log"].append(b)
                 metrics.write(rec)
-                progress.update(state["samples"], {"loss": loss, "lr": lr, wl.metric_name: state["last_metric"]})
+                shown = {"loss": loss, "lr": lr, wl.metric_name: state["last_metric"], "batch": batch_size}
+                if monitor is not None:
+                    shown["B_simple"] = rec.get("b_simple_samples", rec["b_simple"])
+                progress.update(state["samples"], shown)
                 interval_loss.zero_()
                 interval_count, interval_steps, interval_t0 = 0, 0, time.perf_counter()
                 if not math.isfinite(loss):
@@ -425,8 +512,12 @@ def train(cfg: TrainConfig, workload: Workload | None = None) -> TrainResult:
             f"the last good checkpoint is kept in {ckpt_dir}",
             flush=True,
         )
+    averaged = None
+    if cfg.average_last > 0 and stopped != "diverged":
+        averaged = _evaluate_average(cfg, info, raw_model, ckpt_dir, out, evaluate)
     metrics.close()
 
+    blog = state["b_simple_log"]
     summary = {
         "workload": getattr(wl, "name", cfg.workload),
         "metric_name": wl.metric_name,
@@ -458,6 +549,15 @@ def train(cfg: TrainConfig, workload: Workload | None = None) -> TrainResult:
         "device": str(device),
         "config": cfg.to_dict(),
     }
+    if monitor is not None:
+        summary["b_simple"] = blog[-1] if blog else None
+        summary["b_simple_median"] = float(sorted(blog)[len(blog) // 2]) if blog else None
+        summary["noise_mode"] = monitor.mode
+    if ema is not None:
+        summary["ema_metric"] = state.get("ema_metric")
+        summary["ema_horizon_samples"] = cfg.ema_horizon_samples
+    if averaged is not None:
+        summary.update(averaged)
     if info.is_main:
         write_json_atomic(summary, out / "summary.json")
     return TrainResult(summary=summary, model=raw_model)
