@@ -61,3 +61,23 @@ def test_killed_rank_restarts_and_matches_uninterrupted(tmp_path):
     a, b = _final_params(tmp_path / "clean"), _final_params(tmp_path / "faulty")
     for k in a:
         torch.testing.assert_close(a[k], b[k], rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.cuda
+@pytest.mark.multigpu
+@pytest.mark.skipif(not torch.cuda.is_available() or torch.cuda.device_count() < 2, reason="needs 2 GPUs")
+@pytest.mark.parametrize("strategy", ["--ddp", "--fsdp"])
+def test_two_gpus_nccl_equal_accumulation(tmp_path, strategy):
+    """The same equality with NCCL on two GPUs (fp32: --no-amp), against one GPU accumulating."""
+    cfg = TrainConfig(workload="linreg", workload_args={"dim": 16}, batch_size=32, micro_batch_size=16, lr=0.05,
+                      optimizer="sgd", momentum=0.9, budget_samples=32 * 12, progress="none", device="cuda",
+                      amp=False, out=str(tmp_path / "single"))
+    ref = {k: v.cpu() for k, v in train(cfg).model.state_dict().items()}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2", "-m", "bigbatch",
+           "train", *[c if c != "cpu" else "cuda" for c in COMMON], "--no-amp", "--workload", "linreg", "-w", "dim=16",
+           strategy, "--out", str(tmp_path / "dist")]
+    r = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    got = _final_params(tmp_path / "dist")
+    for k in ref:
+        torch.testing.assert_close(got[k].float(), ref[k].float(), rtol=1e-6, atol=1e-6, msg=k)
