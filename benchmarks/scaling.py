@@ -55,7 +55,8 @@ def main() -> None:
     print("|---|---|---|---|---|")
     for n, r in rows.items():
         eff = r["tokens_per_s"] / (n * base)
-        print(f"| {n} | {r['tokens_per_s']:,.0f} | {r['step_time']*1e3:.1f} | {100*eff:.1f}% | {r['b_simple']:.4g} |")
+        b = "—" if r["b_simple"] is None else f"{r['b_simple']:.4g}"
+        print(f"| {n} | {r['tokens_per_s']:,.0f} | {r['step_time']*1e3:.1f} | {100*eff:.1f}% | {b} |")
 
 
 if __name__ == "__main__":

@@ -29,14 +29,18 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def bare_loop(wl, batch: int, micro: int, steps: int, warmup: int, device: torch.device, lr: float) -> float:
+def bare_loop(wl, batch: int, micro: int, steps: int, warmup: int, device: torch.device, lr: float, log_every: int) -> float:
+    """Median time per step over intervals of ``log_every`` steps, as the trainer reports it."""
     torch.manual_seed(0)
     model = wl.build_model().to(device)
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.1, betas=(0.9, 0.95), fused=device.type == "cuda")
     sampler = wl.sampler(0)
+    intervals = []
     for step in range(warmup + steps):
-        if step == warmup:
+        if step >= warmup and (step - warmup) % log_every == 0:
             _sync(device)
+            if step > warmup:
+                intervals.append((time.perf_counter() - t0) / log_every)
             t0 = time.perf_counter()
         idx = sampler.next(batch)
         mbs = [move_batch(wl.fetch(idx[i : i + micro]), device) for i in range(0, batch, micro)]
@@ -48,7 +52,8 @@ def bare_loop(wl, batch: int, micro: int, steps: int, warmup: int, device: torch
         opt.step()
         opt.zero_grad(set_to_none=True)
     _sync(device)
-    return (time.perf_counter() - t0) / steps
+    intervals.append((time.perf_counter() - t0) / log_every)
+    return statistics.median(intervals)
 
 
 def trainer_step_time(wl, batch: int, micro: int, steps: int, log_every: int, lr: float, extra: dict) -> float:
@@ -84,7 +89,7 @@ def main() -> None:
     lr = 6e-4
     rows = []
     for rep in range(a.repeats):
-        bare = bare_loop(wl, a.batch_size, a.micro_batch_size, a.steps, 10, device, lr)
+        bare = bare_loop(wl, a.batch_size, a.micro_batch_size, a.steps, 10, device, lr, a.log_every)
         tr = trainer_step_time(wl, a.batch_size, a.micro_batch_size, a.steps, a.log_every, lr, {})
         trn = trainer_step_time(wl, a.batch_size, a.micro_batch_size, a.steps, a.log_every, lr,
                                 {"noise_scale": True})

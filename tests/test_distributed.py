@@ -80,4 +80,5 @@ def test_two_gpus_nccl_equal_accumulation(tmp_path, strategy):
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     got = _final_params(tmp_path / "dist")
     for k in ref:
-        torch.testing.assert_close(got[k].float(), ref[k].float(), rtol=1e-6, atol=1e-6, msg=k)
+        diff = (got[k].float() - ref[k].float()).abs().max().item()
+        torch.testing.assert_close(got[k].float(), ref[k].float(), rtol=1e-6, atol=1e-6, msg=f"{k}: max diff {diff:.3g}")
