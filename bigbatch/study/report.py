@@ -116,6 +116,7 @@ def write_outputs(results: dict[str, Any], out: str | Path) -> None:
     from bigbatch.train.checkpoint import write_json_atomic
 
     out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
     pngs = make_plots(results, out)
     write_json_atomic(results, out / "results.json")
     _write_text_atomic(render_html(results, pngs), out / "report.html")
