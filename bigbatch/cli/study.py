@@ -105,7 +105,8 @@ def study_command(
     bs = res["b_simple"]
     typer.echo(f"B_simple = {bs:.0f} (noise monitor, median over runs)" if bs is not None else "B_simple: not measured (no noise-monitor readings in the runs)")
     for note in res["notes"]:
-        typer.echo(f"note: {note}")
+        if not note.startswith("B_simple"):  # already said on the line above
+            typer.echo(f"note: {note}")
     typer.echo(f"report:  {outdir / 'report.html'}")
     typer.echo(f"results: {outdir / 'results.json'}")
 
