@@ -221,4 +221,39 @@ def test_cli_runs_from_toml(tmp_path, capsys):
     assert code in (0, None), err
     assert "B_crit" in out and "report:" in out
     assert "[3/3]" in out
-    assert json.loads((tmp_path / "o" / "results.json").read_text())["cells_done"] == 3
+    # The rich bar (what a terminal shows) over more cells of the same study.
+    code, out, err = _cli_in_process(capsys, "--config", str(p), "--out", str(tmp_path / "o"), "--progress", "bar",
+                                     "--batch-sizes", "2,4,8,16")
+    assert code in (0, None), err
+    assert "3/4 cells already finished" in out
+    assert json.loads((tmp_path / "o" / "results.json").read_text())["cells_done"] == 4
+
+
+def test_killed_cli_study_resumes_without_recomputing(tmp_path):
+    """SIGKILL the real command after two cells; the re-run trains only the rest."""
+    import os
+    import signal
+    import time
+
+    out = tmp_path / "o"
+    args = [sys.executable, "-m", "bigbatch", "study", "--workload", "linreg", "-w", "dim=4", "-w", "noise_std=0.5",
+            "--batch-sizes", "1,2,4,8", "--lr-grid", "0.5,1", "--lr", "0.1", "--base-batch-size", "8", "--rule", "none",
+            "--target", "0.05", "--budget", "600", "--budget-steps", "300", "--eval-every-samples", "1",
+            "--eval-every-steps", "1", "--jobs", "1", "--bootstrap", "50", "--progress", "none", "--out", str(out)]
+    proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 120
+    while len(list(out.glob("cells/*/result.json"))) < 2 and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.02)
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    done = {p.parent.name: p.stat().st_mtime_ns for p in out.glob("cells/*/result.json")}
+    assert 2 <= len(done) < 8
+    rerun = []
+
+    def spy(cell_dir, workload=None):
+        rerun.append(os.path.basename(cell_dir))
+        return cells_mod.run_cell(cell_dir, workload)
+
+    res = run_study(tiny(out), run_cell_fn=spy)
+    assert res["complete"] and len(rerun) == 8 - len(done) and not set(rerun) & set(done)
+    assert {n: (out / "cells" / n / "result.json").stat().st_mtime_ns for n in done} == done
