@@ -74,9 +74,10 @@ def render_html(res: dict[str, Any], pngs: dict[str, Path]) -> str:
                  "<th>steps to target</th><th>fit</th><th>samples to target</th><th>seeds</th></tr>")
     for row in res["batch_sizes"]:
         steps = _fmt(row["steps"]) if row["reached"] else "not reached"
+        fitted = "—" if row["steps_fit"] is None else f"{row['steps_fit']:.0f}"
         parts.append(
             f"<tr><td>{row['batch_size']}</td><td>{_fmt(row['regime'])}</td><td>{_fmt(row['best_lr_multiplier'])}</td>"
-            f"<td>{_fmt(row['best_lr'])}</td><td>{steps}</td><td>{'—' if row['steps_fit'] is None else f"{row['steps_fit']:.0f}"}</td>"
+            f"<td>{_fmt(row['best_lr'])}</td><td>{steps}</td><td>{fitted}</td>"
             f"<td>{_fmt(row['samples'])}</td><td>{len(row['seeds'])}</td></tr>"
         )
     parts.append("</table>")
