@@ -6,14 +6,13 @@ written before it starts), the trainer's own files, and ``result.json`` — writ
 cells without ``result.json``; the next run starts those from scratch (they are short, and a
 restart cannot overshoot the step budget the way resuming a ``max_steps`` run would).
 
-``python -m bigbatch.study.cells --worker`` is a worker process that runs the cells it is sent;
-the study starts one per GPU (``CUDA_VISIBLE_DEVICES``) or per CPU slot to run cells in parallel.
+``python -m bigbatch.study.worker`` (worker.py) runs the cells it is sent; the study starts one
+per GPU (``CUDA_VISIBLE_DEVICES``) or per CPU slot to run cells in parallel.
 """
 
 from __future__ import annotations
 
 import json
-import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -80,49 +79,3 @@ def read_result(cell_dir: str | Path) -> dict[str, Any] | None:
         return json.loads(p.read_text())
     except json.JSONDecodeError:  # cannot happen with atomic writes, unless edited by hand
         return None
-
-
-def _worker() -> int:
-    """Run cells named one per line on stdin; answer one JSON line per cell on the original stdout.
-
-    The trainer's own prints go to stderr (the worker's log), so the protocol channel stays clean.
-    A worker is started once per GPU (or CPU slot) and keeps its imports and workloads warm.
-    """
-    import os
-
-    proto = os.fdopen(os.dup(1), "w", buffering=1)
-    os.dup2(2, 1)
-    sys.stdout = sys.stderr
-    threads = os.environ.get("BIGBATCH_THREADS")
-    if threads:
-        import torch
-
-        torch.set_num_threads(int(threads))
-    for line in sys.stdin:
-        cell_dir = line.strip()
-        if not cell_dir:
-            continue
-        try:
-            run_cell(cell_dir)
-            answer = {"cell_dir": cell_dir, "ok": True}
-        except Exception as e:  # reported to the parent, which stops the study with this message
-            import traceback
-
-            traceback.print_exc()
-            answer = {"cell_dir": cell_dir, "ok": False, "error": f"{type(e).__name__}: {e}" if not isinstance(e, ValueError) else str(e)}
-        proto.write(json.dumps(answer) + "\n")
-    return 0
-
-
-def _main(argv: list[str]) -> int:
-    if argv == ["--worker"]:
-        try:
-            return _worker()
-        except KeyboardInterrupt:
-            return 130
-    print("usage: python -m bigbatch.study.cells --worker  (cell directories on stdin)", file=sys.stderr)
-    return 2
-
-
-if __name__ == "__main__":
-    sys.exit(_main(sys.argv[1:]))

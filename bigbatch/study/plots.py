@@ -40,9 +40,12 @@ def _save(fig: Any, path: Path) -> None:
 
     fig.tight_layout()
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    fig.savefig(tmp, format="png")
-    os.replace(tmp, path)
-    _plt().close(fig)
+    try:
+        fig.savefig(tmp, format="png")
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)  # only left when interrupted mid-write
+        _plt().close(fig)
 
 
 def _log2_axis(ax: Any, bs: list[int]) -> None:

@@ -108,8 +108,11 @@ def render_html(res: dict[str, Any], pngs: dict[str, Path]) -> str:
 
 def _write_text_atomic(text: str, path: Path) -> None:
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    tmp.write_text(text)
-    os.replace(tmp, path)
+    try:
+        tmp.write_text(text)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)  # only left when interrupted mid-write
 
 
 def write_outputs(results: dict[str, Any], out: str | Path) -> None:

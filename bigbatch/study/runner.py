@@ -239,7 +239,7 @@ def _run_parallel(
     progress: StudyProgress,
     finished: Callable[[dict[str, Any]], None],
 ) -> None:
-    """``jobs`` worker processes (cells.py ``--worker``), each fed one cell at a time.
+    """``jobs`` worker processes (worker.py), each fed one cell at a time.
 
     On GPUs each worker owns one device through ``CUDA_VISIBLE_DEVICES``; on a CPU the cores
     are shared out (small models run best on one thread each, several cells side by side).
@@ -276,7 +276,7 @@ def _run_parallel(
                 env["OMP_NUM_THREADS"] = env["BIGBATCH_THREADS"] = str(threads)
             log = open(out / f"worker{slot}.log", "a")
             proc = subprocess.Popen(
-                [sys.executable, "-m", "bigbatch.study.cells", "--worker"],
+                [sys.executable, "-m", "bigbatch.study.worker"],
                 env=env, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=log, text=True, bufsize=1,
             )
             workers.append((proc, log))
