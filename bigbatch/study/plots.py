@@ -48,6 +48,15 @@ def _save(fig: Any, path: Path) -> None:
         _plt().close(fig)
 
 
+def _readable_log_y(ax: Any) -> None:
+    """Label 1-2-5 ticks with plain numbers: a curve spanning one decade otherwise gets one label."""
+    from matplotlib.ticker import FuncFormatter, LogLocator, NullFormatter
+
+    ax.yaxis.set_major_locator(LogLocator(base=10, subs=(1.0, 2.0, 5.0)))
+    ax.yaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:,.0f}" if v >= 1 else f"{v:g}"))
+    ax.yaxis.set_minor_formatter(NullFormatter())
+
+
 def _log2_axis(ax: Any, bs: list[int]) -> None:
     ax.set_xscale("log", base=2)
     ax.set_xticks(bs)
@@ -62,12 +71,13 @@ def _b_markers(ax: Any, res: dict[str, Any], xmin: float, xmax: float, label_reg
         lo, hi = regime_bounds(b)
         edges = [xmin, max(xmin, min(lo, xmax)), max(xmin, min(hi, xmax)), xmax]
         names = ("perfect scaling", "diminishing returns", "maximal data parallelism")
-        for (a, z), color, name in zip(zip(edges[:-1], edges[1:]), _REGIME_COLORS, names):
+        for i, ((a, z), color, name) in enumerate(zip(zip(edges[:-1], edges[1:]), _REGIME_COLORS, names)):
             if z > a:
                 ax.axvspan(a, z, color=color, zorder=0, lw=0)
                 if label_regimes:
-                    ax.text(np.sqrt(a * z), 0.98, name, transform=ax.get_xaxis_transform(), ha="center", va="top",
-                            fontsize=8, color="#555555")
+                    # Outer bands are labelled from the plot's edge inwards so the text is never cut off.
+                    x, ha = {0: (a * 1.04, "left"), 2: (z / 1.04, "right")}.get(i, (np.sqrt(a * z), "center"))
+                    ax.text(x, 0.98, name, transform=ax.get_xaxis_transform(), ha=ha, va="top", fontsize=8, color="#555555")
         ax.axvline(res["b_crit"], color=_FIT, ls="--", lw=1.2, label=f"B_crit = {res['b_crit']:.0f} (fit)")
         iv = res.get("b_crit_interval")
         if iv:
@@ -121,13 +131,18 @@ def _curve_plot(res: dict[str, Any], key: str, path: Path) -> None:
         top = max(py) * 1.3 if py else 1.0
         ax.plot(miss, [top] * len(miss), "^", color="#444444", ms=8, zorder=4, label="not reached within budget")
     ax.set_yscale("log")
+    _readable_log_y(ax)
     _log2_axis(ax, bs)
     ax.set_xlim(xmin, xmax)
     ax.set_xlabel("batch size B")
     ax.set_ylabel("optimizer steps to target" if key == "steps" else "training examples to target")
     tgt = f"{res['metric_name']} {'≥' if res['higher_is_better'] else '≤'} {res['target']:g}"
     ax.set_title(f"{res['workload']}: {key} to reach {tgt}")
-    ax.legend(fontsize=8, loc="lower left" if key == "steps" else "upper left", framealpha=0.9)
+    # Steps fall from the upper left, samples rise to the upper right: the legend goes where they are not.
+    if key == "steps":
+        ax.legend(fontsize=8, loc="lower left", framealpha=0.9)
+    else:  # upper left, below the regime label
+        ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(0.0, 0.93), framealpha=0.9)
     ax.grid(True, which="major", alpha=0.3)
     _save(fig, path)
 
