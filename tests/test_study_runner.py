@@ -257,3 +257,19 @@ def test_killed_cli_study_resumes_without_recomputing(tmp_path):
     res = run_study(tiny(out), run_cell_fn=spy)
     assert res["complete"] and len(rerun) == 8 - len(done) and not set(rerun) & set(done)
     assert {n: (out / "cells" / n / "result.json").stat().st_mtime_ns for n in done} == done
+
+
+def test_every_cli_flag_mirrors_a_config_field():
+    import dataclasses
+    import inspect
+
+    from bigbatch.cli.study import study_command
+
+    flags = set(inspect.signature(study_command).parameters) - {"config"}
+    flags = {"workload_args" if f == "workload_arg" else f for f in flags}
+    fields = {f.name for f in dataclasses.fields(StudyConfig)}
+    assert flags == fields
+    lines = inspect.getsource(StudyConfig).splitlines()
+    for f in dataclasses.fields(StudyConfig):  # a docstring per field, as the style guide asks
+        i = next(k for k, line in enumerate(lines) if line.startswith(f"    {f.name}:"))
+        assert lines[i + 1].strip().startswith('"""'), f"field {f.name} has no docstring"
