@@ -77,3 +77,16 @@ def test_too_few_batch_sizes_is_a_note_not_a_crash(tmp_path):
     write_outputs(res, tmp_path)
     assert "incomplete study" in (tmp_path / "report.html").read_text()
     assert (tmp_path / "steps.png").exists()
+
+
+def test_nothing_reached_still_writes_a_report(tmp_path):
+    recs = records()
+    for r in recs:
+        r.update(reached_target=False, steps_to_target=None, samples_to_target=None, stopped="budget")
+    res = analyze(recs, StudyConfig(), RESOLVED, total_cells=len(recs))
+    assert res["b_crit"] is None and all(not row["reached"] for row in res["batch_sizes"])
+    assert any("not reached within the budget" in n for n in res["notes"])
+    res["complete"] = True
+    write_outputs(res, tmp_path)
+    assert "not reached" in (tmp_path / "report.html").read_text()
+    assert all((tmp_path / n).stat().st_size > 0 for n in ("steps.png", "samples.png", "pareto.png", "best_lr.png"))

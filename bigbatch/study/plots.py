@@ -80,7 +80,7 @@ def _b_markers(ax: Any, res: dict[str, Any], xmin: float, xmax: float, label_reg
                     ax.text(x, 0.98, name, transform=ax.get_xaxis_transform(), ha=ha, va="top", fontsize=8, color="#555555")
         ax.axvline(res["b_crit"], color=_FIT, ls="--", lw=1.2, label=f"B_crit = {res['b_crit']:.0f} (fit)")
         iv = res.get("b_crit_interval")
-        if iv:
+        if iv and min(iv[1], xmax) > max(iv[0], xmin):  # an extrapolated interval may lie off the plot
             ax.axvspan(max(iv[0], xmin), min(iv[1], xmax), color=_FIT, alpha=0.08, zorder=0,
                        label=f"{res['confidence']:.0%} interval [{iv[0]:.0f}, {iv[1]:.0f}]")
     if res.get("b_simple"):
@@ -130,6 +130,9 @@ def _curve_plot(res: dict[str, Any], key: str, path: Path) -> None:
     if miss:
         top = max(py) * 1.3 if py else 1.0
         ax.plot(miss, [top] * len(miss), "^", color="#444444", ms=8, zorder=4, label="not reached within budget")
+    if not py:
+        ax.set_ylim(0.5, 2.0)
+        ax.text(0.5, 0.5, "no batch size reached the target", transform=ax.transAxes, ha="center", fontsize=12)
     ax.set_yscale("log")
     _readable_log_y(ax)
     _log2_axis(ax, bs)
@@ -160,6 +163,11 @@ def _pareto_plot(res: dict[str, Any], path: Path) -> None:
         ax.axvline(res["e_min"], color=_FIT, lw=0.8, ls="--", label=f"E_min = {res['e_min']:.3g}")
         bc = res["b_crit"]
         ax.plot([2 * res["e_min"]], [2 * res["s_min"]], "s", color=_FIT, ms=8, label=f"B = B_crit ({bc:.0f}): 2·S_min, 2·E_min")
+    if not rows:
+        ax.text(0.5, 0.5, "no batch size reached the target", transform=ax.transAxes, ha="center", fontsize=12)
+        ax.set_axis_off()
+        _save(fig, path)
+        return
     e = [r["samples"] for r in rows]
     s = [r["steps"] for r in rows]
     ax.plot(e, s, "o", color=_POINT, ms=7, mec="white", zorder=4, label="measured (best LR per B)")
