@@ -273,3 +273,20 @@ def test_every_cli_flag_mirrors_a_config_field():
     for f in dataclasses.fields(StudyConfig):  # a docstring per field, as the style guide asks
         i = next(k for k, line in enumerate(lines) if line.startswith(f"    {f.name}:"))
         assert lines[i + 1].strip().startswith('"""'), f"field {f.name} has no docstring"
+
+
+def test_failed_cell_stops_the_study_and_keeps_finished_results(tmp_path):
+    cfg = tiny(tmp_path, batch_sizes=[2, 4, 8], lr_grid=[1.0])
+    n = []
+
+    def oom_on_third(cell_dir, workload=None):
+        n.append(cell_dir)
+        if len(n) == 3:
+            raise RuntimeError("CUDA out of memory (simulated)")
+        return cells_mod.run_cell(cell_dir, workload)
+
+    with pytest.raises(RuntimeError, match="out of memory"):
+        run_study(cfg, run_cell_fn=oom_on_third)
+    data = json.loads((tmp_path / "results.json").read_text())
+    assert data["complete"] is False and data["cells_done"] == 2
+    assert run_study(cfg)["complete"]

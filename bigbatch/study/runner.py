@@ -156,7 +156,8 @@ def _resolve_device(device: str) -> str:
 def run_study(cfg: StudyConfig, *, run_cell_fn: Callable[..., dict[str, Any]] | None = None) -> StudyOutcome:
     """Run (or continue) the study configured by ``cfg`` and write its report; see module doc.
 
-    ``run_cell_fn`` replaces the in-process cell runner (tests use it to interrupt a study).
+    ``run_cell_fn`` replaces the in-process cell runner when ``jobs == 1`` (tests use it to
+    interrupt a study).
     """
     from bigbatch.study.analysis import analyze
     from bigbatch.study.report import write_outputs
@@ -221,10 +222,13 @@ def run_study(cfg: StudyConfig, *, run_cell_fn: Callable[..., dict[str, Any]] | 
             for cell, cell_dir in pending:
                 progress.cell_started(cell)
                 finished(runner(cell_dir, workload))
-    except KeyboardInterrupt:
+    except BaseException:  # Ctrl-C or a failed cell: keep what finished readable, then re-raise
         progress.close()
         if records:
-            report(complete=False)
+            try:
+                report(complete=False)
+            except Exception:  # never mask the original error
+                pass
         raise
     finally:
         progress.close()
