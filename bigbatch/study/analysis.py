@@ -1,0 +1,123 @@
+"""From finished cells to the study's results: best LR per batch size, the fit, B_crit, regimes.
+
+Per batch size, the best LR multiplier is the one whose seeds *all* reached the target with the
+fewest steps (median over seeds) — Shallue et al. 2018 (§3.3) compare batch sizes each at its
+own best learning rate, since one fixed recipe conflates the batch size with a bad LR. The
+fit then uses every seed's measurement at that LR (fit.py).
+"""
+
+from __future__ import annotations
+
+import statistics
+from typing import Any
+
+from bigbatch.study.fit import bootstrap_critical_batch, fit_critical_batch, regime, regime_bounds, steps_model
+
+__all__ = ["analyze", "best_per_batch"]
+
+
+def best_per_batch(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """One row per batch size: the best LR multiplier and its per-seed steps/samples to target."""
+    by_b: dict[int, dict[float, list[dict[str, Any]]]] = {}
+    for r in records:
+        by_b.setdefault(int(r["batch_size"]), {}).setdefault(float(r["lr_multiplier"]), []).append(r)
+    rows = []
+    for b in sorted(by_b):
+        best = None
+        for mult, rs in sorted(by_b[b].items()):
+            if not all(r.get("reached_target") for r in rs):
+                continue
+            med = statistics.median(r["steps_to_target"] for r in rs)
+            if best is None or med < best[0]:
+                best = (med, mult, rs)
+        row: dict[str, Any] = {"batch_size": b, "lr_multipliers_tried": sorted(by_b[b])}
+        if best is None:
+            row.update(reached=False, best_lr_multiplier=None, best_lr=None, steps=None, samples=None,
+                       steps_per_seed=[], samples_per_seed=[], seeds=[])
+        else:
+            med, mult, rs = best
+            rs = sorted(rs, key=lambda r: r["seed"])
+            row.update(
+                reached=True,
+                best_lr_multiplier=mult,
+                best_lr=rs[0].get("lr"),  # the peak LR the trainer used at this batch size
+                steps=med,
+                samples=statistics.median(r["samples_to_target"] for r in rs),
+                steps_per_seed=[r["steps_to_target"] for r in rs],
+                samples_per_seed=[r["samples_to_target"] for r in rs],
+                seeds=[r["seed"] for r in rs],
+                best_at_grid_edge=len(by_b[b]) > 1 and mult in (min(by_b[b]), max(by_b[b])),
+            )
+        rows.append(row)
+    return rows
+
+
+def analyze(
+    records: list[dict[str, Any]],
+    cfg: Any,
+    resolved: dict[str, Any],
+    *,
+    total_cells: int,
+    bootstrap_seed: int = 0,
+) -> dict[str, Any]:
+    """The content of ``results.json`` for the finished ``records``."""
+    rows = best_per_batch(records)
+    notes: list[str] = []
+    xs = [row["batch_size"] for row in rows if row["reached"] for _ in row["steps_per_seed"]]
+    ys = [s for row in rows if row["reached"] for s in row["steps_per_seed"]]
+    reached_b = sorted({row["batch_size"] for row in rows if row["reached"]})
+    fit = None
+    interval = None
+    if len(reached_b) >= 3:
+        fit = fit_critical_batch(xs, ys)
+        interval = bootstrap_critical_batch(xs, ys, resamples=cfg.bootstrap, confidence=cfg.confidence, seed=bootstrap_seed)
+        if fit.at_edge:
+            notes.append(
+                "the fitted B_crit lies at the edge of the search range: the measured curve shows no bend "
+                "(extend --batch-sizes past the saturation, or below it)"
+            )
+        elif fit.b_noise > max(reached_b) or fit.b_noise < min(reached_b):
+            notes.append("the fitted B_crit lies outside the measured batch sizes: it is an extrapolation")
+    else:
+        notes.append(f"B_crit needs at least 3 batch sizes that reached the target; {len(reached_b)} did")
+    for row in rows:
+        row["regime"] = regime(row["batch_size"], fit.b_noise) if fit else None
+        row["steps_fit"] = float(steps_model(row["batch_size"], fit.s_min, fit.b_noise)) if fit else None
+        if row.get("best_at_grid_edge"):
+            notes.append(
+                f"at B={row['batch_size']} the best LR is at the edge of --lr-grid: the true best LR may lie outside it"
+            )
+    not_reached = [row["batch_size"] for row in rows if not row["reached"]]
+    if not_reached:
+        notes.append(f"not reached within the budget at B = {', '.join(map(str, not_reached))}")
+
+    b_simple_values = [r["b_simple_median"] for r in records if r.get("b_simple_median") is not None and not r.get("diverged")]
+    b_simple = statistics.median(b_simple_values) if b_simple_values else None
+    if b_simple is None:
+        notes.append("B_simple not available: the trainer's summary.json carries no b_simple_median (noise monitor off or not integrated)")
+
+    lo_b, hi_b = regime_bounds(fit.b_noise) if fit else (None, None)
+    return {
+        "workload": resolved["workload_name"],
+        "metric_name": resolved["metric_name"],
+        "higher_is_better": resolved["higher_is_better"],
+        "target": resolved["target"],
+        "b_crit": fit.b_crit if fit else None,
+        "b_crit_interval": list(interval) if interval else None,
+        "confidence": cfg.confidence,
+        "b_simple": b_simple,
+        "b_simple_cells": len(b_simple_values),
+        "s_min": fit.s_min if fit else None,
+        "e_min": fit.e_min if fit else None,
+        "b_noise": fit.b_noise if fit else None,
+        "fit_rmse_log": fit.rmse_log if fit else None,
+        "fit_points": len(xs),
+        "regime_bounds": {"perfect_scaling_up_to": lo_b, "maximal_data_parallelism_from": hi_b},
+        "batch_sizes": rows,
+        "cells": records,
+        "cells_done": len(records),
+        "cells_total": total_cells,
+        "notes": notes,
+        "resolved": resolved,
+        "config": cfg.to_dict(),
+    }

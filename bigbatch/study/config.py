@@ -1,0 +1,144 @@
+"""Configuration of a critical-batch-size study: one dataclass, every CLI flag mirrors a field."""
+
+from __future__ import annotations
+
+import dataclasses
+import tomllib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from bigbatch._checks import check_choice, check_in_range, check_int_positive, check_positive
+
+__all__ = ["StudyConfig", "RULES"]
+
+#: Scaling rules the trainer applies from ``base_batch_size`` to each cell's batch size.
+RULES = ("linear", "sqrt", "none", "legw", "adam-sqrt")
+
+
+@dataclass(kw_only=True, slots=True)
+class StudyConfig:
+    """A sweep over batch sizes × learning-rate multipliers × seeds (Shallue et al. 2018).
+
+    The defaults are tuned so that ``bigbatch study`` with no arguments runs on two CPU cores
+    in a few minutes on MNIST-1D and still shows all three regimes (docs/study.md).
+    ``None`` means "the workload's default".
+    """
+
+    workload: str = "mnist1d"
+    """Built-in workload name (mnist1d, bytelm, linreg) or ``module:factory``."""
+    workload_args: dict[str, Any] = field(default_factory=dict)
+    """Keyword arguments for the workload factory (``--workload-arg key=value``)."""
+    batch_sizes: list[int] | None = None
+    """Batch sizes to measure (global, in examples); default: ``base_batch_size·2^i``, i = 0..7."""
+    lr: float | None = None
+    """Learning rate at ``base_batch_size`` (the recipe being scaled)."""
+    base_batch_size: int | None = None
+    """Batch size at which ``lr`` was tuned; the rule rescales the LR from there."""
+    rule: str | None = None
+    """LR scaling rule applied by the trainer from ``base_batch_size`` to each batch size
+    (default: the workload's study preset, else linear); ``lr_grid`` multiplies its LR."""
+    lr_grid: list[float] = field(default_factory=lambda: [0.5, 1.0, 2.0])
+    """Multipliers of the rule's LR tried at every batch size; each batch size keeps the one
+    reaching the target in the fewest steps (Shallue et al. 2018 tune the LR per batch size)."""
+    optimizer: str | None = None
+    """Optimizer name (sgd, adamw, ...)."""
+    momentum: float | None = None
+    """Momentum (sgd, lars)."""
+    weight_decay: float | None = None
+    """Weight decay."""
+    warmup_samples: int | None = None
+    """Linear LR warmup in samples (the same number of samples at every batch size)."""
+    target: float | None = None
+    """Metric value that counts as "reached" (in the workload's direction)."""
+    seeds: list[int] = field(default_factory=lambda: [0])
+    """Seeds run for every (batch size, LR) cell; several give the bootstrap real replicates."""
+    budget: int | None = None
+    """Per-cell budget in samples; a cell that has not reached the target by then is "not reached"."""
+    budget_steps: int | None = None
+    """Per-cell budget in optimizer steps (caps small-batch cells whose LR is too low or unstable)."""
+    eval_every_samples: int | None = None
+    """Evaluate at least this many samples apart: the resolution of samples-to-target at
+    small batch sizes, so keep it a small fraction of ``E_min``."""
+    eval_every_steps: int | None = None
+    """Evaluate at least this many steps apart: the resolution of steps-to-target at large
+    batch sizes (a cell evaluates every max(eval_every_samples, eval_every_steps·B) samples)."""
+    device: str = "auto"
+    """cpu, cuda or auto. With cuda and several visible GPUs, cells run one per GPU in parallel."""
+    jobs: int = 0
+    """Cells run at the same time in worker processes; 0: one per visible GPU with cuda, on a
+    CPU one single-threaded worker per core (at most 8); 1: in this process."""
+    out: str = "runs/study"
+    """Run directory: results.json, report.html, PNG plots, cells/<cell>/."""
+    bootstrap: int = 1000
+    """Bootstrap resamples for the B_crit interval."""
+    confidence: float = 0.9
+    """Coverage of the B_crit interval."""
+    progress: str = "auto"
+    """Progress display: auto (bar on a terminal, lines otherwise), bar, lines, none."""
+
+    def validate(self) -> "StudyConfig":
+        """Check every field; raise ``ValueError`` naming the field and its allowed range."""
+        if self.batch_sizes is not None:
+            if not self.batch_sizes:
+                raise ValueError("batch_sizes must name at least one batch size")
+            self.batch_sizes = sorted({check_int_positive("batch_sizes", b) for b in self.batch_sizes})
+        if not self.lr_grid:
+            raise ValueError("lr_grid must name at least one multiplier")
+        self.lr_grid = sorted({check_positive("lr_grid", m) for m in self.lr_grid})
+        if not self.seeds:
+            raise ValueError("seeds must name at least one seed")
+        for s in self.seeds:
+            if isinstance(s, bool) or not isinstance(s, int) or s < 0:
+                raise ValueError(f"seeds must be integers >= 0, got {s!r}")
+        self.seeds = sorted(set(self.seeds))
+        if self.lr is not None:
+            check_positive("lr", self.lr)
+        if self.base_batch_size is not None:
+            check_int_positive("base_batch_size", self.base_batch_size)
+        if self.rule is not None:
+            check_choice("rule", self.rule, RULES)
+        if self.budget is not None:
+            check_int_positive("budget", self.budget)
+        if self.budget_steps is not None:
+            check_int_positive("budget_steps", self.budget_steps)
+        if self.eval_every_samples is not None:
+            check_int_positive("eval_every_samples", self.eval_every_samples)
+        if self.eval_every_steps is not None:
+            check_int_positive("eval_every_steps", self.eval_every_steps)
+        if self.warmup_samples is not None and (not isinstance(self.warmup_samples, int) or self.warmup_samples < 0):
+            raise ValueError(f"warmup_samples must be an integer >= 0, got {self.warmup_samples!r}")
+        if self.target is not None:
+            check_in_range("target", self.target, float("-inf"), float("inf"), lo_inclusive=False)
+        if isinstance(self.jobs, bool) or not isinstance(self.jobs, int) or self.jobs < 0:
+            raise ValueError(f"jobs must be an integer >= 0, got {self.jobs!r}")
+        if not (self.device in ("auto", "cpu", "cuda") or self.device.startswith("cuda:")):
+            raise ValueError(f"device must be auto, cpu, cuda or cuda:N, got {self.device!r}")
+        if isinstance(self.bootstrap, bool) or not isinstance(self.bootstrap, int) or self.bootstrap < 10:
+            raise ValueError(f"bootstrap must be an integer >= 10, got {self.bootstrap!r}")
+        check_in_range("confidence", self.confidence, 0.0, 1.0, lo_inclusive=False)
+        check_choice("progress", self.progress, ("auto", "bar", "lines", "none"))
+        return self
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "StudyConfig":
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(d) - names)
+        if unknown:
+            raise ValueError(f"unknown study config field(s): {', '.join(unknown)}; valid: {', '.join(sorted(names))}")
+        return cls(**d)
+
+    @classmethod
+    def from_toml(cls, path: str | Path) -> "StudyConfig":
+        try:
+            with open(path, "rb") as f:
+                data = tomllib.load(f)
+        except tomllib.TOMLDecodeError as e:
+            raise ValueError(f"--config {path} is not valid TOML: {e}") from None
+        return cls.from_dict(data)
+
+    def replace(self, **changes: Any) -> "StudyConfig":
+        return dataclasses.replace(self, **changes)
