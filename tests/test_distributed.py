@@ -80,5 +80,6 @@ def test_two_gpus_nccl_equal_accumulation(tmp_path, strategy):
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     got = _final_params(tmp_path / "dist")
     for k in ref:
-        diff = (got[k].float() - ref[k].float()).abs().max().item()
-        torch.testing.assert_close(got[k].float(), ref[k].float(), rtol=1e-6, atol=1e-6, msg=f"{k}: max diff {diff:.3g}")
+        a, b = got[k].float().cpu(), ref[k].float().cpu()
+        diff = (a - b).abs().max().item()
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-6, msg=f"{k}: max diff {diff:.3g}")
