@@ -103,7 +103,11 @@ def study_command(
     else:
         typer.echo("B_crit: not fitted")
     bs = res["b_simple"]
-    typer.echo(f"B_simple = {bs:.0f} (noise monitor, median over runs)" if bs is not None else "B_simple: not measured (no noise-monitor readings in the runs)")
+    if bs is None:
+        typer.echo("B_simple: not measured (no noise-monitor readings in the runs)")
+    else:
+        ratio = f"; B_crit / B_simple = {res['b_crit'] / bs:.2f}" if res.get("b_crit") else ""
+        typer.echo(f"B_simple = {bs:.0f} (noise monitor, median over runs, {res.get('b_simple_source')}){ratio}")
     for note in res["notes"]:
         if not note.startswith("B_simple"):  # already said on the line above
             typer.echo(f"note: {note}")

@@ -91,8 +91,15 @@ def analyze(
     if not_reached:
         notes.append(f"not reached within the budget at B = {', '.join(map(str, not_reached))}")
 
-    b_simple_values = [r["b_simple_median"] for r in records if r.get("b_simple_median") is not None and not r.get("diverged")]
+    # B_simple grows as the loss falls (McCandlish et al. 2018, §3.2 and Fig. 6), and B_crit for a
+    # target is compared with the noise scale measured at that target's loss: so the reading when
+    # each run reached the target is used, and the median over a whole run where none is there.
+    at_target = [r["b_simple_at_target"] for r in records
+                 if r.get("reached_target") and r.get("b_simple_at_target") is not None and not r.get("diverged")]
+    whole_run = [r["b_simple_median"] for r in records if r.get("b_simple_median") is not None and not r.get("diverged")]
+    b_simple_values = at_target or whole_run
     b_simple = statistics.median(b_simple_values) if b_simple_values else None
+    b_simple_source = "at target" if at_target else ("run median" if whole_run else None)
     if b_simple is None:
         notes.append("B_simple not available: the trainer's summary.json carries no b_simple_median (noise monitor off or not integrated)")
 
@@ -107,6 +114,8 @@ def analyze(
         "confidence": cfg.confidence,
         "b_simple": b_simple,
         "b_simple_cells": len(b_simple_values),
+        "b_simple_source": b_simple_source,
+        "b_simple_run_median": statistics.median(whole_run) if whole_run else None,
         "s_min": fit.s_min if fit else None,
         "e_min": fit.e_min if fit else None,
         "b_noise": fit.b_noise if fit else None,

@@ -65,6 +65,7 @@ def run_cell(cell_dir: str | Path, workload: Any = None) -> dict[str, Any]:
     record.update({k: summary.get(k) for k in RESULT_FIELDS})
     # The noise monitor's reading, when the trainer provides it (McCandlish et al. 2018, eq. 2.9).
     record["b_simple_median"] = summary.get("b_simple_median")
+    record["b_simple_at_target"] = summary.get("b_simple_at_target")
     record["train"] = spec["train"]
     write_json_atomic(record, cell_dir / "result.json")
     return record

@@ -77,14 +77,16 @@ def _b_markers(ax: Any, res: dict[str, Any], xmin: float, xmax: float, label_reg
                 if label_regimes:
                     # Outer bands are labelled from the plot's edge inwards so the text is never cut off.
                     x, ha = {0: (a * 1.04, "left"), 2: (z / 1.04, "right")}.get(i, (np.sqrt(a * z), "center"))
-                    ax.text(x, 0.98, name, transform=ax.get_xaxis_transform(), ha=ha, va="top", fontsize=8, color="#555555")
+                    # The middle label sits one line lower: a narrow outer band's label may reach into it.
+                    y = 0.92 if i == 1 else 0.98
+                    ax.text(x, y, name, transform=ax.get_xaxis_transform(), ha=ha, va="top", fontsize=8, color="#555555")
         ax.axvline(res["b_crit"], color=_FIT, ls="--", lw=1.2, label=f"B_crit = {res['b_crit']:.0f} (fit)")
         iv = res.get("b_crit_interval")
         if iv and min(iv[1], xmax) > max(iv[0], xmin):  # an extrapolated interval may lie off the plot
             ax.axvspan(max(iv[0], xmin), min(iv[1], xmax), color=_FIT, alpha=0.08, zorder=0,
                        label=f"{res['confidence']:.0%} interval [{iv[0]:.0f}, {iv[1]:.0f}]")
     if res.get("b_simple"):
-        ax.axvline(res["b_simple"], color=_SIMPLE, ls="-.", lw=1.5, label=f"B_simple = {res['b_simple']:.0f} (measured)")
+        ax.axvline(res["b_simple"], color=_SIMPLE, ls="-.", lw=1.5, label=f"B_simple = {res['b_simple']:.0f} (measured, {res.get('b_simple_source') or 'run median'})")
     ax.set_xlim(xmin, xmax)
 
 

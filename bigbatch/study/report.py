@@ -33,7 +33,7 @@ def _headline(res: dict[str, Any]) -> str:
         simple = "B_simple was not measured during the runs (the trainer reported no noise-scale readings)."
     else:
         ratio = res["b_crit"] / bs
-        simple = f"The noise monitor measured B_simple = {bs:.0f} (median over {res['b_simple_cells']} runs); B_crit / B_simple = {ratio:.2f}."
+        simple = f"The noise monitor measured B_simple = {bs:.0f} (median over {res['b_simple_cells']} runs, {res.get('b_simple_source') or 'run median'}; the whole-run median is {_fmt(res.get('b_simple_run_median'))}); B_crit / B_simple = {ratio:.2f}."
     lo, hi = res["regime_bounds"]["perfect_scaling_up_to"], res["regime_bounds"]["maximal_data_parallelism_from"]
     return (
         f"<p class='big'>Critical batch size <b>B_crit = {res['b_crit']:.0f}</b>{ivs}</p>"

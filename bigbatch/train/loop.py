@@ -353,6 +353,8 @@ def train(cfg: TrainConfig, workload: Workload | None = None) -> TrainResult:
         hit = cfg.target is not None and state["steps_to_target"] is None and better(value, cfg.target)
         if hit:
             state["steps_to_target"], state["samples_to_target"] = state["step"], state["samples"]
+            if state["b_simple_log"]:
+                state["b_simple_at_target"] = state["b_simple_log"][-1]
         return hit
 
     reading = None
@@ -552,6 +554,7 @@ def train(cfg: TrainConfig, workload: Workload | None = None) -> TrainResult:
     if monitor is not None:
         summary["b_simple"] = blog[-1] if blog else None
         summary["b_simple_median"] = float(sorted(blog)[len(blog) // 2]) if blog else None
+        summary["b_simple_at_target"] = state.get("b_simple_at_target")
         summary["noise_mode"] = monitor.mode
     if ema is not None:
         summary["ema_metric"] = state.get("ema_metric")
