@@ -99,8 +99,14 @@ def _worker(rank: int, init_file: str, out_file: str) -> None:
         if rank == 0:
             with open(out_file, "w") as f:
                 json.dump(result, f)
-    finally:
+        dist.barrier()  # neither rank tears gloo down while the other finishes its last collective
         dist.destroy_process_group()
+        # Skip the interpreter's teardown: gloo's static objects can abort a worker at exit
+        # ("terminate called without an active exception") after all the work is done.
+        os._exit(0)
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
 
 
 @pytest.mark.skipif(not dist.is_available() or not dist.is_gloo_available(), reason="torch.distributed with gloo not available")

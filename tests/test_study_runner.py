@@ -64,7 +64,7 @@ def test_outputs_and_results_schema(tmp_path):
         assert meds[0] <= data["b_simple"] <= meds[-1]
     html = (tmp_path / "report.html").read_text()
     assert "data:image/png;base64," in html and "src='http" not in html
-    assert "B_simple was not measured" in html
+    assert "The noise monitor measured B_simple" in html
     assert res["b_crit"] == data["b_crit"]
 
 

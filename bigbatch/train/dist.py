@@ -8,7 +8,10 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
-__all__ = ["DistInfo", "init_distributed", "pick_device"]
+__all__ = ["DistInfo", "init_distributed", "pick_device", "shutdown_distributed"]
+
+# Whether this module created the process group (then it also tears it down).
+_OWNS_GROUP = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -54,5 +57,22 @@ def init_distributed(device_spec: str) -> tuple[DistInfo, torch.device]:
             # Gloo's eager full-mesh connect races a restarted peer (torchrun --max-restarts) and
             # gives up after three quick retries; lazy connections wait for the peer instead.
             os.environ.setdefault("TORCH_GLOO_LAZY_INIT", "1")
+        global _OWNS_GROUP
+        _OWNS_GROUP = True
         dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo", device_id=device if device.type == "cuda" else None)
     return DistInfo(rank=rank, world_size=world, local_rank=local), device
+
+
+def shutdown_distributed(info: DistInfo) -> None:
+    """End of a run: wait for every rank, then tear down the group if we created it.
+
+    Without the barrier a rank that finishes first tears gloo down while its peer still completes
+    the last collective, and the peer aborts ("terminate called without an active exception").
+    """
+    global _OWNS_GROUP
+    if not info.enabled or not dist.is_initialized():
+        return
+    dist.barrier()
+    if _OWNS_GROUP:
+        dist.destroy_process_group()
+        _OWNS_GROUP = False

@@ -29,7 +29,7 @@ from bigbatch.optim import create_optimizer
 from bigbatch.scaling import Recipe, ScalingPlan
 from bigbatch.train.checkpoint import latest_checkpoint, list_checkpoints, rng_state, save_atomic, set_rng_state, write_json_atomic
 from bigbatch.train.config import TrainConfig
-from bigbatch.train.dist import DistInfo, init_distributed
+from bigbatch.train.dist import DistInfo, init_distributed, shutdown_distributed
 from bigbatch.train.parallel import full_model_state, full_optimizer_state, gradient_sync, load_full_state, wrap_model
 from bigbatch.train.metrics import MetricsWriter, ProgressDisplay, truncate_metrics
 from bigbatch.workloads import Workload, load_workload, move_batch
@@ -188,6 +188,17 @@ def _evaluate_average(cfg: TrainConfig, info: DistInfo, raw_model: nn.Module, ck
     value = evaluate()
     raw_model.load_state_dict(backup)
     return {"averaged_metric": value, "averaged_checkpoints": [p.name for p in paths]}
+
+
+def _unsharded_copy(wl: Workload, sharded: nn.Module, device: torch.device) -> nn.Module:
+    """A plain model holding the FSDP-sharded model's full weights (gathered on every rank)."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+    # Not cpu_offload: that variant hands the full state to rank 0 only.
+    state = get_model_state_dict(sharded, options=StateDictOptions(full_state_dict=True))
+    model = wl.build_model()
+    model.load_state_dict(state)
+    return model.to(device)
 
 
 def _prepare_out(out: str | Path, is_main: bool) -> Path:
@@ -563,4 +574,7 @@ def train(cfg: TrainConfig, workload: Workload | None = None) -> TrainResult:
         summary.update(averaged)
     if info.is_main:
         write_json_atomic(summary, out / "summary.json")
+    if sharded:  # the returned model must be usable after the group is gone
+        raw_model = _unsharded_copy(wl, raw_model, device)
+    shutdown_distributed(info)
     return TrainResult(summary=summary, model=raw_model)
