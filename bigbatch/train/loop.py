@@ -398,7 +398,10 @@ def train(cfg: TrainConfig, workload: Workload | None = None) -> TrainResult:
             ]
             n_local = sum(wl.count(mb) for mb in micro)
             if info.enabled:
-                n_global = torch.tensor(float(n_local), device=device)
+                # A pinned, non-blocking copy: torch.tensor(x, device=cuda) from pageable memory
+                # would wait for the GPU to drain every step and cost the CPU its run-ahead.
+                n_global = torch.tensor([float(n_local)], pin_memory=device.type == "cuda")[0]
+                n_global = n_global.to(device, non_blocking=True)
                 dist.all_reduce(n_global)  # stays on the device: no host sync
             else:
                 n_global = float(n_local)
