@@ -14,6 +14,7 @@ __all__ = [
     "check_nonnegative",
     "check_in_range",
     "check_int_positive",
+    "check_int_nonnegative",
     "check_choice",
     "closest",
 ]
@@ -84,6 +85,20 @@ def closest(name: str, options: Iterable[str], n: int = 3) -> list[str]:
     import difflib
 
     return difflib.get_close_matches(name, list(options), n=n, cutoff=0.4)
+
+
+def check_int_nonnegative(name: str, value: Any) -> int:
+    """An integer >= 0 (bools refused; integral floats such as 4000.0 accepted)."""
+    if isinstance(value, bool) or not isinstance(value, int):
+        try:
+            if float(value) != int(value):
+                raise ValueError
+            value = int(value)
+        except (TypeError, ValueError, OverflowError):
+            raise ValueError(f"{name} must be an integer >= 0, got {value!r}") from None
+    if value < 0:
+        raise ValueError(f"{name} must be an integer >= 0, got {value!r}")
+    return int(value)
 
 
 def check_choice(what: str, value: str, options: Iterable[str]) -> str:

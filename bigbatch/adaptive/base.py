@@ -7,22 +7,9 @@ from abc import ABC, abstractmethod
 from dataclasses import asdict, dataclass
 from typing import Any, Mapping
 
-from bigbatch._checks import check_int_positive
+from bigbatch._checks import check_int_nonnegative, check_int_positive
 
 __all__ = ["ControllerState", "BatchSizeChange", "BatchSizeController", "GrowthController"]
-
-
-def _check_int_nonnegative(name: str, value: Any) -> int:
-    if isinstance(value, bool) or not isinstance(value, int):
-        try:
-            if float(value) != int(value):
-                raise ValueError
-            value = int(value)
-        except (TypeError, ValueError, OverflowError):
-            raise ValueError(f"{name} must be an integer >= 0, got {value!r}") from None
-    if value < 0:
-        raise ValueError(f"{name} must be an integer >= 0, got {value!r}")
-    return int(value)
 
 
 def _reading(name: str, value: Any) -> float | None:
@@ -61,9 +48,9 @@ class ControllerState:
     """Estimate of tr(Σ), the trace of the per-example gradient covariance."""
 
     def __post_init__(self) -> None:
-        self.samples = _check_int_nonnegative("samples", self.samples)
+        self.samples = check_int_nonnegative("samples", self.samples)
         self.batch_size = check_int_positive("batch_size", self.batch_size)
-        self.step = _check_int_nonnegative("step", self.step)
+        self.step = check_int_nonnegative("step", self.step)
         self.b_simple = _reading("b_simple", self.b_simple)
         self.grad_sqnorm = _reading("grad_sqnorm", self.grad_sqnorm)
         self.trace_sigma = _reading("trace_sigma", self.trace_sigma)
@@ -192,9 +179,9 @@ class GrowthController(BatchSizeController):
             raise ValueError(f"growth must be a number > 1, got {growth!r}") from None
         if not (self.growth > 1.0 and math.isfinite(self.growth)):
             raise ValueError(f"growth must be > 1 and finite, got {growth!r}")
-        self.min_interval = _check_int_nonnegative("min_interval", min_interval)
+        self.min_interval = check_int_nonnegative("min_interval", min_interval)
         self.patience = check_int_positive("patience", patience)
-        self.start_samples = _check_int_nonnegative("start_samples", start_samples)
+        self.start_samples = check_int_nonnegative("start_samples", start_samples)
         # Samples at the last change; the clock starts when the controller first sees the run.
         self._last_change: int | None = None
         self._streak = 0
@@ -215,8 +202,8 @@ class GrowthController(BatchSizeController):
 
     def _load_runtime_state(self, state: Mapping[str, Any]) -> None:
         last = state.get("last_change")
-        self._last_change = None if last is None else _check_int_nonnegative("last_change", last)
-        self._streak = _check_int_nonnegative("streak", state.get("streak", 0))
+        self._last_change = None if last is None else check_int_nonnegative("last_change", last)
+        self._streak = check_int_nonnegative("streak", state.get("streak", 0))
 
     def _ceil(self, x: float) -> int:
         g = self.granularity

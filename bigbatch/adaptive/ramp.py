@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from typing import Any
 
-from bigbatch._checks import check_int_positive
-from bigbatch.adaptive.base import BatchSizeController, ControllerState, _check_int_nonnegative
+from bigbatch._checks import check_int_nonnegative, check_int_positive
+from bigbatch.adaptive.base import BatchSizeController, ControllerState
 
 __all__ = ["RampController"]
 
@@ -66,7 +66,7 @@ class RampController(BatchSizeController):
 
     def batch_size_at(self, samples: int) -> int:
         """The ramp's batch after ``samples`` samples (a pure function)."""
-        samples = _check_int_nonnegative("samples", samples)
+        samples = check_int_nonnegative("samples", samples)
         if samples >= self.ramp_samples:
             return self.end_batch
         return self.start_batch + (samples * self.num_increments // self.ramp_samples) * self.increment
