@@ -442,7 +442,10 @@ def train(cfg: TrainConfig, workload: Workload | None = None) -> TrainResult:
 
             # ---- adaptive batch size: realised by accumulation steps / micro-batch ----------
             if controller is not None:
-                new = controller.next_batch_size(_controller_state(monitor, reading, state, batch_size))
+                # Noise readings are handed over on log steps only, where they are fetched from the
+                # device anyway: no extra host sync in the loop (a ramp needs none at all).
+                log_step = state["step"] % r.log_every == 0
+                new = controller.next_batch_size(_controller_state(monitor if log_step else None, reading, state, batch_size))
                 if new != batch_size:
                     plan = plan_batch(new, info.world_size, cfg.micro_batch_size)
                     state["batch_size"] = plan.batch_size
