@@ -120,3 +120,26 @@ def test_cli_train_runs_and_reports(tmp_path):
     assert r.returncode == 0, r.stderr
     assert "summary.json" in r.stdout
     assert (tmp_path / "metrics.jsonl").exists() and (tmp_path / "summary.json").exists()
+
+
+def test_nonfinite_gradient_refused_by_optimizer_stops_as_diverged(tmp_path, capsys):
+    """LAMB refuses a NaN gradient (state untouched); the trainer stops with a message, not a traceback."""
+    from bigbatch.workloads import load_workload
+
+    wl = load_workload("linreg", dim=8)
+    calls = {"n": 0}
+    plain_loss = wl.loss
+
+    def poisoned(model, batch):
+        calls["n"] += 1
+        loss, count = plain_loss(model, batch)
+        return (loss * float("nan") if calls["n"] > 12 else loss), count
+
+    wl.loss = poisoned
+    res = train(TrainConfig(workload="linreg", batch_size=32, lr=0.01, optimizer="lamb", budget_samples=32 * 40,
+                            log_every_steps=100, checkpoint_every_samples=32 * 4, out=str(tmp_path), progress="none"),
+                workload=wl)
+    assert res.summary["diverged"] and res.summary["steps"] == 12
+    assert "non-finite" in capsys.readouterr().out
+    blob = torch.load(sorted((tmp_path / "checkpoints").glob("*.pt"))[-1], weights_only=False)
+    assert blob["step"] == 12 and all(torch.isfinite(t).all() for t in blob["model"].values())

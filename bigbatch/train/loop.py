@@ -369,6 +369,7 @@ def train(cfg: TrainConfig, workload: Workload | None = None) -> TrainResult:
         return hit
 
     reading = None
+    nonfinite_error = None
 
     # ---- the loop -----------------------------------------------------------------------
     t_start = time.perf_counter()
@@ -429,7 +430,12 @@ def train(cfg: TrainConfig, workload: Workload | None = None) -> TrainResult:
             if monitor is not None:
                 reading = monitor.end_step()
             interval_count += n_local
-            optimizer.step()
+            try:
+                optimizer.step()
+            except FloatingPointError as e:  # LARS/LAMB/MERIT refuse a non-finite gradient, state untouched
+                stopped = "diverged"
+                nonfinite_error = str(e)
+                break
             optimizer.zero_grad(set_to_none=True)
             if ema is not None:
                 ema.update(raw_model, batch_size)
@@ -527,7 +533,7 @@ def train(cfg: TrainConfig, workload: Workload | None = None) -> TrainResult:
         checkpoint()
     elif stopped == "diverged" and info.is_main:
         print(
-            f"training diverged at step {state['step']} (non-finite loss or metric); "
+            f"training diverged at step {state['step']} ({nonfinite_error or 'non-finite loss or metric'}); "
             f"the last good checkpoint is kept in {ckpt_dir}",
             flush=True,
         )
