@@ -8,6 +8,7 @@ line on stderr with exit code 2 (no traceback), as STYLE.md asks.
 from __future__ import annotations
 
 import importlib
+import os
 import sys
 from typing import Optional
 
@@ -63,6 +64,16 @@ def main(argv: list[str] | None = None) -> None:
     command = typer.main.get_command(app)
     try:
         command.main(args=argv, prog_name="bigbatch", standalone_mode=True)
+    except SystemExit as e:
+        if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+            # A torchrun worker whose work is done (process group destroyed, files written) leaves
+            # without the interpreter's teardown: gloo's background threads can otherwise abort it
+            # there ("terminate called without an active exception") and fail the whole launch.
+            sys.stdout.flush()
+            sys.stderr.flush()
+            code = e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
+            os._exit(code)
+        raise
     except (ValueError, FileNotFoundError, NotADirectoryError, PermissionError, IsADirectoryError) as e:
         typer.echo(f"error: {e}", err=True)
         sys.exit(2)
