@@ -159,20 +159,20 @@ def _measure(monitor: NoiseMonitor | None, wl: Workload, mb: dict):
         yield
 
 
-def _controller_state(monitor: NoiseMonitor | None, reading: Any, state: dict, batch_size: int) -> ControllerState:
+def _controller_state(monitor: NoiseMonitor | None, state: dict, batch_size: int) -> ControllerState:
     """Noise readings in examples (the unit of the batch size), for the batch-size controller.
 
-    With a token-normalised loss the estimator counts tokens; the reading's ``b_simple_samples``
-    gives the conversion, and tr(Σ) is rescaled with it so that B_simple = tr(Σ)/|G|² still holds.
+    With a token-normalised loss the estimator counts tokens; the monitor's running tokens per
+    example converts B_simple and tr(Σ) alike, so that B_simple = tr(Σ)/|G|² still holds.
     """
     base = ControllerState(samples=state["samples"], batch_size=batch_size, step=state["step"])
     if monitor is None or monitor.estimator.n_updates == 0:
         return base
     est = monitor.estimator
     g2, tr, b = est.grad_sqnorm, est.trace_sigma, est.b_simple
-    if reading is not None and reading.b_simple_samples is not None and b and math.isfinite(b):
-        ratio = reading.b_simple_samples / reading.b_simple if reading.b_simple else float("nan")
-        b, tr = b * ratio, tr * ratio
+    ups = monitor.units_per_sample  # nan when the loop never said how many examples a micro-batch held
+    if math.isfinite(ups) and ups > 0:
+        b, tr = b / ups, tr / ups
     return ControllerState(samples=state["samples"], batch_size=batch_size, step=state["step"],
                            b_simple=b, grad_sqnorm=g2, trace_sigma=tr)
 
@@ -451,7 +451,7 @@ def train(cfg: TrainConfig, workload: Workload | None = None) -> TrainResult:
                 # Noise readings are handed over on log steps only, where they are fetched from the
                 # device anyway: no extra host sync in the loop (a ramp needs none at all).
                 log_step = state["step"] % r.log_every == 0
-                new = controller.next_batch_size(_controller_state(monitor if log_step else None, reading, state, batch_size))
+                new = controller.next_batch_size(_controller_state(monitor if log_step else None, state, batch_size))
                 if new != batch_size:
                     plan = plan_batch(new, info.world_size, cfg.micro_batch_size)
                     state["batch_size"] = plan.batch_size
