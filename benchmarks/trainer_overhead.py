@@ -12,7 +12,6 @@ the bare loop's likewise.
 from __future__ import annotations
 
 import argparse
-import statistics
 import tempfile
 import time
 

@@ -66,18 +66,26 @@ def check_in_range(
     return x
 
 
-def check_int_positive(name: str, value: Any) -> int:
-    """A positive integer (bools refused)."""
-    if isinstance(value, bool) or not isinstance(value, int):
+def _integer(name: str, value: Any, requirement: str) -> int:
+    """``value`` as an int (bools refused; integral floats such as 4000.0 accepted)."""
+    if isinstance(value, bool):
+        raise ValueError(f"{name} must be {requirement}, got {value!r}")
+    if not isinstance(value, int):
         try:
             if float(value) != int(value):
                 raise ValueError
             value = int(value)
         except (TypeError, ValueError, OverflowError):
-            raise ValueError(f"{name} must be a positive integer, got {value!r}") from None
-    if value <= 0:
-        raise ValueError(f"{name} must be a positive integer, got {value!r}")
+            raise ValueError(f"{name} must be {requirement}, got {value!r}") from None
     return int(value)
+
+
+def check_int_positive(name: str, value: Any) -> int:
+    """A positive integer (bools refused)."""
+    x = _integer(name, value, "a positive integer")
+    if x <= 0:
+        raise ValueError(f"{name} must be a positive integer, got {value!r}")
+    return x
 
 
 def closest(name: str, options: Iterable[str], n: int = 3) -> list[str]:
@@ -89,16 +97,10 @@ def closest(name: str, options: Iterable[str], n: int = 3) -> list[str]:
 
 def check_int_nonnegative(name: str, value: Any) -> int:
     """An integer >= 0 (bools refused; integral floats such as 4000.0 accepted)."""
-    if isinstance(value, bool) or not isinstance(value, int):
-        try:
-            if float(value) != int(value):
-                raise ValueError
-            value = int(value)
-        except (TypeError, ValueError, OverflowError):
-            raise ValueError(f"{name} must be an integer >= 0, got {value!r}") from None
-    if value < 0:
+    x = _integer(name, value, "an integer >= 0")
+    if x < 0:
         raise ValueError(f"{name} must be an integer >= 0, got {value!r}")
-    return int(value)
+    return x
 
 
 def check_choice(what: str, value: str, options: Iterable[str]) -> str:

@@ -3,12 +3,17 @@
 from __future__ import annotations
 
 import dataclasses
-import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from bigbatch._checks import check_choice, check_in_range, check_int_positive, check_positive
+from bigbatch._checks import (
+    check_choice,
+    check_in_range,
+    check_int_positive,
+    check_positive,
+)
+from bigbatch._config import config_from_dict, read_toml
 
 __all__ = ["StudyConfig", "RULES"]
 
@@ -125,20 +130,11 @@ class StudyConfig:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "StudyConfig":
-        names = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(d) - names)
-        if unknown:
-            raise ValueError(f"unknown study config field(s): {', '.join(unknown)}; valid: {', '.join(sorted(names))}")
-        return cls(**d)
+        return config_from_dict(cls, d, "study")
 
     @classmethod
     def from_toml(cls, path: str | Path) -> "StudyConfig":
-        try:
-            with open(path, "rb") as f:
-                data = tomllib.load(f)
-        except tomllib.TOMLDecodeError as e:
-            raise ValueError(f"--config {path} is not valid TOML: {e}") from None
-        return cls.from_dict(data)
+        return cls.from_dict(read_toml(path))
 
     def replace(self, **changes: Any) -> "StudyConfig":
         return dataclasses.replace(self, **changes)

@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import dataclasses
-import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+
+from bigbatch._config import config_from_dict, read_toml
 
 __all__ = ["TrainConfig"]
 
@@ -99,16 +100,11 @@ class TrainConfig:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "TrainConfig":
-        names = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(d) - names)
-        if unknown:
-            raise ValueError(f"unknown train config field(s): {', '.join(unknown)}")
-        return cls(**d)
+        return config_from_dict(cls, d, "train")
 
     @classmethod
     def from_toml(cls, path: str | Path) -> "TrainConfig":
-        with open(path, "rb") as f:
-            return cls.from_dict(tomllib.load(f))
+        return cls.from_dict(read_toml(path))
 
     def replace(self, **changes: Any) -> "TrainConfig":
         return dataclasses.replace(self, **changes)

@@ -271,6 +271,7 @@ def train(cfg: TrainConfig, workload: Workload | None = None) -> TrainResult:
     restarted = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")) > 0
     fault = _parse_fault(os.environ.get("BIGBATCH_TEST_FAULT"))
     resume = cfg.resume or restarted
+    blob = None
     if resume and (ck := latest_checkpoint(ckpt_dir)) is not None:
         blob = torch.load(ck, map_location="cpu" if sharded else device, weights_only=False)
         load_full_state(raw_model, optimizer, blob["model"], blob["optimizer"])
@@ -280,13 +281,10 @@ def train(cfg: TrainConfig, workload: Workload | None = None) -> TrainResult:
             controller.load_state_dict(blob["controller"])
         if ema is not None and blob.get("ema") is not None:
             ema.load_state_dict(blob["ema"])
-        noise_blob = blob.get("noise")
         set_rng_state(blob["rng"])
         resumed_from = str(ck)
         if info.is_main:
             truncate_metrics(out / "metrics.jsonl", state["step"])
-    else:
-        noise_blob = None
     if not resume and info.is_main:
         for old in list_checkpoints(ckpt_dir):
             old.unlink()
@@ -310,8 +308,8 @@ def train(cfg: TrainConfig, workload: Workload | None = None) -> TrainResult:
             mode = "ddp" if info.enabled else ("accumulation" if plan.accum_steps > 1 else "split")
         every = cfg.noise_every or (10 if device.type == "cuda" else 1)
         monitor = NoiseMonitor(model, mode=mode, beta=cfg.noise_beta, every=every)
-        if noise_blob is not None:
-            monitor.load_state_dict(noise_blob)
+        if blob is not None and blob.get("noise") is not None:  # the monitor needs the wrapped model first
+            monitor.load_state_dict(blob["noise"])
     use_amp = cfg.amp and device.type == "cuda"
     autocast = (lambda: torch.autocast("cuda", dtype=torch.bfloat16)) if use_amp else contextlib.nullcontext
 
@@ -445,12 +443,12 @@ def train(cfg: TrainConfig, workload: Workload | None = None) -> TrainResult:
             state["samples"] += batch_size
             steps_this_run += 1
             interval_steps += 1
+            log_step = state["step"] % r.log_every == 0
 
             # ---- adaptive batch size: realised by accumulation steps / micro-batch ----------
             if controller is not None:
                 # Noise readings are handed over on log steps only, where they are fetched from the
                 # device anyway: no extra host sync in the loop (a ramp needs none at all).
-                log_step = state["step"] % r.log_every == 0
                 new = controller.next_batch_size(_controller_state(monitor if log_step else None, state, batch_size))
                 if new != batch_size:
                     plan = plan_batch(new, info.world_size, cfg.micro_batch_size)
@@ -462,7 +460,7 @@ def train(cfg: TrainConfig, workload: Workload | None = None) -> TrainResult:
                                    "micro_batch_size": plan.micro_batch_size, "reason": reason})
 
             # ---- logging (the only per-interval host sync) -----------------------------
-            if state["step"] % r.log_every == 0 or state["samples"] >= r.budget:
+            if log_step or state["samples"] >= r.budget:
                 loss_t = interval_loss.clone()
                 if info.enabled:
                     packed = torch.stack([loss_t, torch.tensor(float(interval_count), device=device)])
