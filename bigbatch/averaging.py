@@ -248,6 +248,13 @@ class EMA:
     ``ValueError`` and leaves the average untouched, at the cost of one host sync per update;
     ``on_nonfinite="skip"`` instead leaves the EMA unchanged on the device for such a step,
     without any host sync, and counts it in ``skipped``.
+
+    Under FSDP2 (``fully_shard``; parameters are DTensor shards) the average is kept as shards
+    of the same layout and updated on the local shards only (no communication but one
+    all-reduce of the finiteness flag, so that every rank skips or raises together).
+    ``state_dict`` then gathers full tensors (a collective: call it on every rank) so that a
+    checkpoint loads at any world size, with or without FSDP; ``load_state_dict`` takes full
+    tensors and keeps each rank's shard.
     """
 
     def __init__(
@@ -282,9 +289,12 @@ class EMA:
         self.updates = 0
         self._skipped: int | torch.Tensor = 0
         self.shadow: OrderedDict[str, torch.Tensor] = OrderedDict()
+        self._meshes: list[Any] = []
+        _reshard(model)
         for name, t in self._tracked(model):
             want = dtype or (_acc_dtype(t.dtype) if t.is_floating_point() else t.dtype)
             self.shadow[name] = t.detach().to(want if t.is_floating_point() else t.dtype, copy=True)
+        self._meshes = _meshes(self.shadow.values())
 
     # -- the math: one function, plain to read -------------------------------------------
 
@@ -305,6 +315,8 @@ class EMA:
     # -- updating ---------------------------------------------------------------------
 
     def _tracked(self, model: nn.Module) -> Iterator[tuple[str, torch.Tensor]]:
+        if self._meshes:
+            _reshard(model)
         yield from model.named_parameters()
         yield from model.named_buffers()
 
@@ -324,6 +336,9 @@ class EMA:
             t = live[name].detach()
             if t.shape != e.shape:
                 raise ValueError(f"model tensor {name!r} has shape {tuple(t.shape)}, the EMA's has {tuple(e.shape)}")
+            if _is_dtensor(t) != _is_dtensor(e) or (_is_dtensor(t) and t.placements != e.placements):
+                raise ValueError(f"model tensor {name!r} is sharded differently from the EMA's (build the EMA after fully_shard)")
+            e, t = _local(e), _local(t)  # DTensor shards: the update is elementwise, each rank does its own
             if t.is_floating_point() and (name in params or self.buffers == "average"):
                 names.append(name)
                 avg_e.append(e)
@@ -340,11 +355,14 @@ class EMA:
         names, avg_e, avg_m, cp_e, cp_m = self._pairs(model)
         checked = avg_m + [m for m in cp_m if m.is_floating_point()]
         finite = torch.stack([torch.isfinite(t).all() for t in checked]).all() if checked else None
+        if self._meshes:  # one rank's shard decides for all: every rank skips (or raises) together
+            finite = _all_ranks(finite if finite is not None else torch.ones((), dtype=torch.bool), self._meshes)
         src = [m if m.dtype == e.dtype else m.to(e.dtype) for e, m in zip(avg_e, avg_m)]
         if finite is not None and self.on_nonfinite == "raise":
             if not bool(finite):  # the one host sync per update
-                bad = next(n for n, t in zip(names + [""] * len(cp_m), checked) if not bool(torch.isfinite(t).all()))
-                raise ValueError(f"model weights are not finite ({bad or 'a buffer'!r} has NaN or inf); the EMA was left unchanged")
+                bad = next((n for n, t in zip(names + [""] * len(cp_m), checked) if not bool(torch.isfinite(t).all())), None)
+                where = "another rank's shard" if bad is None else repr(bad or "a buffer")
+                raise ValueError(f"model weights are not finite ({where} has NaN or inf); the EMA was left unchanged")
         elif finite is not None:
             # no host sync: a non-finite step leaves every EMA tensor as it was
             src = [torch.where(finite, m, e) for e, m in zip(avg_e, src)]
@@ -371,7 +389,7 @@ class EMA:
         live = dict(self._tracked(model))
         self._pairs(model)  # same names and shapes, or a clear error
         for name, e in self.shadow.items():
-            live[name].copy_(e)
+            _local(live[name]).copy_(_local(e))
 
     @contextlib.contextmanager
     def applied(self, model: nn.Module) -> Iterator[nn.Module]:
@@ -379,16 +397,17 @@ class EMA:
 
         ``with ema.applied(model): metric = evaluate(model)`` — costs one copy of the weights.
         """
-        backup = [t.detach().clone() for _, t in self._tracked(model)]
+        backup = [_local(t).detach().clone() for _, t in self._tracked(model)]
         self.copy_to(model)
         try:
             yield model
         finally:
             with torch.no_grad():
                 for (_, t), b in zip(self._tracked(model), backup):
-                    t.copy_(b)
+                    _local(t).copy_(b)
 
     def state_dict(self) -> dict[str, Any]:
+        """The EMA's state; DTensor shards are gathered into full CPU tensors (every rank must call)."""
         return {
             "log_decay": self.log_decay,
             "buffers": self.buffers,
@@ -396,7 +415,7 @@ class EMA:
             "samples": self.samples,
             "updates": self.updates,
             "skipped": self.skipped,
-            "shadow": OrderedDict((k, v.clone()) for k, v in self.shadow.items()),
+            "shadow": OrderedDict((k, v.full_tensor().cpu() if _is_dtensor(v) else v.clone()) for k, v in self.shadow.items()),
         }
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
@@ -412,4 +431,55 @@ class EMA:
         self.on_nonfinite = state.get("on_nonfinite", self.on_nonfinite)
         self.samples, self.updates, self._skipped = int(state["samples"]), int(state["updates"]), int(state.get("skipped", 0))
         for name, t in shadow.items():
-            self.shadow[name].copy_(t)
+            e = self.shadow[name]
+            if _is_dtensor(e) and not _is_dtensor(t):  # a full tensor: keep this rank's shard of it
+                from torch.distributed.tensor import distribute_tensor
+
+                t = distribute_tensor(t.to(e.device), e.device_mesh, e.placements, src_data_rank=None)
+            _local(e).copy_(_local(t))
+
+
+# ---- DTensor (FSDP2) helpers -------------------------------------------------------------
+
+
+def _is_dtensor(t: Any) -> bool:
+    return hasattr(t, "to_local") and hasattr(t, "device_mesh")
+
+
+def _local(t: torch.Tensor) -> torch.Tensor:
+    return t.to_local() if _is_dtensor(t) else t
+
+
+def _meshes(tensors: Iterable[torch.Tensor]) -> list[Any]:
+    found: list[Any] = []
+    for t in tensors:
+        if _is_dtensor(t) and all(t.device_mesh is not m for m in found):
+            found.append(t.device_mesh)
+    return found
+
+
+def _all_ranks(flag: torch.Tensor, meshes: list[Any]) -> torch.Tensor:
+    """``flag`` AND-ed over every rank of every mesh (a MIN all-reduce per mesh dimension)."""
+    import torch.distributed as dist
+
+    v = flag.to(torch.float32).reshape(1)
+    for mesh in meshes:
+        for group in mesh.get_all_groups():
+            dist.all_reduce(v, op=dist.ReduceOp.MIN, group=group)
+    return v[0] > 0
+
+
+def _reshard(model: nn.Module) -> None:
+    """Register the sharded parameters on every FSDP2 unit (``FSDPModule.reshard``, not recursive).
+
+    A forward leaves a unit unsharded when its ``reshard_after_forward`` is False (the root's
+    default): its modules then hold plain full tensors, and the unsharded copy would outlive an
+    in-place change of the shards (the next forward would skip the all-gather and use stale weights).
+    """
+    try:
+        from torch.distributed.fsdp import FSDPModule
+    except ImportError:  # pragma: no cover - torch built without distributed
+        return
+    for m in model.modules():
+        if isinstance(m, FSDPModule):
+            m.reshard()

@@ -4,6 +4,7 @@ and a worker killed mid-run is restarted by torchrun and finishes where an unint
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -83,3 +84,129 @@ def test_two_gpus_nccl_equal_accumulation(tmp_path, strategy):
         a, b = got[k].float().cpu(), ref[k].float().cpu()
         diff = (a - b).abs().max().item()
         torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-6, msg=f"{k}: max diff {diff:.3g}")
+
+
+# ---- FSDP2 with the noise monitor, the weight EMA and checkpoint averaging ---------------------------
+
+FSDP_RUN = dict(workload="mnist1d", workload_args={"num_samples": 2000, "model": "mlp"}, batch_size=32, lr=0.05,
+                optimizer="sgd", momentum=0.9, budget_samples=32 * 12, eval_every_samples=64, checkpoint_every_samples=64,
+                log_every_steps=1, progress="none", device="cpu", noise_scale=True, ema_horizon_samples=256, average_last=3)
+
+
+def _trainer_worker(rank: int, init_file: str, out: str) -> None:
+    """Four runs in one pair of processes (torch is imported once): FSDP, DDP, FSDP stopped at step 5 and resumed."""
+    torch.set_num_threads(1)
+    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE="2")
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=2)
+    try:
+        for name, kw in (("fsdp", {"fsdp": True}), ("ddp", {}), ("resumed", {"fsdp": True, "max_steps": 5}),
+                         ("resumed", {"fsdp": True, "resume": True})):
+            train(TrainConfig(**FSDP_RUN, **kw, out=str(Path(out) / name)))
+        _sharded_ema_nonfinite(rank, Path(out) / f"ema_rank{rank}.json")
+        dist.barrier()
+        dist.destroy_process_group()
+        os._exit(0)  # skip the interpreter's teardown (gloo can abort a finished worker at exit)
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def _sharded_ema_nonfinite(rank: int, out: Path) -> None:
+    """A NaN in rank 1's shard only: both ranks skip (or raise) together; a full state loads back into shards."""
+    import json
+
+    from torch.distributed.fsdp import fully_shard
+
+    from bigbatch.averaging import EMA
+
+    torch.manual_seed(0)
+    net = fully_shard(torch.nn.Sequential(torch.nn.Linear(4, 6), torch.nn.Linear(6, 2)))
+    skip, strict = EMA(net, horizon_samples=8, on_nonfinite="skip"), EMA(net, horizon_samples=8)
+    full = skip.state_dict()["shadow"]  # a collective
+    with torch.no_grad():
+        net[0].weight.to_local().add_(1.0)
+        if rank == 1:
+            net[0].weight.to_local()[0, 0] = float("nan")
+    skip.update(net, 4)
+    try:
+        strict.update(net, 4)
+        raised = ""
+    except ValueError as e:
+        raised = str(e)
+    after = skip.state_dict()["shadow"]
+    res = {"unchanged": all(torch.equal(full[k], after[k]) for k in full), "skipped": skip.skipped, "raised": raised}
+    with torch.no_grad():
+        net[0].weight.to_local().fill_(2.0)
+    skip.update(net, 4)  # a finite step moves the average
+    moved = skip.state_dict()["shadow"]
+    skip.load_state_dict({**skip.state_dict(), "shadow": full})  # full tensors in, each rank keeps its shard
+    res["moved"] = not torch.equal(moved["0.weight"], full["0.weight"])
+    res["reloaded"] = all(torch.equal(skip.state_dict()["shadow"][k], full[k]) for k in full)
+    out.write_text(json.dumps(res))
+
+
+def _close(a: float | None, b: float | None, rel: float) -> bool:
+    """Equal within ``rel``, or both missing (JSON writes a nan estimate as null)."""
+    return (a is None and b is None) or (a is not None and b is not None and a == pytest.approx(b, rel=rel))
+
+
+def test_fsdp_noise_ema_and_average_match_ddp_and_resume(tmp_path):
+    import json
+
+    import torch.multiprocessing as mp
+
+    from bigbatch.train.metrics import read_metrics
+
+    ctx = mp.start_processes(_trainer_worker, args=(str(tmp_path / "init"), str(tmp_path)), nprocs=2, join=False,
+                             start_method="spawn")
+    deadline = time.time() + 120
+    while not ctx.join(timeout=5):
+        if time.time() > deadline:
+            for p in ctx.processes:
+                p.kill()
+            pytest.fail("trainer workers did not finish in 120 s")
+    runs = {n: json.loads((tmp_path / n / "summary.json").read_text()) for n in ("fsdp", "ddp", "resumed")}
+    fs, dd = runs["fsdp"], runs["ddp"]
+    assert (fs["parallel"], fs["noise_mode"], dd["parallel"], dd["noise_mode"]) == ("fsdp", "fsdp", "ddp", "ddp")
+    # no accumulation: FSDP mode reads what DDP mode reads (each rank's 16 examples vs the 32)
+    assert fs["b_simple"] > 0 and fs["b_simple"] == pytest.approx(dd["b_simple"], rel=1e-4)
+    mets = {n: read_metrics(tmp_path / n / "metrics.jsonl") for n in runs}
+    train_f = [r for r in mets["fsdp"] if r["kind"] == "train"]
+    train_d = [r for r in mets["ddp"] if r["kind"] == "train"]
+    assert len(train_f) == 12 and all(r["b_simple"] is not None for r in train_f[-3:])  # nan while the |G|² EMA is <= 0
+    assert all(_close(a["b_simple"], b["b_simple"], 1e-4) for a, b in zip(train_f, train_d))
+    # the EMA (kept as shards under FSDP) is evaluated and equals DDP's unsharded EMA
+    ema_key = f"ema_{fs['metric_name']}"
+    evals_f = [r for r in mets["fsdp"] if r["kind"] == "eval"]
+    evals_d = [r for r in mets["ddp"] if r["kind"] == "eval"]
+    assert len(evals_f) == 7 and all(ema_key in r for r in evals_f)
+    assert [r[ema_key] for r in evals_f] == pytest.approx([r[ema_key] for r in evals_d], rel=1e-5)
+    assert fs["ema_metric"] == pytest.approx(dd["ema_metric"], rel=1e-5)
+    last = {n: torch.load(latest_checkpoint(tmp_path / n / "checkpoints"), weights_only=False) for n in runs}
+    for k in last["ddp"]["model"]:
+        torch.testing.assert_close(last["fsdp"]["model"][k], last["ddp"]["model"][k], rtol=1e-6, atol=1e-6)
+    for k, v in last["ddp"]["ema"]["shadow"].items():
+        assert not hasattr(last["fsdp"]["ema"]["shadow"][k], "to_local"), "EMA saved as shards"
+        torch.testing.assert_close(last["fsdp"]["ema"]["shadow"][k], v, rtol=1e-6, atol=1e-6)
+    # averaged.pt: the mean of the last three full-state checkpoints, evaluated
+    ckpts = sorted((tmp_path / "fsdp" / "checkpoints").glob("ckpt_*.pt"))[-3:]
+    assert fs["averaged_checkpoints"] == [p.name for p in ckpts] == ["ckpt_00000008.pt", "ckpt_00000010.pt", "ckpt_00000012.pt"]
+    avg = torch.load(tmp_path / "fsdp" / "averaged.pt", weights_only=True)
+    models = [torch.load(p, weights_only=False)["model"] for p in ckpts]
+    for k in avg:
+        ref = sum(m[k].double() for m in models) / 3
+        torch.testing.assert_close(avg[k].double(), ref, rtol=1e-6, atol=1e-7)
+    assert fs["averaged_metric"] == pytest.approx(dd["averaged_metric"], rel=1e-5)
+    # stopped at step 5 and resumed: the same metrics (noise scale, EMA metric) and the same final EMA
+    re = runs["resumed"]
+    assert re["resumed_from"].endswith("ckpt_00000005.pt")
+    strip = [{k: v for k, v in r.items() if k not in ("step_time", "samples_per_s")} for r in mets["resumed"]]
+    assert strip == [{k: v for k, v in r.items() if k not in ("step_time", "samples_per_s")} for r in mets["fsdp"]]
+    for k, v in last["fsdp"]["ema"]["shadow"].items():
+        torch.testing.assert_close(last["resumed"]["ema"]["shadow"][k], v, rtol=0, atol=0)
+    assert re["averaged_metric"] == fs["averaged_metric"] and re["ema_metric"] == fs["ema_metric"]
+    # the sharded EMA's non-finite check is taken over all ranks
+    r0, r1 = (json.loads((tmp_path / f"ema_rank{r}.json").read_text()) for r in (0, 1))
+    for r in (r0, r1):
+        assert r["unchanged"] and r["skipped"] == 1 and r["moved"] and r["reloaded"]
+    assert "another rank's shard" in r0["raised"] and "'0.weight' has NaN" in r1["raised"]

@@ -53,7 +53,7 @@ def train_command(
     resume: Optional[bool] = typer.Option(None, "--resume/--no-resume", help="Continue from the newest checkpoint in --out."),
     max_steps: Optional[int] = typer.Option(None, help="Stop after N steps in this invocation (resumable)."),
     noise_scale: Optional[bool] = typer.Option(None, "--noise-scale/--no-noise-scale", help="Measure B_simple while training."),
-    noise_mode: Optional[str] = typer.Option(None, help="Noise-scale source: auto, accumulation, ddp, split."),
+    noise_mode: Optional[str] = typer.Option(None, help="Noise-scale source: auto, accumulation, ddp, fsdp, split."),
     noise_every: Optional[int] = typer.Option(None, help="Measure the noise scale on one step in N."),
     noise_beta: Optional[float] = typer.Option(None, help="EMA factor of the noise-scale estimators."),
     ema_horizon_samples: Optional[int] = typer.Option(None, help="Weight EMA with this horizon in samples (evaluated next to the weights)."),

@@ -10,6 +10,10 @@ step already computes gradients at two sizes, so the monitor only reads them:
 * ``"ddp"``: each rank's local gradient, read by a DDP communication hook just before the
   bucket is all-reduced, against the reduced gradient. One extra all-reduce of ``G + 3``
   floats per step (``G`` = number of groups).
+* ``"fsdp"``: FSDP2 (``fully_shard``): each micro-batch's rank-local gradient, read by tensor
+  hooks on the unsharded parameters before it is accumulated or reduce-scattered (see
+  ``bigbatch.noise.fsdp``), against the reduced gradient, whose squared norm is the sum of the
+  ranks' shard norms. One extra all-reduce of ``2G + 3`` floats per step.
 * ``"split"``: one process, no accumulation: the loop splits its batch in ``splits`` pieces
   (``monitor.split_batch``), which turns it into accumulation mode at the cost of smaller kernels.
 
@@ -40,6 +44,7 @@ from torch import nn
 
 from bigbatch._checks import check_choice, check_int_positive, check_nonnegative
 from bigbatch.noise.estimator import NoiseScale
+from bigbatch.noise.fsdp import UnshardedGradHooks, check_sharded, fsdp_units, local_grads
 from bigbatch.noise.groups import GroupSpec, assign_groups
 from bigbatch.noise.reading import NoiseReading
 from bigbatch.noise.sums import comm_hook as _ddp_hook, flat_norm as _flat_norm, is_ddp, scalar as _scalar, split_batch, step_inputs
@@ -47,7 +52,7 @@ from bigbatch.noise.sums import comm_hook as _ddp_hook, flat_norm as _flat_norm,
 __all__ = ["NoiseMonitor", "split_batch"]
 
 Number = int | float
-_MODES = ("auto", "accumulation", "ddp", "split")
+_MODES = ("auto", "accumulation", "ddp", "fsdp", "split")
 _SOURCES = ("prefix", "micro")
 
 
@@ -71,9 +76,14 @@ class NoiseMonitor:
     """Feeds a :class:`NoiseScale` (and one per parameter group) from a training loop.
 
     Args:
-        model: the module being trained, or its ``DistributedDataParallel`` wrapper.
-        mode: ``"auto"`` (``"ddp"`` for a DDP model on more than one rank, else
-            ``"accumulation"``), ``"accumulation"``, ``"ddp"`` or ``"split"``.
+        model: the module being trained, its ``DistributedDataParallel`` wrapper, or a model
+            sharded in place with FSDP2's ``fully_shard``.
+        mode: ``"auto"`` (``"ddp"`` for a DDP model on more than one rank, ``"fsdp"`` for an
+            FSDP2 model, else ``"accumulation"``), ``"accumulation"``, ``"ddp"``, ``"fsdp"`` or
+            ``"split"``. In ``"fsdp"`` mode the small batch is each micro-batch on each rank
+            (``b_small`` = the rank's local batch without accumulation, the micro-batch with it:
+            the harmonic mean over the step's readings, as in accumulation mode) and the big
+            batch is the global batch.
         beta: EMA factor per step of the estimators.
         groups: per-group breakdown (see :data:`bigbatch.noise.groups.GroupSpec`).
         splits: pieces per batch in ``"split"`` mode (>= 2).
@@ -123,10 +133,18 @@ class NoiseMonitor:
         self.process_group = process_group
         self.world_size = dist.get_world_size(process_group) if dist.is_available() and dist.is_initialized() else 1
         ddp = is_ddp(model)
+        inner = model.module if ddp else getattr(model, "_orig_mod", model)  # DDP, torch.compile
+        units = fsdp_units(inner)
         if mode == "auto":
-            mode = "ddp" if ddp and self.world_size > 1 else "accumulation"
+            mode = "fsdp" if units else "ddp" if ddp and self.world_size > 1 else "accumulation"
         if mode == "ddp" and not ddp:
             raise ValueError("mode='ddp' needs a DistributedDataParallel model; use 'accumulation' or 'split'")
+        if units and mode != "fsdp":
+            raise ValueError(f"an FSDP2 (fully_shard) model needs mode='fsdp' or 'auto', got {mode!r}")
+        if mode == "fsdp" and not units:
+            raise ValueError("mode='fsdp' needs a model sharded with torch.distributed.fsdp.fully_shard")
+        if mode == "fsdp" and source != "micro":
+            raise ValueError(f"mode='fsdp' reads each micro-batch's gradient (source='micro'), got source={source!r}")
         if mode == "split" and self.world_size > 1:
             raise ValueError("mode='split' is for one process; under DDP use 'ddp' or 'accumulation'")
         self.mode = mode
@@ -134,11 +152,16 @@ class NoiseMonitor:
         self.splits = check_int_positive("splits", splits) if mode == "split" else 1
         if mode == "split" and self.splits < 2:
             raise ValueError(f"splits must be >= 2 in split mode, got {splits}")
-        inner = model.module if ddp else model
         self._params, self._group_index, self.group_names = assign_groups(inner, groups)
         if not self._params:
             raise ValueError("model has no trainable parameters")
         self._group_of = {id(p): g for p, g in zip(self._params, self._group_index)}
+        self._fsdp: UnshardedGradHooks | None = None
+        if mode == "fsdp":
+            check_sharded([(n, p) for n, p in inner.named_parameters() if p.requires_grad], self.world_size)
+            slots = {(id(m), n): self._group_of[id(p)] for m in inner.modules()
+                     for n, p in m.named_parameters(recurse=False) if id(p) in self._group_of}
+            self._fsdp = UnshardedGradHooks(units, slots, self._on_grad)
         self.group_estimators = {name: NoiseScale(beta) for name in self.group_names} if groups is not None else {}
         self._idx_cache: dict[tuple[Any, ...], torch.Tensor] = {}
         self._handles: list[Any] = []
@@ -161,10 +184,13 @@ class NoiseMonitor:
     # ---- hooks (run inside backward; they only read) ---------------------------------------
     def _make_hook(self, g: int) -> Callable[[torch.Tensor], None]:
         def hook(grad: torch.Tensor) -> None:
-            if self._in_micro:
-                self._micro_norms.append((g, _flat_norm(grad)))
+            self._on_grad(g, grad)
 
         return hook
+
+    def _on_grad(self, g: int, grad: torch.Tensor) -> None:
+        if self._in_micro:
+            self._micro_norms.append((g, _flat_norm(grad)))
 
     def _read_bucket(self, bucket: Any) -> None:
         if self._in_step and self._measure and not self._closed:
@@ -212,15 +238,21 @@ class NoiseMonitor:
         self._in_step = True
         self._measure = self._step_index % self.every == 0
         self._detach()
-        if self._measure and self.mode != "ddp" and self.source == "micro":
-            # Attached only for measured steps: a hook costs a Python call per parameter
-            # per micro-batch even when it does nothing.
+        if not self._measure:
+            return
+        # Attached only for measured steps: a hook costs a Python call per parameter
+        # per micro-batch even when it does nothing.
+        if self._fsdp is not None:
+            self._fsdp.attach()  # hooks the unsharded parameters during the forward
+        elif self.mode != "ddp" and self.source == "micro":
             self._handles = [p.register_hook(self._make_hook(g)) for p, g in zip(self._params, self._group_index)]
 
     def _detach(self) -> None:
         for h in self._handles:
             h.remove()
         self._handles = []
+        if self._fsdp is not None:
+            self._fsdp.detach()
 
     def micro_batch(self, count: Number | torch.Tensor, *, samples: Number | torch.Tensor | None = None,
                     loss_scale: Number | torch.Tensor | None = None) -> _MicroBatch:
@@ -270,11 +302,15 @@ class NoiseMonitor:
         return split_batch(batch, self.splits) if self.mode == "split" else [dict(batch)]
 
     def _grad_sqnorms(self) -> torch.Tensor | None:
-        """Per-group squared norms of the current ``.grad`` (the accumulated, reduced gradient)."""
+        """Per-group squared norms of the current ``.grad`` (the accumulated, reduced gradient).
+
+        In ``"fsdp"`` mode: of this rank's shards of it (summed over ranks by the caller).
+        """
         buckets: dict[tuple[Any, Any], tuple[list[torch.Tensor], list[int]]] = {}
-        for p, g in zip(self._params, self._group_index):
-            if p.grad is not None:
-                gr = p.grad.coalesce()._values() if p.grad.is_sparse else p.grad
+        grads = local_grads(self._params) if self.mode == "fsdp" else [p.grad for p in self._params]
+        for grad, g in zip(grads, self._group_index):
+            if grad is not None:
+                gr = grad.coalesce()._values() if grad.is_sparse else grad
                 lst = buckets.setdefault((gr.device, gr.dtype), ([], []))
                 lst[0].append(gr)
                 lst[1].append(g)
@@ -303,9 +339,16 @@ class NoiseMonitor:
 
     def _collect(self) -> dict[str, Any] | None:
         """Device-side sums of the step, all-reduced across ranks; None if the step has no reading."""
+        hooked = self._fsdp.n_hooked if self._fsdp is not None else None
         self._detach()
         if self._broken or self._n_micro == 0 or not self._measure:
             return None
+        if hooked == 0:
+            raise RuntimeError(
+                f"NoiseMonitor(mode='fsdp') saw no unsharded parameter in the forward of FSDP's units with torch "
+                f"{torch.__version__}: fully_shard no longer registers them on the modules in its forward pre-hook "
+                "as in torch 2.11-2.13 (see bigbatch/noise/fsdp.py); run the forward through the root FSDP module, "
+                "or use mode='accumulation' without FSDP")
         explicit = [s is not None for s in self._scales]
         if any(explicit) and not all(explicit):
             raise ValueError("loss_scale must be given to every micro_batch of a step or to none")
@@ -345,9 +388,13 @@ class NoiseMonitor:
         scal = [inv_n_sum, k, self._count_local]
         host: list[Any] | None = scal
         if self.world_size > 1 or any(isinstance(v, torch.Tensor) for v in scal):
-            vec = torch.cat([small_sum.float(), torch.stack([_scalar(v, dev) for v in scal])])
+            # Under FSDP the shards' squared norms ride along: Σ over ranks = |reduced gradient|².
+            parts = [small_sum.float(), torch.stack([_scalar(v, dev) for v in scal])]
+            vec = torch.cat(parts + [big.float()] if self.mode == "fsdp" else parts)
             if self.world_size > 1:
                 dist.all_reduce(vec, group=self.process_group)
+            if self.mode == "fsdp":
+                vec, big = vec[: -big.numel()], vec[-big.numel():]
             small_sum, host = vec, None
         samples = self._samples_local if self._have_samples else None
         return {"dev": torch.cat([small_sum.float(), big.float()]), "host": host, "explicit": scale is not None,

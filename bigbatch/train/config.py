@@ -79,7 +79,7 @@ class TrainConfig:
     noise_scale: bool = False
     """Measure the gradient noise scale B_simple while training."""
     noise_mode: str = "auto"
-    """Where the two batch sizes come from: auto (ddp under DDP, accumulation with ≥2 micro-batches, else split), accumulation, ddp, split."""
+    """Where the two batch sizes come from: auto (ddp under DDP, fsdp under FSDP2, accumulation with ≥2 micro-batches, else split), accumulation, ddp, fsdp, split."""
     noise_every: int | None = None
     """Measure one step in N (default: every step on CPU, every 10th on CUDA, which keeps the cost under 1%)."""
     noise_beta: float = 0.99

@@ -30,7 +30,7 @@ from bigbatch.scaling import Recipe, ScalingPlan
 from bigbatch.train.checkpoint import latest_checkpoint, list_checkpoints, rng_state, save_atomic, set_rng_state, write_json_atomic
 from bigbatch.train.config import TrainConfig
 from bigbatch.train.dist import DistInfo, init_distributed, shutdown_distributed
-from bigbatch.train.parallel import full_model_state, full_optimizer_state, gradient_sync, load_full_state, wrap_model
+from bigbatch.train.parallel import full_model_state, full_optimizer_state, gradient_sync, load_full_model_state, load_full_state, wrap_model
 from bigbatch.train.metrics import MetricsWriter, ProgressDisplay, truncate_metrics
 from bigbatch.workloads import Workload, load_workload, move_batch
 
@@ -177,17 +177,32 @@ def _controller_state(monitor: NoiseMonitor | None, state: dict, batch_size: int
                            b_simple=b, grad_sqnorm=g2, trace_sigma=tr)
 
 
-def _evaluate_average(cfg: TrainConfig, info: DistInfo, raw_model: nn.Module, ckpt_dir: Path, out: Path, evaluate) -> dict[str, Any]:
-    """Average the last N checkpoints (Popel & Bojar 2018), save it, and evaluate it next to the final weights."""
-    paths = last_checkpoints(ckpt_dir, cfg.average_last, allow_fewer=True)
-    avg = average_checkpoints(paths)
+def _evaluate_average(cfg: TrainConfig, info: DistInfo, raw_model: nn.Module, ckpt_dir: Path, out: Path, evaluate,
+                      sharded: bool) -> dict[str, Any]:
+    """Average the last N checkpoints (Popel & Bojar 2018), save it, and evaluate it next to the final weights.
+
+    Under FSDP rank 0 alone (the writer of the checkpoints) averages them and its full state is
+    scattered into the shards; the weights are put back from a copy of this rank's shards.
+    """
+    names: list[str] = []
+    avg: dict[str, Any] = {}
+    if info.is_main or not sharded:
+        paths = last_checkpoints(ckpt_dir, cfg.average_last, allow_fewer=True)
+        names = [p.name for p in paths]
+        avg = average_checkpoints(paths)
     if info.is_main:
         save_atomic(avg, out / "averaged.pt")
-    backup = {k: v.detach().clone() for k, v in raw_model.state_dict().items()}
-    raw_model.load_state_dict(avg)
+    backup = {k: v.detach().clone() for k, v in raw_model.state_dict().items()}  # this rank's shards under FSDP
+    if sharded:
+        load_full_model_state(raw_model, avg, from_rank0=True)
+        box = [names]
+        dist.broadcast_object_list(box, src=0)
+        names = box[0]
+    else:
+        raw_model.load_state_dict(avg)
     value = evaluate()
     raw_model.load_state_dict(backup)
-    return {"averaged_metric": value, "averaged_checkpoints": [p.name for p in paths]}
+    return {"averaged_metric": value, "averaged_checkpoints": names}
 
 
 def _unsharded_copy(wl: Workload, sharded: nn.Module, device: torch.device) -> nn.Module:
@@ -246,8 +261,7 @@ def train(cfg: TrainConfig, workload: Workload | None = None) -> TrainResult:
         # the micro-batch itself; either way it must stay a multiple of this.
         granularity = (cfg.micro_batch_size or 1) * info.world_size
         controller = create_controller(cfg.adaptive, **{"granularity": granularity, **cfg.adaptive_args})
-    if sharded and (cfg.noise_scale or cfg.ema_horizon_samples):
-        raise ValueError("--noise-scale and --ema-horizon-samples are not supported with --fsdp yet; use DDP")
+    # Under FSDP the EMA is kept as shards of the parameters' layout (built after fully_shard).
     ema = EMA(raw_model, horizon_samples=cfg.ema_horizon_samples) if cfg.ema_horizon_samples else None
     sampler = wl.sampler(cfg.seed)
 
@@ -305,7 +319,7 @@ def train(cfg: TrainConfig, workload: Workload | None = None) -> TrainResult:
     if cfg.noise_scale:
         mode = cfg.noise_mode
         if mode == "auto":
-            mode = "ddp" if info.enabled else ("accumulation" if plan.accum_steps > 1 else "split")
+            mode = ("fsdp" if sharded else "ddp") if info.enabled else ("accumulation" if plan.accum_steps > 1 else "split")
         every = cfg.noise_every or (10 if device.type == "cuda" else 1)
         monitor = NoiseMonitor(model, mode=mode, beta=cfg.noise_beta, every=every)
         if blob is not None and blob.get("noise") is not None:  # the monitor needs the wrapped model first
@@ -330,6 +344,7 @@ def train(cfg: TrainConfig, workload: Workload | None = None) -> TrainResult:
             return
         model_sd = full_model_state(raw_model)  # a collective under FSDP
         optim_sd = full_optimizer_state(raw_model, optimizer)
+        ema_sd = None if ema is None else ema.state_dict()  # full tensors; a collective under FSDP
         if not info.is_main:
             return
         blob = {
@@ -339,7 +354,7 @@ def train(cfg: TrainConfig, workload: Workload | None = None) -> TrainResult:
             "state": dict(state),
             "rng": rng_state(),
             "controller": None if controller is None else controller.state_dict(),
-            "ema": None if ema is None else ema.state_dict(),
+            "ema": ema_sd,
             "noise": None if monitor is None else monitor.state_dict(),
             "step": state["step"],
             "samples": state["samples"],
@@ -537,7 +552,7 @@ def train(cfg: TrainConfig, workload: Workload | None = None) -> TrainResult:
         )
     averaged = None
     if cfg.average_last > 0 and stopped != "diverged":
-        averaged = _evaluate_average(cfg, info, raw_model, ckpt_dir, out, evaluate)
+        averaged = _evaluate_average(cfg, info, raw_model, ckpt_dir, out, evaluate, sharded)
     metrics.close()
 
     blog = state["b_simple_log"]

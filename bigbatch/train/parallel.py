@@ -15,7 +15,7 @@ from torch import nn
 
 from bigbatch.train.dist import DistInfo
 
-__all__ = ["wrap_model", "gradient_sync", "full_model_state", "full_optimizer_state", "load_full_state"]
+__all__ = ["wrap_model", "gradient_sync", "full_model_state", "full_optimizer_state", "load_full_state", "load_full_model_state"]
 
 STRATEGIES = ("ddp", "fsdp")
 
@@ -112,3 +112,17 @@ def load_full_state(model: nn.Module, optimizer: torch.optim.Optimizer, model_sd
     opts = StateDictOptions(full_state_dict=True)
     set_model_state_dict(model, model_sd, options=opts)
     set_optimizer_state_dict(model, optimizer, optim_sd, options=opts)
+
+
+def load_full_model_state(model: nn.Module, model_sd: dict, *, from_rank0: bool = False) -> None:
+    """Load unsharded weights into a plain or FSDP-sharded model (every rank calls this).
+
+    ``from_rank0``: under FSDP only rank 0's ``model_sd`` is read (the others may pass ``{}``);
+    it is broadcast and each rank keeps its shard.
+    """
+    if not _is_sharded(model):
+        model.load_state_dict(model_sd)
+        return
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
+
+    set_model_state_dict(model, model_sd, options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=from_rank0))
