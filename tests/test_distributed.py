@@ -88,9 +88,10 @@ def test_two_gpus_nccl_equal_accumulation(tmp_path, strategy):
 
 # ---- FSDP2 with the noise monitor, the weight EMA and checkpoint averaging ---------------------------
 
-FSDP_RUN = dict(workload="mnist1d", workload_args={"num_samples": 2000, "model": "mlp"}, batch_size=32, lr=0.05,
-                optimizer="sgd", momentum=0.9, budget_samples=32 * 12, eval_every_samples=64, checkpoint_every_samples=64,
-                log_every_steps=1, progress="none", device="cpu", noise_scale=True, ema_horizon_samples=256, average_last=3)
+FSDP_RUN = {"workload": "mnist1d", "workload_args": {"num_samples": 2000, "model": "mlp"}, "batch_size": 32, "lr": 0.05,
+            "optimizer": "sgd", "momentum": 0.9, "budget_samples": 32 * 12, "eval_every_samples": 64,
+            "checkpoint_every_samples": 64, "log_every_steps": 1, "progress": "none", "device": "cpu",
+            "noise_scale": True, "ema_horizon_samples": 256, "average_last": 3}
 
 
 def _trainer_worker(rank: int, init_file: str, out: str) -> None:

@@ -52,7 +52,7 @@ def _worker(rank: int, init_file: str, out_file: str) -> None:
                     ref_model = wl.build_model().double()
                     shards = [wl.fetch(idx[r * per_rank : (r + 1) * per_rank]) for r in range(WORLD)]
 
-                    def mean_grad(batch):
+                    def mean_grad(batch, ref_model=ref_model):
                         loss, _ = wl.loss(ref_model, {kk: v.double() for kk, v in batch.items()})
                         return torch.autograd.grad(loss / wl.count(batch), list(ref_model.parameters()))[0]
 
@@ -79,10 +79,10 @@ def _worker(rank: int, init_file: str, out_file: str) -> None:
         gm = {m: NoiseMonitor(nets[m], groups="parameter", beta=0.5) for m in nets}
         x = wl.fetch(sampler.next(B))["x"]
         shard = x[rank * per_rank : (rank + 1) * per_rank]
-        for m in nets:
+        for m, net_m in nets.items():
             gm[m].begin_step()
             with gm[m].micro_batch(per_rank):
-                (nets[m](shard).pow(2).sum() * WORLD / B).backward()
+                (net_m(shard).pow(2).sum() * WORLD / B).backward()
             result[f"groups_{m}"] = gm[m].end_step().groups
 
         # The guard: a torch that stops registering unsharded parameters is named, not silently unmeasured.

@@ -16,12 +16,13 @@ ran a backward and raises with the torch version in the message.
 
 from __future__ import annotations
 
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import torch
 from torch import nn
 
-__all__ = ["fsdp_units", "is_fsdp", "check_sharded", "UnshardedGradHooks", "local_grads"]
+__all__ = ["UnshardedGradHooks", "check_sharded", "fsdp_units", "is_fsdp", "local_grads"]
 
 
 def _fsdp_module_type() -> type | None:
@@ -53,7 +54,7 @@ def check_sharded(named: list[tuple[str, nn.Parameter]], world_size: int) -> Non
 
     for name, p in named:
         if not isinstance(p, DTensor):
-            raise ValueError(f"mode='fsdp' needs every trainable parameter sharded by fully_shard; {name!r} is a plain tensor")
+            raise TypeError(f"mode='fsdp' needs every trainable parameter sharded by fully_shard; {name!r} is a plain tensor")
         mesh = p.device_mesh
         if mesh.ndim != 1 or mesh.size() != world_size or not p.placements[0].is_shard():
             raise ValueError(f"mode='fsdp' supports a 1-D FSDP mesh over all {world_size} ranks of the process group; "

@@ -125,4 +125,5 @@ def load_full_model_state(model: nn.Module, model_sd: dict, *, from_rank0: bool 
         return
     from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
 
-    set_model_state_dict(model, model_sd, options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=from_rank0))
+    opts = StateDictOptions(full_state_dict=True, broadcast_from_rank0=from_rank0)
+    set_model_state_dict(model, model_sd, options=opts)
