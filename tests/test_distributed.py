@@ -120,8 +120,10 @@ def _sharded_ema_nonfinite(rank: int, out: Path) -> None:
 
     from bigbatch.averaging import EMA
 
+    from torch.distributed.device_mesh import init_device_mesh
+
     torch.manual_seed(0)
-    net = fully_shard(torch.nn.Sequential(torch.nn.Linear(4, 6), torch.nn.Linear(6, 2)))
+    net = fully_shard(torch.nn.Sequential(torch.nn.Linear(4, 6), torch.nn.Linear(6, 2)), mesh=init_device_mesh("cpu", (2,)))
     skip, strict = EMA(net, horizon_samples=8, on_nonfinite="skip"), EMA(net, horizon_samples=8)
     full = skip.state_dict()["shadow"]  # a collective
     with torch.no_grad():

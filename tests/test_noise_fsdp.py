@@ -17,11 +17,17 @@ def _worker(rank: int, init_file: str, out_file: str) -> None:
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=WORLD)
     try:
-        from torch.distributed.fsdp import fully_shard
+        from torch.distributed.device_mesh import init_device_mesh
+        from torch.distributed.fsdp import fully_shard as _fully_shard
         from torch.nn.parallel import DistributedDataParallel as DDP
 
         from bigbatch.noise import NoiseMonitor, split_batch, unbiased_estimates
         from bigbatch.workloads.linreg import LinReg
+
+        mesh = init_device_mesh("cpu", (WORLD,))  # explicit: the default mesh is CUDA's on a GPU machine
+
+        def fully_shard(module):
+            return _fully_shard(module, mesh=mesh)
 
         wl = LinReg(dim=8, noise_std=0.5, init_distance=1.0, seed=0)
         models = {"fsdp": fully_shard(wl.build_model()), "fsdp_acc": fully_shard(wl.build_model()), "ddp": DDP(wl.build_model())}

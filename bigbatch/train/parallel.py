@@ -46,11 +46,15 @@ def wrap_model(model: nn.Module, info: DistInfo, device: torch.device, strategy:
         from torch.nn.parallel import DistributedDataParallel as DDP
 
         return DDP(model, device_ids=[device.index] if device.type == "cuda" else None)
+    from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import fully_shard
 
+    # The mesh of the training device: fully_shard's default mesh is CUDA's whenever a GPU is
+    # present, which breaks a --device cpu run on a GPU machine.
+    mesh = init_device_mesh(device.type, (info.world_size,))
     for unit in _fsdp_units(model, workload):
-        fully_shard(unit)
-    fully_shard(model)
+        fully_shard(unit, mesh=mesh)
+    fully_shard(model, mesh=mesh)
     return model
 
 
