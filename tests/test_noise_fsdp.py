@@ -93,7 +93,7 @@ def _worker(rank: int, init_file: str, out_file: str) -> None:
 
         # The guard: a torch that stops registering unsharded parameters is named, not silently unmeasured.
         mon = NoiseMonitor(nets["fsdp"], beta=0.5)
-        mon._fsdp._pre_forward = lambda *a: None
+        mon._fsdp._pre_hook = lambda *a: None
         mon.begin_step()
         with mon.micro_batch(per_rank):
             nets["fsdp"](shard).sum().backward()

@@ -75,6 +75,7 @@ class UnshardedGradHooks:
         self._module_handles: list[Any] = []
         self._tensor_handles: list[Any] = []
         self._hooked: dict[int, torch.Tensor] = {}  # strong refs: an id is not reused within a step
+        self._pre_hook: Callable[..., None] | None = None
 
     @property
     def n_hooked(self) -> int:
@@ -83,15 +84,18 @@ class UnshardedGradHooks:
 
     def attach(self) -> None:
         self.detach()
+        if self._pre_hook is None:
+            # Kept out of a compiled graph (as FSDP's own hooks are); wrapped here, not at import,
+            # because torch.compiler.disable imports dynamo (a second of start-up time).
+            self._pre_hook = torch.compiler.disable(self._pre_forward)
         # Appended, so it runs after fully_shard's (prepended) hook has registered the unsharded parameters.
-        self._module_handles = [u.register_forward_pre_hook(self._pre_forward) for u in self.units]
+        self._module_handles = [u.register_forward_pre_hook(self._pre_hook) for u in self.units]
 
     def detach(self) -> None:
         for h in self._module_handles + self._tensor_handles:
             h.remove()
         self._module_handles, self._tensor_handles, self._hooked = [], [], {}
 
-    @torch.compiler.disable
     def _pre_forward(self, unit: nn.Module, args: Any) -> None:
         from torch.distributed.tensor import DTensor
 
