@@ -1,0 +1,202 @@
+"""The fused Triton kernels (LARS, LAMB, MERIT) run on CPU under Triton's interpreter
+(``TRITON_INTERPRET=1``) and must match the foreach reference path.
+
+Each case runs in a fresh subprocess: the interpreter is chosen when ``triton.jit`` decorates the
+kernels, so the variable must be set before they are imported. Small tile sizes (set through the
+module-level constants in ``bigbatch.optim._fused.kernels``) make a few-thousand-element tensor
+span many tiles in both directions and several reduce chunks, so the partial-max reduction across
+tiles is exercised; one case keeps the real tile sizes. Skipped without Triton (CI has none).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+pytest.importorskip("triton")
+
+ROOT = Path(__file__).resolve().parents[1]
+SMALL_TILES = {"TILE_M": 4, "TILE_N": 8, "RED_PARTS": 4, "RED_ROWS": 2, "RED_COLS": 8, "BLOCK": 64}
+
+
+def _run(which: str, **kw) -> dict:
+    env = {**os.environ, "TRITON_INTERPRET": "1", "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+    r = subprocess.run([sys.executable, __file__, which, json.dumps(kw)], capture_output=True, text=True, env=env,
+                       check=False, timeout=600, cwd=ROOT)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-5000:]
+    return json.loads(r.stdout.strip().splitlines()[-1])
+
+
+CASES = {
+    "lars": ("LARS", {"lr": 0.1, "momentum": 0.9, "weight_decay": 1e-4, "trust_coefficient": 0.01}),
+    "lars_nesterov_clip": ("LARS", {"lr": 0.1, "momentum": 0.9, "weight_decay": 1e-4, "nesterov": True, "clip": True}),
+    "lars_plain": ("LARS", {"lr": 0.1, "momentum": 0.0, "weight_decay": 0.0}),
+    "lamb": ("LAMB", {"lr": 1e-2, "weight_decay": 0.01}),
+    "lamb_clip_prenorm": ("LAMB", {"lr": 1e-2, "weight_decay": 0.01, "bias_correction": False, "trust_clip": (0.01, 5.0),
+                                       "grad_prenorm": 1.0}),
+    "merit": ("MERIT", {"lr": 1e-2, "weight_decay": 0.01}),
+    "merit_b95": ("MERIT", {"lr": 1e-2, "weight_decay": 0.0, "betas": (0.9, 0.95)}),
+}
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_fused_matches_foreach_small_tiles(case):
+    res = _run("parity", case=case, tiles=SMALL_TILES, steps=4)
+    assert res["vec_packs"] >= 1 and res["scalar_packs"] >= 1, res  # both index-math variants ran
+    for name, err in res["errs"].items():
+        assert err <= 1e-6, (name, err)
+
+
+@pytest.mark.parametrize("case", ["lars", "lamb", "merit"])
+def test_fused_matches_foreach_real_tiles(case):
+    res = _run("parity", case=case, tiles={}, steps=2, big=True)
+    for name, err in res["errs"].items():
+        assert err <= 1e-6, (name, err)
+
+
+@pytest.mark.parametrize("algo", ["LARS", "LAMB", "MERIT"])
+def test_fused_nonfinite_skip_and_raise_leave_state_untouched(algo):
+    res = _run("nonfinite", algo=algo, tiles=SMALL_TILES)
+    assert res["raised"] and res["skipped_steps"] == 1, res
+    assert res["unchanged"], res
+    for name, err in res["errs"].items():  # and the run goes on exactly like the reference
+        assert err <= 1e-6, (name, err)
+
+
+# ------------------------------------------------------------------------------ subprocess side
+# Shapes: rows × cols not multiples of the tiles; (37, 21) spans 10 × 3 small tiles, so its
+# column maxima fold 10 partials in 3 reduce chunks. The second group is "vector-friendly" (rows
+# of a multiple of 4, 16-byte aligned): it runs the VEC variant. ZERO_W starts at 0, ZERO_G's
+# gradient is always 0 (both: trust ratio 1).
+GROUPS = [
+    [(37, 21), (5,), (9, 4, 3), (3, 2, 2, 2), (130,), (6, 7)],
+    [(24, 16), (44,), (13, 8)],
+    [(11,), (3,)],  # adapt=False, no weight decay (how param_groups treats 1-D parameters)
+]
+BIG = [[(300, 200), (70, 260), (1000,)], [(5, 3)], [(130,)]]
+ZERO_W, ZERO_G = (0, 2), (1, 2)
+
+
+def _make(groups, seed):
+    import torch
+
+    g = torch.Generator().manual_seed(seed)
+    out = []
+    for gi, shapes in enumerate(groups):
+        ps = [torch.nn.Parameter(torch.randn(s, generator=g)) for s in shapes]
+        out.append(ps)
+    if len(groups[0]) > ZERO_W[1]:
+        with torch.no_grad():
+            out[ZERO_W[0]][ZERO_W[1]].zero_()
+    return out
+
+
+def _param_groups(pss):
+    gs = [{"params": ps} for ps in pss]
+    gs[-1].update(adapt=False, weight_decay=0.0)
+    return gs
+
+
+def _set_grads(pa, pb, gen, bad=None):
+    import torch
+
+    for gi, (ga, gb) in enumerate(zip(pa, pb)):
+        for k, (a, b) in enumerate(zip(ga, gb)):
+            g = torch.randn(a.shape, generator=gen)
+            if (gi, k) == ZERO_G:
+                g.zero_()
+            if bad is not None and (gi, k) == (0, 0):
+                g.view(-1)[7] = bad
+            a.grad, b.grad = g, g.clone()
+
+
+def _errs(pa, pb, oa, ob):
+    out = {}
+    for gi, (ga, gb) in enumerate(zip(pa, pb)):
+        for k, (a, b) in enumerate(zip(ga, gb)):
+            pairs = [("w", a, b)] + [(key, oa.state[a][key], ob.state[b][key]) for key in ob.state[b] if key != "step"]
+            for key, x, y in pairs:
+                out[f"{gi}.{k}{tuple(a.shape)}.{key}"] = ((x - y).norm() / y.norm().clamp_min(1e-30)).item()
+            assert float(oa.state[a]["step"]) == float(ob.state[b]["step"])
+    return out
+
+
+def _optimizers(algo, kw, pa, pb):
+    import bigbatch.optim as O
+
+    cls = getattr(O, algo)
+    return cls(_param_groups(pa), **kw, fused=True), cls(_param_groups(pb), **kw, foreach=True)
+
+
+def _parity(case, steps, big=False):
+    import torch
+
+    algo, kw = CASES[case]
+    groups = BIG if big else GROUPS
+    pa, pb = _make(groups, 0), _make(groups, 0)
+    oa, ob = _optimizers(algo, kw, pa, pb)
+    gen = torch.Generator().manual_seed(3)
+    for _ in range(steps):
+        _set_grads(pa, pb, gen)
+        oa.step()
+        ob.step()
+    packs = list(oa._fused_packs.values())
+    vec = sum(bool(p.vec_shape and p.g_aligned) for p in packs)
+    return {"errs": _errs(pa, pb, oa, ob), "vec_packs": vec, "scalar_packs": len(packs) - vec}
+
+
+def _nonfinite(algo):
+    import copy
+
+    import torch
+
+    kw = {"LARS": {"lr": 0.1, "momentum": 0.9}, "LAMB": {"lr": 1e-2}, "MERIT": {"lr": 1e-2, "weight_decay": 0.01}}[algo]
+    pa, pb = _make(GROUPS, 0), _make(GROUPS, 0)
+    oa, ob = _optimizers(algo, kw, pa, pb)
+    gen = torch.Generator().manual_seed(3)
+    _set_grads(pa, pb, gen)
+    oa.step()
+    ob.step()
+    flat = [p for ps in pa for p in ps]
+    snap = [p.detach().clone() for p in flat], copy.deepcopy(oa.state_dict())
+    _set_grads(pa, pb, gen, bad=float("nan"))
+    raised = False
+    try:
+        oa.step()
+    except FloatingPointError:
+        raised = True
+    oa.nonfinite = "skip"
+    _set_grads(pa, pb, gen, bad=float("-inf"))
+    oa.step()
+    unchanged = all(torch.equal(p, q) for p, q in zip(flat, snap[0]))
+    for k, v in oa.state_dict()["state"].items():
+        for key, t in v.items():
+            unchanged &= bool(torch.equal(t, snap[1]["state"][k][key]))
+    for _ in range(2):  # the reference saw neither bad step
+        _set_grads(pa, pb, gen)
+        oa.step()
+        ob.step()
+    return {"raised": raised, "skipped_steps": oa.skipped_steps, "unchanged": unchanged,
+            "errs": _errs(pa, pb, oa, ob)}
+
+
+def _main(case: str, kw: dict) -> None:
+    assert os.environ.get("TRITON_INTERPRET") == "1"
+    import torch
+
+    torch.set_num_threads(1)
+    from bigbatch.optim._fused import kernels as K
+
+    for name, value in kw.pop("tiles").items():
+        setattr(K, name, value)
+    fn = {"parity": _parity, "nonfinite": _nonfinite}[case]
+    print(json.dumps(fn(**kw)))
+
+
+if __name__ == "__main__":
+    _main(sys.argv[1], json.loads(sys.argv[2]))
