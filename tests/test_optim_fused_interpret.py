@@ -68,6 +68,20 @@ def test_fused_nonfinite_skip_and_raise_leave_state_untouched(algo):
         assert err <= 1e-6, (name, err)
 
 
+def test_fused_fsdp2_step_equals_unsharded_step():
+    """FSDP2 (``fully_shard``, 2 gloo processes): the fused kernels on the local shards, with the
+    per-tensor sums / maxima all-reduced between the passes, equal the unsharded step. Shards are
+    uneven and one is empty; unsupported placements fall back to foreach with a warning."""
+    dist = pytest.importorskip("torch.distributed")
+    if not dist.is_available() or not dist.is_gloo_available():
+        pytest.skip("needs torch.distributed with gloo")
+    res = _run("fsdp", tiles=SMALL_TILES)
+    assert res["fused_packs_sharded"] >= 3, res  # the fused path really ran on the shards
+    assert res["fallback_warned"] and res["fused_true_refused"], res
+    for name, err in res["errs"].items():
+        assert err <= 1e-6, (name, err)
+
+
 # ------------------------------------------------------------------------------ subprocess side
 # Shapes: rows × cols not multiples of the tiles; (37, 21) spans 10 × 3 small tiles, so its
 # column maxima fold 10 partials in 3 reduce chunks. The second group is "vector-friendly" (rows
@@ -145,9 +159,15 @@ def _parity(case, steps, big=False):
         _set_grads(pa, pb, gen)
         oa.step()
         ob.step()
-    packs = list(oa._fused_packs.values())
-    vec = sum(bool(p.vec_shape and p.g_aligned) for p in packs)
-    return {"errs": _errs(pa, pb, oa, ob), "vec_packs": vec, "scalar_packs": len(packs) - vec}
+    vec = scalar = 0  # launches of the VEC and of the plain variant in one step
+    for _, pack in oa._fused_packs["plan"][1]:
+        aligned = pack.vec_shape and pack.g_aligned
+        if pack.algo == "merit":
+            vec += aligned and pack.n_vec_tiles > 0
+            scalar += pack.n_tiles > (pack.n_vec_tiles if aligned else 0)
+        else:
+            vec, scalar = vec + aligned, scalar + (not aligned)
+    return {"errs": _errs(pa, pb, oa, ob), "vec_packs": vec, "scalar_packs": scalar}
 
 
 def _nonfinite(algo):
@@ -185,6 +205,118 @@ def _nonfinite(algo):
             "errs": _errs(pa, pb, oa, ob)}
 
 
+def _fsdp_model():
+    import torch
+
+    torch.manual_seed(0)
+    # Odd row counts: uneven shards (11 rows → 6 + 5, 3 → 2 + 1); Linear(5, 1): rank 1's shard is empty.
+    return torch.nn.Sequential(torch.nn.Linear(6, 11), torch.nn.LayerNorm(11), torch.nn.Tanh(), torch.nn.Linear(11, 3),
+                               torch.nn.Tanh(), torch.nn.Linear(3, 5), torch.nn.Linear(5, 1, bias=False))
+
+
+def _fsdp_opt(name, model, **kw):
+    from bigbatch.optim import LAMB, LARS, MERIT, param_groups
+
+    groups = param_groups(model, 0.01)
+    for g in groups:  # 1-D parameters adapt too here, so every kernel path sees a shard
+        g["adapt"] = True
+    if name == "lamb":
+        return LAMB(groups, lr=0.05, grad_prenorm=0.5, **kw)
+    if name == "lars":
+        return LARS(groups, lr=0.5, momentum=0.9, trust_coefficient=0.02, **kw)
+    return MERIT(groups, lr=0.05, **kw)
+
+
+def _fsdp_steps(model, opt, n=3):
+    import torch
+
+    g = torch.Generator().manual_seed(1)
+    for _ in range(n):
+        x = torch.randn(16, 6, generator=g)
+        y = torch.randn(16, 1, generator=g)
+        opt.zero_grad(set_to_none=True)
+        ((model(x) - y) ** 2).mean().backward()
+        opt.step()
+
+
+def _fsdp_worker(rank, world, init_file, result_dir, tiles):
+    import traceback
+    import warnings
+
+    import torch
+    import torch.distributed as dist
+
+    try:
+        torch.set_num_threads(1)
+        from bigbatch.optim._fused import kernels as K
+
+        for k, v in tiles.items():
+            setattr(K, k, v)
+        dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+        from torch.distributed.device_mesh import init_device_mesh
+        from torch.distributed.fsdp import fully_shard
+        from torch.distributed.tensor import Shard, distribute_tensor
+
+        mesh = init_device_mesh("cpu", (world,))
+        errs, sharded_packs = {}, 0
+        for name in ("lamb", "lars", "merit"):
+            ref = _fsdp_model()
+            ref_opt = _fsdp_opt(name, ref, foreach=True)
+            _fsdp_steps(ref, ref_opt)
+            model = _fsdp_model()
+            fully_shard(model, mesh=mesh)
+            opt = _fsdp_opt(name, model, fused=True)
+            _fsdp_steps(model, opt)
+            sharded_packs += sum(pk.pg is not None for _, pk in opt._fused_packs["plan"][1])
+            for (n, a), b in zip(model.named_parameters(), ref.parameters()):
+                full = a.full_tensor()
+                errs[f"{name}.{n}"] = ((full - b).abs().max() / b.abs().max()).item()
+                for key, t in opt.state[a].items():
+                    if key != "step":
+                        r = ref_opt.state[b][key]
+                        errs[f"{name}.{n}.{key}"] = ((t.full_tensor() - r).abs().max() / r.abs().max().clamp_min(1e-30)).item()
+        w = torch.nn.Parameter(distribute_tensor(torch.randn(4, 6), mesh, [Shard(1)]))
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            _fsdp_opt("merit", torch.nn.ParameterList([w]))
+        warned = any("Shard(dim=1)" in str(c.message) for c in caught)
+        try:
+            _fsdp_opt("merit", torch.nn.ParameterList([w]), fused=True)
+            refused = False
+        except ValueError:
+            refused = True
+        with open(os.path.join(result_dir, f"ok{rank}"), "w") as f:
+            json.dump({"errs": errs, "fused_packs_sharded": sharded_packs, "fallback_warned": warned,
+                       "fused_true_refused": refused}, f)
+        dist.barrier()
+        dist.destroy_process_group()
+        os._exit(0)  # skip the interpreter teardown, where gloo can abort a finished worker
+    except Exception:
+        with open(os.path.join(result_dir, f"err{rank}"), "w") as f:
+            f.write(traceback.format_exc())
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def _fsdp(tiles):
+    import tempfile
+
+    import torch.multiprocessing as mp
+
+    with tempfile.TemporaryDirectory() as d:
+        mp.start_processes(_fsdp_worker, args=(2, os.path.join(d, "init"), d, tiles), nprocs=2, join=True,
+                           start_method="spawn")
+        errs = [open(os.path.join(d, f)).read() for f in sorted(os.listdir(d)) if f.startswith("err")]
+        assert not errs, errs[0]
+        results = [json.load(open(os.path.join(d, f"ok{r}"))) for r in range(2)]
+    out = results[0]
+    out["fused_packs_sharded"] = min(r["fused_packs_sharded"] for r in results)
+    for r in results[1:]:
+        out["errs"].update({k: max(v, out["errs"][k]) for k, v in r["errs"].items()})
+    return out
+
+
 def _main(case: str, kw: dict) -> None:
     assert os.environ.get("TRITON_INTERPRET") == "1"
     import torch
@@ -192,9 +324,11 @@ def _main(case: str, kw: dict) -> None:
     torch.set_num_threads(1)
     from bigbatch.optim._fused import kernels as K
 
-    for name, value in kw.pop("tiles").items():
+    for name, value in kw["tiles"].items():
         setattr(K, name, value)
-    fn = {"parity": _parity, "nonfinite": _nonfinite}[case]
+    if case != "fsdp":  # the FSDP workers set the tiles in their own processes
+        kw.pop("tiles")
+    fn = {"parity": _parity, "nonfinite": _nonfinite, "fsdp": _fsdp}[case]
     print(json.dumps(fn(**kw)))
 
 

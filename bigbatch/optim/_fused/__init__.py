@@ -86,6 +86,7 @@ class _Pack:
                 raise ValueError("the fused path needs contiguous parameters; pass fused=False")
         self.algo = opt._algorithm
         self.params = params
+        self.sharded = is_dtensor(params[0])
         self.pg = shard_group(params[0])  # all-reduce group (None: nothing to reduce)
         self.pdt = _PDT[locs[0].dtype]
         numels = [p.numel() for p in locs]
@@ -97,7 +98,7 @@ class _Pack:
         self.n = len(params)
         self.off = torch.tensor(offs, dtype=torch.int64, device=dev)
         self.numel = torch.tensor(numels, dtype=torch.int64, device=dev)
-        self.p_key = tuple(p.data_ptr() for p in locs)
+        self.p_key = self.param_key()
         self.p_table = _ptr_table(locs, dev)
         self.g_key: tuple = ()
         self.g_table: Tensor | None = None
@@ -129,25 +130,26 @@ class _Pack:
     def _merit_tables(self, params: list[Tensor], dev: torch.device) -> None:
         BM, BN = self.bm, self.bn = K.TILE_M, K.TILE_N
         PCH, RC = self.pch, self.rc = K.RED_PARTS, K.RED_COLS
-        shapes, t_tid, t_r, t_i, t_j = [], [], [], [], []
-        vec_shape = True
+        shapes = []
+        tiles: tuple[list, list] = ([], [])  # (tensors the VEC variant can take, the others)
         for k, p in enumerate(params):
             if p.dim() >= 2:
                 d0, d1 = p.shape[0], p.shape[1]
                 rest = p.numel() // (d0 * d1) if d0 * d1 else 1
                 s0, s1, vec = d1 * rest, rest, 0
-                vec_shape &= rest == 1 and d1 % _ALIGN == 0 and (BM + 1) * d1 < 2**31
+                vec_ok = rest == 1 and d1 % _ALIGN == 0 and (BM + 1) * d1 < 2**31
             else:  # a vector is laid out as rows of BN; only its whole-tensor max is used
                 rest, d1 = 1, BN
                 d0, s0, s1, vec = max(1, -(-p.numel() // BN)), BN, 1, 1
-                vec_shape &= p.numel() % _ALIGN == 0
+                vec_ok = p.numel() % _ALIGN == 0
             shapes.append((d0, d1, s0, s1, vec, rest))
             n_rt, n_ct = -(-d0 // BM), -(-d1 // BN)
-            for r in range(rest):
-                for it in range(n_rt):
-                    for jt in range(n_ct):
-                        t_tid.append(k), t_r.append(r), t_i.append(it * BM), t_j.append(jt * BN)
-        self.vec_shape = vec_shape
+            tiles[0 if vec_ok else 1].extend(
+                (k, r, it * BM, jt * BN) for r in range(rest) for it in range(n_rt) for jt in range(n_ct))
+        # Tiles of VEC-able tensors first: pass 1 / 2 launch them with VEC=True and the rest with
+        # VEC=False (one launch over all tiles with VEC=False when a pointer is misaligned).
+        self.n_vec_tiles = len(tiles[0])
+        self.vec_shape = True
         # Final maxima, int32 float bits in one buffer (one memset clears it):
         #   [row w | row u | col w | col u | tot w | tot u]; the part that FSDP all-reduces (columns and
         #   totals) is contiguous at the end.  Partials (float32, no zeroing: every entry is rewritten):
@@ -182,22 +184,38 @@ class _Pack:
         self.meta = torch.tensor(meta, dtype=torch.int64).reshape(-1).to(dev)
         self.items = torch.tensor(items, dtype=torch.int64).reshape(-1).to(dev)
         self.n_items = len(items)
-        as32 = lambda xs: torch.tensor(xs, dtype=torch.int32).to(dev)  # noqa: E731
-        self.t_tid, self.t_r, self.t_i, self.t_j = as32(t_tid), as32(t_r), as32(t_i), as32(t_j)
-        self.n_tiles = len(t_tid)
+        tt = torch.tensor(tiles[0] + tiles[1], dtype=torch.int32).reshape(-1, 4).t().contiguous().to(dev)
+        self.t_tid, self.t_r, self.t_i, self.t_j = tt
+        self.n_tiles = tt.shape[1]
         self.maxbuf = torch.zeros(2 * R + 2 * C + 2 * self.n, dtype=torch.int32, device=dev)
         self.reduced = self.maxbuf[2 * R:]  # what FSDP all-reduces (MAX)
         self.part = torch.empty(max(2 * PR + 2 * PC, 1), dtype=torch.float32, device=dev)
 
-    def set_grads(self, params: list[Tensor]) -> list[Tensor]:
-        grads = [local(p.grad) for p in params]
-        grads = [g if g.is_contiguous() else g.contiguous() for g in grads]
+    def set_grads(self) -> list[Tensor]:
+        """Point the gradient table at this step's gradients; returns what must stay alive until launch."""
+        grads = [p.grad for p in self.params]
+        if self.sharded:
+            grads = [g.to_local() for g in grads]
         key = tuple(g.data_ptr() for g in grads)
-        if key != self.g_key:  # the caching allocator usually hands back the same blocks
-            self.g_table = _ptr_table(grads, grads[0].device)
+        if key == self.g_key:  # the caching allocator usually hands back the same blocks
+            return grads
+        for p, g in zip(self.params, grads):
+            if g.dtype != p.dtype:
+                raise ValueError(f"fused path needs grad dtype == param dtype, got {g.dtype} vs {p.dtype}")
+        if all(g.is_contiguous() for g in grads):
             self.g_key = key
-            self.g_aligned = _aligned(grads)
-        return grads  # keep any contiguous copies alive until the kernels have been queued
+        else:  # contiguous copies, new every step: the table is rebuilt every step
+            grads = [g if g.is_contiguous() else g.contiguous() for g in grads]
+            self.g_key = ()
+        self.g_table = _ptr_table(grads, grads[0].device)
+        self.g_aligned = _aligned(grads)
+        return grads
+
+    def param_key(self) -> tuple:
+        """The parameters' storage: a pack is rebuilt when it moved (``model.to()``, a new FSDP shard)."""
+        if self.sharded:
+            return tuple(p.to_local().data_ptr() for p in self.params)
+        return tuple(p.data_ptr() for p in self.params)
 
     def zero(self) -> None:
         (self.maxbuf if self.algo == "merit" else self.acc).zero_()
@@ -243,30 +261,46 @@ class _Pack:
                 BLOCK=K.BLOCK, num_warps=8,
             )
         else:
-            if self.n_tiles == 0:  # only empty shards here
-                return
             b1, b2 = group["betas"]
-            K.merit_kernel[(self.n_tiles,)](
-                self.p_table, self.g_table, self.bufs["exp_avg"], self.bufs["exp_avg_sq"], master,
-                self.off, self.numel, self.meta, self.t_tid, self.t_r, self.t_i, self.t_j,
-                self.part, self.maxbuf, flag,
-                float(group["lr"]), b1, b2, 1.0 - b1, 1.0 - b2, group["eps"], group["weight_decay"],
-                PASS=pass_, ADAPT=group["adapt"], HAS_MASTER=self.master is not None, PDT=self.pdt, VEC=vec,
-                BM=self.bm, BN=self.bn, num_warps=K.TILE_WARPS,
-            )
+            nv = self.n_vec_tiles if vec else 0
+            for first, count, v in ((0, nv, True), (nv, self.n_tiles - nv, False)):
+                if count == 0:
+                    continue
+                K.merit_kernel[(count,)](
+                    self.p_table, self.g_table, self.bufs["exp_avg"], self.bufs["exp_avg_sq"], master,
+                    self.off, self.numel, self.meta, self.t_tid, self.t_r, self.t_i, self.t_j, first,
+                    self.part, self.maxbuf, flag,
+                    float(group["lr"]), b1, b2, 1.0 - b1, 1.0 - b2, group["eps"], group["weight_decay"],
+                    PASS=pass_, ADAPT=group["adapt"], HAS_MASTER=self.master is not None, PDT=self.pdt, VEC=v,
+                    BM=self.bm, BN=self.bn, num_warps=K.TILE_WARPS,
+                )
             if pass_ == 1 and group["adapt"] and self.n_items:
                 K.merit_reduce_kernel[(self.n_items,)](
                     self.part, self.maxbuf, self.items, PCH=self.pch, RR=K.RED_ROWS, RC=self.rc, num_warps=4,
                 )
 
 
-def _pack_for(opt: Any, gi: int, group: dict, params: list[Tensor]) -> _Pack:
-    key = (gi, params[0].dtype, tuple(id(p) for p in params))
-    pack = opt._fused_packs.get(key)
-    if pack is None or pack.p_key != tuple(local(p).data_ptr() for p in params):
-        pack = _Pack(opt, group, params)
-        opt._fused_packs[key] = pack
-    return pack
+def _plan(opt: Any, fused_groups: list) -> list[tuple[dict, _Pack]]:
+    """The packs of this step, cached in ``opt._fused_packs`` (cleared whenever the state is swapped)."""
+    sig = tuple(id(p) for _, ps in fused_groups for p in ps)
+    plan = opt._fused_packs.get("plan")
+    if plan is not None and plan[0] == sig and all(pk.p_key == pk.param_key() for _, pk in plan[1]):
+        return plan[1]
+    index = {id(g): i for i, g in enumerate(opt.param_groups)}
+    out = []
+    for group, params in fused_groups:
+        by_kind: dict[tuple, list[Tensor]] = {}
+        for p in params:
+            by_kind.setdefault((p.dtype, id(shard_group(p))), []).append(p)
+        for ps in by_kind.values():
+            key = (index[id(group)], ps[0].dtype, tuple(id(p) for p in ps))
+            pack = opt._fused_packs.get(key)
+            if pack is None or pack.p_key != pack.param_key():
+                pack = _Pack(opt, group, ps)
+                opt._fused_packs[key] = pack
+            out.append((group, pack))
+    opt._fused_packs["plan"] = (sig, out)
+    return out
 
 
 def fused_step(opt: Any, fused_groups: list, run_reference: bool, ref_grads: list[Tensor] | None = None) -> Tensor:
@@ -279,23 +313,12 @@ def fused_step(opt: Any, fused_groups: list, run_reference: bool, ref_grads: lis
     flag.zero_()
     if ref_grads:  # non-fused groups in the same optimizer: one verdict for the whole step
         flag.copy_((~all_finite(ref_grads)).to(torch.int32).to(dev).reshape(1))
-    packs, keep = [], []
-    index = {id(g): i for i, g in enumerate(opt.param_groups)}
-    all_grads = []
-    for group, params in fused_groups:
-        by_kind: dict[tuple, list[Tensor]] = {}
-        for p in params:
-            if p.grad.dtype != p.dtype:
-                raise ValueError(f"fused path needs grad dtype == param dtype, got {p.grad.dtype} vs {p.dtype}")
-            by_kind.setdefault((p.dtype, id(shard_group(p))), []).append(p)
-        for ps in by_kind.values():
-            pack = _pack_for(opt, index[id(group)], group, ps)
-            keep.append(pack.set_grads(ps))
-            all_grads += [p.grad for p in ps]
-            packs.append((group, pack))
+    packs = _plan(opt, fused_groups)
+    keep = [pack.set_grads() for _, pack in packs]  # alive until the kernels have been queued
     gscale = None
     if getattr(opt, "grad_prenorm", None) is not None:
         c = opt.grad_prenorm
+        all_grads = [p.grad for _, pack in packs for p in pack.params]
         gscale = (c / torch.clamp(tensor_norms(all_grads).square().sum().sqrt(), min=c)).reshape(1).to(dev)
     for _, pack in packs:
         pack.zero()
@@ -313,6 +336,7 @@ def fused_step(opt: Any, fused_groups: list, run_reference: bool, ref_grads: lis
             dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=pg)
     for group, pack in packs:
         pack.launch(group, 2, flag, gscale)
+    del keep
     skipped = (flag != 0).to(torch.float32)
     for _, pack in packs:
         pack.steps.add_(1.0 - skipped)
