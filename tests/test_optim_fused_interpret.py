@@ -307,9 +307,9 @@ def _fsdp(tiles):
     with tempfile.TemporaryDirectory() as d:
         mp.start_processes(_fsdp_worker, args=(2, os.path.join(d, "init"), d, tiles), nprocs=2, join=True,
                            start_method="spawn")
-        errs = [open(os.path.join(d, f)).read() for f in sorted(os.listdir(d)) if f.startswith("err")]
+        errs = [Path(d, f).read_text() for f in sorted(os.listdir(d)) if f.startswith("err")]
         assert not errs, errs[0]
-        results = [json.load(open(os.path.join(d, f"ok{r}"))) for r in range(2)]
+        results = [json.loads(Path(d, f"ok{r}").read_text()) for r in range(2)]
     out = results[0]
     out["fused_packs_sharded"] = min(r["fused_packs_sharded"] for r in results)
     for r in results[1:]:
