@@ -234,6 +234,7 @@ def test_cpu_step_never_imports_the_fused_kernels():
         "for cls in (LAMB, MERIT, LARS):\n"
         "    p = torch.nn.Parameter(torch.randn(3, 4)); p.grad = torch.randn(3, 4)\n"
         "    cls([p], lr=0.1).step()\n"
-        "assert 'bigbatch.optim._fused' not in sys.modules and 'triton' not in sys.modules\n"
+        # (torch.optim.Optimizer itself imports torch._dynamo, which imports triton when it is installed)
+        "assert 'bigbatch.optim._fused' not in sys.modules\n"
     )
     subprocess.run([sys.executable, "-c", code], check=True)

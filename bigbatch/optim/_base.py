@@ -21,6 +21,8 @@ path, so it is CUDA-graph capturable). NaN/inf never reaches the moments or the 
 from __future__ import annotations
 
 import itertools
+import os
+import warnings
 from typing import Any, Callable, Iterable
 
 import torch
@@ -29,7 +31,7 @@ from torch import Tensor
 from bigbatch._checks import check_choice, check_nonnegative, check_positive
 from bigbatch.optim._common import all_finite, is_dtensor, local
 
-__all__ = ["TrustRatioOptimizer", "fused_available"]
+__all__ = ["TrustRatioOptimizer", "fused_available", "fused_refusal"]
 
 _FLOAT_DTYPES = (torch.float64, torch.float32, torch.bfloat16, torch.float16)
 _LOW = (torch.bfloat16, torch.float16)
@@ -39,16 +41,45 @@ def _state_dtype(p: Tensor) -> torch.dtype:
     return torch.float32 if p.dtype in _LOW else p.dtype
 
 
-def fused_available(params: Iterable[Tensor]) -> bool:
-    """True when every parameter is a plain (not DTensor) float32/bf16/fp16 CUDA tensor and Triton imports."""
+def _interpreting() -> bool:
+    # Triton's interpreter runs the kernels on CPU tensors (how they are tested without a GPU).
+    return os.environ.get("TRITON_INTERPRET") == "1"
+
+
+def fused_refusal(params: Iterable[Tensor]) -> str | None:
+    """Why the fused path cannot take ``params`` (None: it can).
+
+    It takes float32/bf16/fp16 CUDA tensors (CPU tensors under ``TRITON_INTERPRET=1``), plain or
+    DTensors (FSDP2) whose placements are ``Shard(0)`` on at most one mesh dim and ``Replicate``
+    on the others, and needs Triton.
+    """
     ps = list(params)
-    if not ps or not all(p.is_cuda and p.dtype != torch.float64 and not is_dtensor(p) for p in ps):
-        return False
+    if not ps:
+        return "no parameters"
+    for p in ps:
+        lp = local(p)
+        if not (lp.is_cuda or (lp.device.type == "cpu" and _interpreting())):
+            return f"parameters must be CUDA tensors, got one on {lp.device}"
+        if p.dtype not in (torch.float32, torch.bfloat16, torch.float16):
+            return f"parameters must be float32, bfloat16 or float16, got {p.dtype}"
+        if is_dtensor(p):
+            from torch.distributed.tensor import Replicate, Shard
+
+            shards = [pl for pl in p.placements if isinstance(pl, Shard)]
+            if len(shards) > 1 or any(s.dim != 0 for s in shards) or not all(
+                    isinstance(pl, (Shard, Replicate)) for pl in p.placements):
+                return (f"DTensor placements {tuple(p.placements)} are not supported (only Shard(0) on one mesh "
+                        "dim, Replicate on the others)")
     try:
         import triton  # noqa: F401
     except Exception:
-        return False
-    return True
+        return "Triton is not installed"
+    return None
+
+
+def fused_available(params: Iterable[Tensor]) -> bool:
+    """True when :func:`fused_refusal` has no objection to ``params``."""
+    return fused_refusal(params) is None
 
 
 class TrustRatioOptimizer(torch.optim.Optimizer):
@@ -84,13 +115,13 @@ class TrustRatioOptimizer(torch.optim.Optimizer):
                     raise ValueError(f"params must be float64, float32, bfloat16 or float16, got {p.dtype}")
                 if p.is_sparse:
                     raise ValueError(f"{type(self).__name__} does not support sparse parameters")
+            why = fused_refusal(group["params"])
+            if group["fused"] and why is not None:
+                raise ValueError(f"fused=True needs parameters the fused kernels take: {why}; use foreach=True otherwise")
             if group["fused"] is None:
-                group["fused"] = fused_available(group["params"]) and not group["foreach"]
-            if group["fused"] and not fused_available(group["params"]):
-                raise ValueError(
-                    "fused=True needs every parameter to be a plain (non-DTensor) float32/bf16/fp16 CUDA tensor "
-                    "and Triton installed; use foreach=True otherwise"
-                )
+                group["fused"] = why is None and not group["foreach"]
+                if why is not None and not group["foreach"] and any(is_dtensor(p) for p in group["params"]):
+                    warnings.warn(f"{type(self).__name__}: fused path not used ({why}); using foreach", stacklevel=3)
 
     @property
     def skipped_steps(self) -> int:
@@ -134,7 +165,7 @@ class TrustRatioOptimizer(torch.optim.Optimizer):
         # Fused state entries are views into flat buffers; save compact standalone copies so a
         # checkpoint does not carry (or alias) the whole buffer.
         sd["state"] = {
-            i: {k: (v.clone() if torch.is_tensor(v) and v._base is not None else v) for k, v in s.items()}
+            i: {k: (v.clone() if torch.is_tensor(v) and local(v)._base is not None else v) for k, v in s.items()}
             for i, s in sd["state"].items()
         }
         return sd

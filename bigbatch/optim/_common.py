@@ -21,13 +21,23 @@ from torch import Tensor
 __all__ = ["trust_ratio", "tensor_norms", "tensor_max_abs", "merit_ratio", "local", "all_finite", "is_dtensor"]
 
 
+_DTENSOR: tuple = ()
+_DTENSOR_LOOKED_UP = False
+
+
 def is_dtensor(t: Tensor) -> bool:
-    # Imported lazily: torch.distributed may be absent from minimal builds.
-    try:
-        from torch.distributed.tensor import DTensor
-    except Exception:  # pragma: no cover - torch without distributed
-        return False
-    return isinstance(t, DTensor)
+    # Imported lazily (torch.distributed may be absent from minimal builds) and only once: this
+    # runs per parameter on every fused step.
+    global _DTENSOR, _DTENSOR_LOOKED_UP
+    if not _DTENSOR_LOOKED_UP:
+        try:
+            from torch.distributed.tensor import DTensor
+
+            _DTENSOR = (DTensor,)
+        except Exception:  # pragma: no cover - torch without distributed
+            _DTENSOR = ()
+        _DTENSOR_LOOKED_UP = True
+    return isinstance(t, _DTENSOR)
 
 
 def local(t: Tensor) -> Tensor:

@@ -7,16 +7,32 @@ step counters and float32 master weights live in one flat buffer per pack.
 
 Two passes per step:
 
-* pass 1 reads g, m, v, w, forms the new moments and ``u`` in registers (nothing is written),
-  and reduces the per-tensor quantities the ratio needs — sums of squares (LARS, LAMB, with
-  float32 atomics) or row / column / whole-tensor max-norms (MERIT, with integer atomics on the
-  float bit patterns, which order like the floats for values ≥ 0) — plus a non-finite flag;
+* pass 1 reads g, m, v, w, forms the new moments and ``u`` in registers (nothing of the state is
+  written) and reduces the per-tensor quantities the ratio needs, plus a non-finite flag
+  (an atomic only in a program that saw a bad value):
+
+  - LARS, LAMB: sums of squares per tensor, with one float32 atomic per program and tensor;
+  - MERIT: each [BM × BN] tile stores its partial row maxima and column maxima of |w| and |u|
+    with plain stores into scratch (rows: [n_col_tiles, rest, d0], columns: [n_row_tiles, rest,
+    d1] per tensor); ``merit_reduce_kernel`` then takes the max over the partials into the final
+    row / column maxima and the whole-tensor maxima (integer atomics on the float bit patterns,
+    which order like the floats for values ≥ 0; at most ``ceil(parts / RED_PARTS)`` atomics per
+    address, e.g. 25 on a 50257-row embedding, instead of one per tile);
+
 * pass 2 reads the flag (set ⇒ every store is masked off, the step is skipped), recomputes
   the moments and ``u``, applies the ratio, and writes m, v and w.
 
 Writing the moments only in pass 2 costs one extra read of g, m, v (44 instead of 40 bytes per
 float32 parameter for LAMB/MERIT) but is what lets a nan/inf gradient leave the state untouched
 without a host synchronisation.
+
+``VEC`` (a per-launch constexpr the host sets only when it holds) promises that every pointer is
+16-byte aligned, every flat-buffer offset and every length (LAMB/LARS numel, MERIT row length
+d1 or vector length) is a multiple of 4 and MERIT's tensors are 1-D or plain contiguous 2-D (no
+trailing dims): the hints let Triton emit 16-byte vector loads and stores, and MERIT's tile index
+math becomes one int64 tile base plus int32 offsets inside the tile. Without them every access
+is a scalar one (about 4× slower on an H200), so MERIT launches the tiles of the tensors that
+qualify with VEC=True and the others (odd row length, conv weights) separately.
 """
 
 from __future__ import annotations
@@ -25,18 +41,24 @@ import triton
 import triton.language as tl
 
 BLOCK = 4096  # elements per program for the per-tensor (LARS/LAMB) kernels
-TILE_M, TILE_N = 32, 128  # MERIT tile: rows × columns per program
+TILE_M, TILE_N = 32, 128  # MERIT tile: rows × columns per program (pass 1 and 2)
+TILE_WARPS = 8
+RED_PARTS = 64  # MERIT reduce: partials (tiles) one program folds ⇒ ≤ ceil(n/64) atomics per address
+RED_ROWS, RED_COLS = 8, 256  # MERIT reduce: block of partials × positions loaded per iteration
 
 
 @triton.jit
-def _ptr(table, tid, PDT: tl.constexpr):
+def _ptr(table, tid, PDT: tl.constexpr, VEC: tl.constexpr):
     a = tl.load(table + tid)
     if PDT == 1:
-        return a.to(tl.pointer_type(tl.bfloat16))
+        p = a.to(tl.pointer_type(tl.bfloat16))
     elif PDT == 2:
-        return a.to(tl.pointer_type(tl.float16))
+        p = a.to(tl.pointer_type(tl.float16))
     else:
-        return a.to(tl.pointer_type(tl.float32))
+        p = a.to(tl.pointer_type(tl.float32))
+    if VEC:
+        p = tl.multiple_of(p, 16)
+    return p
 
 
 @triton.jit
@@ -45,17 +67,16 @@ def _is_bad(g):
 
 
 @triton.jit
-def _load_w(P, MASTER, tid, off, idx, mask, HAS_MASTER: tl.constexpr, PDT: tl.constexpr):
+def _load_w(pp, MASTER, off, idx, mask, HAS_MASTER: tl.constexpr):
     if HAS_MASTER:
         w = tl.load(MASTER + off + idx, mask=mask, other=0.0)
     else:
-        w = tl.load(_ptr(P, tid, PDT) + idx, mask=mask, other=0.0).to(tl.float32)
+        w = tl.load(pp + idx, mask=mask, other=0.0).to(tl.float32)
     return w
 
 
 @triton.jit
-def _store_w(P, MASTER, tid, off, idx, mask, w, HAS_MASTER: tl.constexpr, PDT: tl.constexpr):
-    pp = _ptr(P, tid, PDT)
+def _store_w(pp, MASTER, off, idx, mask, w, HAS_MASTER: tl.constexpr):
     if HAS_MASTER:
         tl.store(MASTER + off + idx, w, mask=mask)
     tl.store(pp + idx, w.to(pp.dtype.element_ty), mask=mask)
@@ -77,27 +98,38 @@ def _adam_u(g, m, v, w, BC, tid, beta1, beta2, omb1, omb2, eps, wd, BIAS: tl.con
     return m, v, u
 
 
+@triton.jit
+def _chunk(CH_TID, CH_START, NUMEL, OFF, FLAG, PASS: tl.constexpr, VEC: tl.constexpr, BLOCK: tl.constexpr):
+    c = tl.program_id(0)
+    tid = tl.load(CH_TID + c)
+    start = tl.multiple_of(tl.load(CH_START + c), BLOCK)
+    n = tl.load(NUMEL + tid)
+    off = tl.load(OFF + tid)
+    if VEC:
+        n = tl.multiple_of(n, 4)
+        off = tl.multiple_of(off, 4)
+    idx = start + tl.arange(0, BLOCK)
+    mask = idx < n
+    if PASS == 2:
+        mask = mask & (tl.load(FLAG) == 0)
+    return tid, off, idx, mask
+
+
 # ------------------------------------------------------------------------------------ LAMB
 @triton.jit
 def lamb_kernel(P, G, M, V, MASTER, OFF, NUMEL, BC, CH_TID, CH_START, ACC, FLAG, GSCALE,
                 lr, beta1, beta2, omb1, omb2, eps, wd, clip_lo, clip_hi,
                 PASS: tl.constexpr, BIAS: tl.constexpr, ADAPT: tl.constexpr, CLIP: tl.constexpr,
-                HAS_MASTER: tl.constexpr, HAS_GSCALE: tl.constexpr, PDT: tl.constexpr, BLOCK: tl.constexpr):
-    c = tl.program_id(0)
-    tid = tl.load(CH_TID + c)
-    start = tl.load(CH_START + c)
-    n = tl.load(NUMEL + tid)
-    off = tl.load(OFF + tid)
-    idx = start + tl.arange(0, BLOCK)
-    mask = idx < n
-    if PASS == 2:
-        mask = mask & (tl.load(FLAG) == 0)
-    g = tl.load(_ptr(G, tid, PDT) + idx, mask=mask, other=0.0).to(tl.float32)
+                HAS_MASTER: tl.constexpr, HAS_GSCALE: tl.constexpr, PDT: tl.constexpr, VEC: tl.constexpr,
+                BLOCK: tl.constexpr):
+    tid, off, idx, mask = _chunk(CH_TID, CH_START, NUMEL, OFF, FLAG, PASS, VEC, BLOCK)
+    pp = _ptr(P, tid, PDT, VEC)
+    g = tl.load(_ptr(G, tid, PDT, VEC) + idx, mask=mask, other=0.0).to(tl.float32)
     if HAS_GSCALE:
         g = g * tl.load(GSCALE)
     m = tl.load(M + off + idx, mask=mask, other=0.0)
     v = tl.load(V + off + idx, mask=mask, other=0.0)
-    w = _load_w(P, MASTER, tid, off, idx, mask, HAS_MASTER, PDT)
+    w = _load_w(pp, MASTER, off, idx, mask, HAS_MASTER)
     m, v, u = _adam_u(g, m, v, w, BC, tid, beta1, beta2, omb1, omb2, eps, wd, BIAS)
     u = tl.where(mask, u, 0.0)
     if PASS == 1:
@@ -120,7 +152,7 @@ def lamb_kernel(P, G, M, V, MASTER, OFF, NUMEL, BC, CH_TID, CH_START, ACC, FLAG,
         w = w - lr * ratio * u
         tl.store(M + off + idx, m, mask=mask)
         tl.store(V + off + idx, v, mask=mask)
-        _store_w(P, MASTER, tid, off, idx, mask, w, HAS_MASTER, PDT)
+        _store_w(pp, MASTER, off, idx, mask, w, HAS_MASTER)
 
 
 # ------------------------------------------------------------------------------------ LARS
@@ -128,18 +160,12 @@ def lamb_kernel(P, G, M, V, MASTER, OFF, NUMEL, BC, CH_TID, CH_START, ACC, FLAG,
 def lars_kernel(P, G, BUF, MASTER, OFF, NUMEL, CH_TID, CH_START, ACC, FLAG,
                 lr, momentum, wd, eta, eps,
                 PASS: tl.constexpr, ADAPT: tl.constexpr, CLIP: tl.constexpr, NESTEROV: tl.constexpr,
-                HAS_MOM: tl.constexpr, HAS_MASTER: tl.constexpr, PDT: tl.constexpr, BLOCK: tl.constexpr):
-    c = tl.program_id(0)
-    tid = tl.load(CH_TID + c)
-    start = tl.load(CH_START + c)
-    n = tl.load(NUMEL + tid)
-    off = tl.load(OFF + tid)
-    idx = start + tl.arange(0, BLOCK)
-    mask = idx < n
-    if PASS == 2:
-        mask = mask & (tl.load(FLAG) == 0)
-    g = tl.load(_ptr(G, tid, PDT) + idx, mask=mask, other=0.0).to(tl.float32)
-    w = _load_w(P, MASTER, tid, off, idx, mask, HAS_MASTER, PDT)
+                HAS_MOM: tl.constexpr, HAS_MASTER: tl.constexpr, PDT: tl.constexpr, VEC: tl.constexpr,
+                BLOCK: tl.constexpr):
+    tid, off, idx, mask = _chunk(CH_TID, CH_START, NUMEL, OFF, FLAG, PASS, VEC, BLOCK)
+    pp = _ptr(P, tid, PDT, VEC)
+    g = tl.load(_ptr(G, tid, PDT, VEC) + idx, mask=mask, other=0.0).to(tl.float32)
+    w = _load_w(pp, MASTER, off, idx, mask, HAS_MASTER)
     if PASS == 1:
         if ADAPT:
             tl.atomic_add(ACC + 2 * tid, tl.sum(w * w, axis=0))
@@ -164,88 +190,108 @@ def lars_kernel(P, G, BUF, MASTER, OFF, NUMEL, CH_TID, CH_START, ACC, FLAG,
                 d = d + momentum * b
             else:
                 d = b
-        _store_w(P, MASTER, tid, off, idx, mask, w - d, HAS_MASTER, PDT)
+        _store_w(pp, MASTER, off, idx, mask, w - d, HAS_MASTER)
 
 
 # ----------------------------------------------------------------------------------- MERIT
+# META[16 * tid + k], int64:
+#   0 d0  1 d1  2 s0  3 s1  4 is_vec  5 rest  6 row_w  7 row_u  8 col_w  9 col_u  10 tot_w  11 tot_u
+#   12 prow_w  13 prow_u  14 pcol_w  15 pcol_u
+# row_* / col_* / tot_*: offsets into MAXB (int32 float bits), prow_* / pcol_*: into PART (float32).
+# A vector is laid out as rows of BN (d1 = BN, d0 = ceil(numel / BN)); only its whole-tensor max
+# is used (its "row" maxima are formed on the way there).
 @triton.jit
 def _f(bits):
     return bits.to(tl.float32, bitcast=True)
 
 
 @triton.jit
-def merit_kernel(P, G, M, V, MASTER, OFF, NUMEL, META, TL_TID, TL_R, TL_I, TL_J,
-                 ROWW, ROWU, COLW, COLU, TOTW, TOTU, FLAG,
+def _bits(x):
+    return x.to(tl.int32, bitcast=True)
+
+
+@triton.jit
+def merit_kernel(P, G, M, V, MASTER, OFF, NUMEL, META, TL_TID, TL_R, TL_I, TL_J, TILE0, PART, MAXB, FLAG,
                  lr, beta1, beta2, omb1, omb2, eps, wd,
                  PASS: tl.constexpr, ADAPT: tl.constexpr, HAS_MASTER: tl.constexpr, PDT: tl.constexpr,
-                 BM: tl.constexpr, BN: tl.constexpr):
-    # META[tid] = (d0, d1, s0, s1, is_vec, row_off, col_off, rest) as int64.
-    c = tl.program_id(0)
+                 VEC: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr):
+    c = TILE0 + tl.program_id(0)
     tid = tl.load(TL_TID + c)
-    r = tl.load(TL_R + c).to(tl.int64)
-    i0 = tl.load(TL_I + c).to(tl.int64)
-    j0 = tl.load(TL_J + c).to(tl.int64)
-    base = META + 8 * tid
+    r = tl.load(TL_R + c)
+    i0 = tl.load(TL_I + c)
+    j0 = tl.multiple_of(tl.load(TL_J + c), BN)
+    base = META + 16 * tid
     d0 = tl.load(base)
     d1 = tl.load(base + 1)
-    s0 = tl.load(base + 2)
-    s1 = tl.load(base + 3)
     is_vec = tl.load(base + 4)
-    row_off = tl.load(base + 5)
-    col_off = tl.load(base + 6)
     n = tl.load(NUMEL + tid)
     off = tl.load(OFF + tid)
     ii = i0 + tl.arange(0, BM)
     jj = j0 + tl.arange(0, BN)
-    idx = ii[:, None] * s0 + jj[None, :] * s1 + r
     rmask = ii < d0
-    cmask = jj < d1
-    mask = rmask[:, None] & cmask[None, :] & (idx < n)
+    if VEC:
+        # Contiguous rows of length d1 (a multiple of 4): one int64 tile base, int32 offsets.
+        d1 = tl.multiple_of(d1, 4)
+        n = tl.multiple_of(n, 4)
+        off = tl.multiple_of(off, 4)
+        d1_32 = d1.to(tl.int32)
+        tbase = i0.to(tl.int64) * d1
+        loc = tl.arange(0, BM)[:, None] * d1_32 + jj[None, :]
+        cmask = jj < d1_32
+        mask = rmask[:, None] & cmask[None, :] & (tbase + loc < n)
+        gp = _ptr(G, tid, PDT, VEC) + tbase
+        pp = _ptr(P, tid, PDT, VEC) + tbase
+        sbase = off + tbase
+    else:
+        s0 = tl.load(base + 2)
+        s1 = tl.load(base + 3)
+        loc = ii.to(tl.int64)[:, None] * s0 + jj.to(tl.int64)[None, :] * s1 + r
+        cmask = jj < d1
+        mask = rmask[:, None] & cmask[None, :] & (loc < n)
+        gp = _ptr(G, tid, PDT, VEC)
+        pp = _ptr(P, tid, PDT, VEC)
+        sbase = off
     if PASS == 2:
         mask = mask & (tl.load(FLAG) == 0)
-    g = tl.load(_ptr(G, tid, PDT) + idx, mask=mask, other=0.0).to(tl.float32)
-    m = tl.load(M + off + idx, mask=mask, other=0.0)
-    v = tl.load(V + off + idx, mask=mask, other=0.0)
-    w = _load_w(P, MASTER, tid, off, idx, mask, HAS_MASTER, PDT)
+    g = tl.load(gp + loc, mask=mask, other=0.0).to(tl.float32)
+    m = tl.load(M + sbase + loc, mask=mask, other=0.0)
+    v = tl.load(V + sbase + loc, mask=mask, other=0.0)
+    w = _load_w(pp, MASTER, sbase, loc, mask, HAS_MASTER)
     m = beta1 * m + omb1 * g
     v = beta2 * v + omb2 * g * g
     u = tl.where(mask, m / (tl.sqrt_rn(v) + eps) + wd * w, 0.0)
-    aw = tl.abs(w)
-    au = tl.abs(u)
     if PASS == 1:
         if ADAPT:
-            rw = tl.max(aw, axis=1)
-            ru = tl.max(au, axis=1)
-            cw = tl.max(aw, axis=0)
-            cu = tl.max(au, axis=0)
-            mat = is_vec == 0
-            ridx = row_off + r * d0 + ii
-            cidx = col_off + r * d1 + jj
-            tl.atomic_max(ROWW + ridx, rw.to(tl.int32, bitcast=True), mask=rmask & mat)
-            tl.atomic_max(ROWU + ridx, ru.to(tl.int32, bitcast=True), mask=rmask & mat)
-            tl.atomic_max(COLW + cidx, cw.to(tl.int32, bitcast=True), mask=cmask & mat)
-            tl.atomic_max(COLU + cidx, cu.to(tl.int32, bitcast=True), mask=cmask & mat)
-            tl.atomic_max(TOTW + tid, tl.max(rw, axis=0).to(tl.int32, bitcast=True))
-            tl.atomic_max(TOTU + tid, tl.max(ru, axis=0).to(tl.int32, bitcast=True))
+            aw = tl.abs(w)
+            au = tl.abs(u)
+            rest = tl.load(base + 5)
+            # Plain stores of this tile's partial maxima; merit_reduce_kernel folds them.
+            prow = (j0 // BN) * (rest * d0) + r * d0 + ii
+            tl.store(PART + tl.load(base + 12) + prow, tl.max(aw, axis=1), mask=rmask)
+            tl.store(PART + tl.load(base + 13) + prow, tl.max(au, axis=1), mask=rmask)
+            if is_vec == 0:
+                pcol = (i0 // BM) * (rest * d1) + r * d1 + jj
+                tl.store(PART + tl.load(base + 14) + pcol, tl.max(aw, axis=0), mask=cmask)
+                tl.store(PART + tl.load(base + 15) + pcol, tl.max(au, axis=0), mask=cmask)
         nbad = tl.sum(tl.sum(_is_bad(g), axis=1), axis=0)
         if nbad > 0:
             tl.atomic_max(FLAG, 1)
     else:
         s = u
         if ADAPT:
-            tw = _f(tl.load(TOTW + tid))
-            tu = _f(tl.load(TOTU + tid))
+            tw = _f(tl.load(MAXB + tl.load(base + 10)))
+            tu = _f(tl.load(MAXB + tl.load(base + 11)))
             okt = (tw > 0) & (tu > 0)
             rho = tl.where(okt, tw / tl.where(okt, tu, 1.0), 1.0)
             if is_vec != 0:
                 s = u * rho
             else:
-                mr = rmask
-                mc = cmask
-                rw = _f(tl.load(ROWW + row_off + r * d0 + ii, mask=mr, other=0))
-                ru = _f(tl.load(ROWU + row_off + r * d0 + ii, mask=mr, other=0))
-                cw = _f(tl.load(COLW + col_off + r * d1 + jj, mask=mc, other=0))
-                cu = _f(tl.load(COLU + col_off + r * d1 + jj, mask=mc, other=0))
+                ri = r * d0 + ii
+                cj = r * d1 + jj
+                rw = _f(tl.load(MAXB + tl.load(base + 6) + ri, mask=rmask, other=0))
+                ru = _f(tl.load(MAXB + tl.load(base + 7) + ri, mask=rmask, other=0))
+                cw = _f(tl.load(MAXB + tl.load(base + 8) + cj, mask=cmask, other=0))
+                cu = _f(tl.load(MAXB + tl.load(base + 9) + cj, mask=cmask, other=0))
                 rr = rw / tl.where(ru == 0, 1.0, ru)
                 cc = cw / tl.where(cu == 0, 1.0, cu)
                 t = tl.maximum(tl.maximum(rr[:, None], cc[None, :]), rho)
@@ -254,6 +300,36 @@ def merit_kernel(P, G, M, V, MASTER, OFF, NUMEL, META, TL_TID, TL_R, TL_I, TL_J,
                 t = tl.where(zr[:, None] | zc[None, :], 1.0, t)
                 s = u * t
         s = tl.minimum(tl.maximum(s, -1.0), 1.0)
-        tl.store(M + off + idx, m, mask=mask)
-        tl.store(V + off + idx, v, mask=mask)
-        _store_w(P, MASTER, tid, off, idx, mask, w - lr * s, HAS_MASTER, PDT)
+        tl.store(M + sbase + loc, m, mask=mask)
+        tl.store(V + sbase + loc, v, mask=mask)
+        _store_w(pp, MASTER, sbase, loc, mask, w - lr * s, HAS_MASTER)
+
+
+# ITEMS[10 * c + k], int64: 0 src_w  1 src_u  2 nparts  3 stride  4 pos0  5 npos  6 dst_w  7 dst_u
+#   8 tot_w  9 tot_u (−1: this item does not feed the whole-tensor max).
+# Program c folds partials [src + p * stride + pos] over p < nparts for pos in [pos0, pos0 + RC)
+# and atomic-maxes the result into MAXB[dst + pos] (and its max into MAXB[tot]).
+@triton.jit
+def merit_reduce_kernel(PART, MAXB, ITEMS, PCH: tl.constexpr, RR: tl.constexpr, RC: tl.constexpr):
+    c = tl.program_id(0)
+    base = ITEMS + 10 * c
+    src_w = tl.load(base)
+    src_u = tl.load(base + 1)
+    nparts = tl.load(base + 2)
+    stride = tl.load(base + 3)
+    pos = tl.load(base + 4) + tl.arange(0, RC)
+    pmask = pos < tl.load(base + 5)
+    accw = tl.zeros([RC], dtype=tl.float32)
+    accu = tl.zeros([RC], dtype=tl.float32)
+    for p in range(0, PCH, RR):  # nparts ≤ PCH (a constant bound: rows past nparts are masked)
+        rows = p + tl.arange(0, RR)
+        m2 = (rows < nparts)[:, None] & pmask[None, :]
+        o = rows.to(tl.int64)[:, None] * stride + pos[None, :]
+        accw = tl.maximum(accw, tl.max(tl.load(PART + src_w + o, mask=m2, other=0.0), axis=0))
+        accu = tl.maximum(accu, tl.max(tl.load(PART + src_u + o, mask=m2, other=0.0), axis=0))
+    tl.atomic_max(MAXB + tl.load(base + 6) + pos, _bits(accw), mask=pmask)
+    tl.atomic_max(MAXB + tl.load(base + 7) + pos, _bits(accu), mask=pmask)
+    tot_w = tl.load(base + 8)
+    if tot_w >= 0:
+        tl.atomic_max(MAXB + tot_w, _bits(tl.max(accw, axis=0)))
+        tl.atomic_max(MAXB + tl.load(base + 9), _bits(tl.max(accu, axis=0)))

@@ -1,0 +1,336 @@
+"""The fused Triton kernels (LARS, LAMB, MERIT) run on CPU under Triton's interpreter
+(``TRITON_INTERPRET=1``) and must match the foreach reference path.
+
+Each case runs in a fresh subprocess: the interpreter is chosen when ``triton.jit`` decorates the
+kernels, so the variable must be set before they are imported. Small tile sizes (set through the
+module-level constants in ``bigbatch.optim._fused.kernels``) make a few-thousand-element tensor
+span many tiles in both directions and several reduce chunks, so the partial-max reduction across
+tiles is exercised; one case keeps the real tile sizes. Skipped without Triton (CI has none).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+pytest.importorskip("triton")
+
+ROOT = Path(__file__).resolve().parents[1]
+SMALL_TILES = {"TILE_M": 4, "TILE_N": 8, "RED_PARTS": 4, "RED_ROWS": 2, "RED_COLS": 8, "BLOCK": 64}
+
+
+def _run(which: str, **kw) -> dict:
+    env = {**os.environ, "TRITON_INTERPRET": "1", "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+    r = subprocess.run([sys.executable, __file__, which, json.dumps(kw)], capture_output=True, text=True, env=env,
+                       check=False, timeout=600, cwd=ROOT)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-5000:]
+    return json.loads(r.stdout.strip().splitlines()[-1])
+
+
+CASES = {
+    "lars": ("LARS", {"lr": 0.1, "momentum": 0.9, "weight_decay": 1e-4, "trust_coefficient": 0.01}),
+    "lars_nesterov_clip": ("LARS", {"lr": 0.1, "momentum": 0.9, "weight_decay": 1e-4, "nesterov": True, "clip": True}),
+    "lars_plain": ("LARS", {"lr": 0.1, "momentum": 0.0, "weight_decay": 0.0}),
+    "lamb": ("LAMB", {"lr": 1e-2, "weight_decay": 0.01}),
+    "lamb_clip_prenorm": ("LAMB", {"lr": 1e-2, "weight_decay": 0.01, "bias_correction": False, "trust_clip": (0.01, 5.0),
+                                       "grad_prenorm": 1.0}),
+    "merit": ("MERIT", {"lr": 1e-2, "weight_decay": 0.01}),
+    "merit_b95": ("MERIT", {"lr": 1e-2, "weight_decay": 0.0, "betas": (0.9, 0.95)}),
+}
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_fused_matches_foreach_small_tiles(case):
+    res = _run("parity", case=case, tiles=SMALL_TILES, steps=4)
+    assert res["vec_packs"] >= 1 and res["scalar_packs"] >= 1, res  # both index-math variants ran
+    for name, err in res["errs"].items():
+        assert err <= 1e-6, (name, err)
+
+
+@pytest.mark.parametrize("case", ["lars", "lamb", "merit"])
+def test_fused_matches_foreach_real_tiles(case):
+    res = _run("parity", case=case, tiles={}, steps=2, big=True)
+    for name, err in res["errs"].items():
+        assert err <= 1e-6, (name, err)
+
+
+@pytest.mark.parametrize("algo", ["LARS", "LAMB", "MERIT"])
+def test_fused_nonfinite_skip_and_raise_leave_state_untouched(algo):
+    res = _run("nonfinite", algo=algo, tiles=SMALL_TILES)
+    assert res["raised"] and res["skipped_steps"] == 1, res
+    assert res["unchanged"], res
+    for name, err in res["errs"].items():  # and the run goes on exactly like the reference
+        assert err <= 1e-6, (name, err)
+
+
+def test_fused_fsdp2_step_equals_unsharded_step():
+    """FSDP2 (``fully_shard``, 2 gloo processes): the fused kernels on the local shards, with the
+    per-tensor sums / maxima all-reduced between the passes, equal the unsharded step. Shards are
+    uneven and one is empty; unsupported placements fall back to foreach with a warning."""
+    dist = pytest.importorskip("torch.distributed")
+    if not dist.is_available() or not dist.is_gloo_available():
+        pytest.skip("needs torch.distributed with gloo")
+    res = _run("fsdp", tiles=SMALL_TILES)
+    assert res["fused_packs_sharded"] >= 3, res  # the fused path really ran on the shards
+    assert res["fallback_warned"] and res["fused_true_refused"], res
+    for name, err in res["errs"].items():
+        assert err <= 1e-6, (name, err)
+
+
+# ------------------------------------------------------------------------------ subprocess side
+# Shapes: rows × cols not multiples of the tiles; (37, 21) spans 10 × 3 small tiles, so its
+# column maxima fold 10 partials in 3 reduce chunks. The second group is "vector-friendly" (rows
+# of a multiple of 4, 16-byte aligned): it runs the VEC variant. ZERO_W starts at 0, ZERO_G's
+# gradient is always 0 (both: trust ratio 1).
+GROUPS = [
+    [(37, 21), (5,), (9, 4, 3), (3, 2, 2, 2), (130,), (6, 7)],
+    [(24, 16), (44,), (13, 8)],
+    [(11,), (3,)],  # adapt=False, no weight decay (how param_groups treats 1-D parameters)
+]
+BIG = [[(300, 200), (70, 260), (1000,)], [(5, 3)], [(130,)]]
+ZERO_W, ZERO_G = (0, 2), (1, 2)
+
+
+def _make(groups, seed):
+    import torch
+
+    g = torch.Generator().manual_seed(seed)
+    out = []
+    for gi, shapes in enumerate(groups):
+        ps = [torch.nn.Parameter(torch.randn(s, generator=g)) for s in shapes]
+        out.append(ps)
+    if len(groups[0]) > ZERO_W[1]:
+        with torch.no_grad():
+            out[ZERO_W[0]][ZERO_W[1]].zero_()
+    return out
+
+
+def _param_groups(pss):
+    gs = [{"params": ps} for ps in pss]
+    gs[-1].update(adapt=False, weight_decay=0.0)
+    return gs
+
+
+def _set_grads(pa, pb, gen, bad=None):
+    import torch
+
+    for gi, (ga, gb) in enumerate(zip(pa, pb)):
+        for k, (a, b) in enumerate(zip(ga, gb)):
+            g = torch.randn(a.shape, generator=gen)
+            if (gi, k) == ZERO_G:
+                g.zero_()
+            if bad is not None and (gi, k) == (0, 0):
+                g.view(-1)[7] = bad
+            a.grad, b.grad = g, g.clone()
+
+
+def _errs(pa, pb, oa, ob):
+    out = {}
+    for gi, (ga, gb) in enumerate(zip(pa, pb)):
+        for k, (a, b) in enumerate(zip(ga, gb)):
+            pairs = [("w", a, b)] + [(key, oa.state[a][key], ob.state[b][key]) for key in ob.state[b] if key != "step"]
+            for key, x, y in pairs:
+                out[f"{gi}.{k}{tuple(a.shape)}.{key}"] = ((x - y).norm() / y.norm().clamp_min(1e-30)).item()
+            assert float(oa.state[a]["step"]) == float(ob.state[b]["step"])
+    return out
+
+
+def _optimizers(algo, kw, pa, pb):
+    import bigbatch.optim as O
+
+    cls = getattr(O, algo)
+    return cls(_param_groups(pa), **kw, fused=True), cls(_param_groups(pb), **kw, foreach=True)
+
+
+def _parity(case, steps, big=False):
+    import torch
+
+    algo, kw = CASES[case]
+    groups = BIG if big else GROUPS
+    pa, pb = _make(groups, 0), _make(groups, 0)
+    oa, ob = _optimizers(algo, kw, pa, pb)
+    gen = torch.Generator().manual_seed(3)
+    for _ in range(steps):
+        _set_grads(pa, pb, gen)
+        oa.step()
+        ob.step()
+    vec = scalar = 0  # launches of the VEC and of the plain variant in one step
+    for _, pack in oa._fused_packs["plan"][1]:
+        aligned = pack.vec_shape and pack.g_aligned
+        if pack.algo == "merit":
+            vec += aligned and pack.n_vec_tiles > 0
+            scalar += pack.n_tiles > (pack.n_vec_tiles if aligned else 0)
+        else:
+            vec, scalar = vec + aligned, scalar + (not aligned)
+    return {"errs": _errs(pa, pb, oa, ob), "vec_packs": vec, "scalar_packs": scalar}
+
+
+def _nonfinite(algo):
+    import copy
+
+    import torch
+
+    kw = {"LARS": {"lr": 0.1, "momentum": 0.9}, "LAMB": {"lr": 1e-2}, "MERIT": {"lr": 1e-2, "weight_decay": 0.01}}[algo]
+    pa, pb = _make(GROUPS, 0), _make(GROUPS, 0)
+    oa, ob = _optimizers(algo, kw, pa, pb)
+    gen = torch.Generator().manual_seed(3)
+    _set_grads(pa, pb, gen)
+    oa.step()
+    ob.step()
+    flat = [p for ps in pa for p in ps]
+    snap = [p.detach().clone() for p in flat], copy.deepcopy(oa.state_dict())
+    _set_grads(pa, pb, gen, bad=float("nan"))
+    raised = False
+    try:
+        oa.step()
+    except FloatingPointError:
+        raised = True
+    oa.nonfinite = "skip"
+    _set_grads(pa, pb, gen, bad=float("-inf"))
+    oa.step()
+    unchanged = all(torch.equal(p, q) for p, q in zip(flat, snap[0]))
+    for k, v in oa.state_dict()["state"].items():
+        for key, t in v.items():
+            unchanged &= bool(torch.equal(t, snap[1]["state"][k][key]))
+    for _ in range(2):  # the reference saw neither bad step
+        _set_grads(pa, pb, gen)
+        oa.step()
+        ob.step()
+    return {"raised": raised, "skipped_steps": oa.skipped_steps, "unchanged": unchanged,
+            "errs": _errs(pa, pb, oa, ob)}
+
+
+def _fsdp_model():
+    import torch
+
+    torch.manual_seed(0)
+    # Odd row counts: uneven shards (11 rows → 6 + 5, 3 → 2 + 1); Linear(5, 1): rank 1's shard is empty.
+    return torch.nn.Sequential(torch.nn.Linear(6, 11), torch.nn.LayerNorm(11), torch.nn.Tanh(), torch.nn.Linear(11, 3),
+                               torch.nn.Tanh(), torch.nn.Linear(3, 5), torch.nn.Linear(5, 1, bias=False))
+
+
+def _fsdp_opt(name, model, **kw):
+    from bigbatch.optim import LAMB, LARS, MERIT, param_groups
+
+    groups = param_groups(model, 0.01)
+    for g in groups:  # 1-D parameters adapt too here, so every kernel path sees a shard
+        g["adapt"] = True
+    if name == "lamb":
+        return LAMB(groups, lr=0.05, grad_prenorm=0.5, **kw)
+    if name == "lars":
+        return LARS(groups, lr=0.5, momentum=0.9, trust_coefficient=0.02, **kw)
+    return MERIT(groups, lr=0.05, **kw)
+
+
+def _fsdp_steps(model, opt, n=3):
+    import torch
+
+    g = torch.Generator().manual_seed(1)
+    for _ in range(n):
+        x = torch.randn(16, 6, generator=g)
+        y = torch.randn(16, 1, generator=g)
+        opt.zero_grad(set_to_none=True)
+        ((model(x) - y) ** 2).mean().backward()
+        opt.step()
+
+
+def _fsdp_worker(rank, world, init_file, result_dir, tiles):
+    import traceback
+    import warnings
+
+    import torch
+    import torch.distributed as dist
+
+    try:
+        torch.set_num_threads(1)
+        from bigbatch.optim._fused import kernels as K
+
+        for k, v in tiles.items():
+            setattr(K, k, v)
+        dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+        from torch.distributed.device_mesh import init_device_mesh
+        from torch.distributed.fsdp import fully_shard
+        from torch.distributed.tensor import Shard, distribute_tensor
+
+        mesh = init_device_mesh("cpu", (world,))
+        errs, sharded_packs = {}, 0
+        for name in ("lamb", "lars", "merit"):
+            ref = _fsdp_model()
+            ref_opt = _fsdp_opt(name, ref, foreach=True)
+            _fsdp_steps(ref, ref_opt)
+            model = _fsdp_model()
+            fully_shard(model, mesh=mesh)
+            opt = _fsdp_opt(name, model, fused=True)
+            _fsdp_steps(model, opt)
+            sharded_packs += sum(pk.pg is not None for _, pk in opt._fused_packs["plan"][1])
+            for (n, a), b in zip(model.named_parameters(), ref.parameters()):
+                full = a.full_tensor()
+                errs[f"{name}.{n}"] = ((full - b).abs().max() / b.abs().max()).item()
+                for key, t in opt.state[a].items():
+                    if key != "step":
+                        r = ref_opt.state[b][key]
+                        errs[f"{name}.{n}.{key}"] = ((t.full_tensor() - r).abs().max() / r.abs().max().clamp_min(1e-30)).item()
+        w = torch.nn.Parameter(distribute_tensor(torch.randn(4, 6), mesh, [Shard(1)]))
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            _fsdp_opt("merit", torch.nn.ParameterList([w]))
+        warned = any("Shard(dim=1)" in str(c.message) for c in caught)
+        try:
+            _fsdp_opt("merit", torch.nn.ParameterList([w]), fused=True)
+            refused = False
+        except ValueError:
+            refused = True
+        with open(os.path.join(result_dir, f"ok{rank}"), "w") as f:
+            json.dump({"errs": errs, "fused_packs_sharded": sharded_packs, "fallback_warned": warned,
+                       "fused_true_refused": refused}, f)
+        dist.barrier()
+        dist.destroy_process_group()
+        os._exit(0)  # skip the interpreter teardown, where gloo can abort a finished worker
+    except Exception:
+        with open(os.path.join(result_dir, f"err{rank}"), "w") as f:
+            f.write(traceback.format_exc())
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def _fsdp(tiles):
+    import tempfile
+
+    import torch.multiprocessing as mp
+
+    with tempfile.TemporaryDirectory() as d:
+        mp.start_processes(_fsdp_worker, args=(2, os.path.join(d, "init"), d, tiles), nprocs=2, join=True,
+                           start_method="spawn")
+        errs = [Path(d, f).read_text() for f in sorted(os.listdir(d)) if f.startswith("err")]
+        assert not errs, errs[0]
+        results = [json.loads(Path(d, f"ok{r}").read_text()) for r in range(2)]
+    out = results[0]
+    out["fused_packs_sharded"] = min(r["fused_packs_sharded"] for r in results)
+    for r in results[1:]:
+        out["errs"].update({k: max(v, out["errs"][k]) for k, v in r["errs"].items()})
+    return out
+
+
+def _main(case: str, kw: dict) -> None:
+    assert os.environ.get("TRITON_INTERPRET") == "1"
+    import torch
+
+    torch.set_num_threads(1)
+    from bigbatch.optim._fused import kernels as K
+
+    for name, value in kw["tiles"].items():
+        setattr(K, name, value)
+    if case != "fsdp":  # the FSDP workers set the tiles in their own processes
+        kw.pop("tiles")
+    fn = {"parity": _parity, "nonfinite": _nonfinite, "fsdp": _fsdp}[case]
+    print(json.dumps(fn(**kw)))
+
+
+if __name__ == "__main__":
+    _main(sys.argv[1], json.loads(sys.argv[2]))
