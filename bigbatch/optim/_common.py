@@ -7,7 +7,7 @@
   tensors. DTensor-aware: under FSDP2 each rank holds a shard, so the local sum of squares is
   all-reduced (SUM) and the local max all-reduced (MAX) over the shard's process group before the
   ratio is taken; the result is a plain tensor that equals the unsharded one.
-* :func:`merit_ratio` — MERIT's element-wise max-norm trust ratio for one tensor.
+* :func:`merit_update_` — MERIT's clipped update with its element-wise max-norm trust ratio, for one tensor.
 * :func:`local` / :func:`all_finite` — plumbing for the sharded and NaN-guarded paths.
 """
 
@@ -18,7 +18,7 @@ from typing import Sequence
 import torch
 from torch import Tensor
 
-__all__ = ["trust_ratio", "tensor_norms", "tensor_max_abs", "merit_ratio", "local", "all_finite", "is_dtensor"]
+__all__ = ["trust_ratio", "tensor_norms", "tensor_max_abs", "merit_update_", "local", "all_finite", "is_dtensor"]
 
 
 def is_dtensor(t: Tensor) -> bool:
@@ -121,28 +121,43 @@ def _amax_dim(x: Tensor, dim: int, full: Tensor) -> Tensor:
     return out
 
 
-def merit_ratio(w: Tensor, u: Tensor, w_full: Tensor | None = None) -> Tensor:
-    """MERIT's element-wise trust ratio ``t`` for one tensor (Luo et al. 2025, §3, Alg. 1).
+def merit_update_(w: Tensor, u: Tensor, w_full: Tensor | None = None) -> Tensor:
+    """MERIT's step direction ``clip(u ⊙ t, −1, 1)`` for one tensor, written into ``u`` (Luo et al. 2025, Alg. 1).
 
     For ``w.dim() >= 2``: ``R = max|w| over dim 1 / max|u| over dim 1`` (row ratio),
     ``C`` likewise over dim 0 (column ratio), ``ρ = max|w| / max|u|`` over the whole tensor;
     ``t = max(max(R, C), ρ)``, and ``t = 1`` wherever one of the four row/column maxima is 0.
     For a vector: ``t = ρ`` (1 if either max is 0). ``w_full`` is the DTensor ``w`` is a shard
     of (its placements say which maxima must be all-reduced); ``None`` for plain tensors.
+
+    ``t`` itself is never formed. A row whose gradient has been 0 for a long time (a dead ReLU
+    unit) keeps a momentum that decays into float32's subnormal range, and ``t = max|w| / max|u|``
+    then exceeds float32's largest value: it overflows to inf, and ``0 · inf`` is NaN where ``u``
+    is 0; the clip keeps the NaN and it lands in the weights. Instead each term is formed as
+    ``(|u| / max|u|) · max|w|`` — a number in [0, 1] times ``max|w|``, which cannot overflow — and
+    ``|u ⊙ t| = max(|u|/ru · rw, |u|/cu · cw, |u|/mu · mw)`` is the same value in exact arithmetic.
     """
     full = w if w_full is None else w_full
+    a = u.abs()
     if w.dim() >= 2:
         rw, ru = _amax_dim(w, 1, full), _amax_dim(u, 1, full)
         cw, cu = _amax_dim(w, 0, full), _amax_dim(u, 0, full)
-        maxes = _all_reduce(torch.stack([_max0(rw), _max0(ru)]), [full, full], "max")
-        zero = (rw == 0) | (ru == 0) | (cw == 0) | (cu == 0)
-        # Divide only where safe, so no inf/nan is ever formed (torch.compile-friendly, no warnings).
-        t = torch.maximum(rw / torch.where(ru == 0, 1, ru), cw / torch.where(cu == 0, 1, cu))
-        t = torch.maximum(t, trust_ratio(maxes[0], maxes[1]))
-        return torch.where(zero, torch.ones_like(t), t)
-    mw = _all_reduce(_max0(local(w).abs()).reshape(1), [full], "max")[0]
-    mu = _all_reduce(_max0(local(u).abs()).reshape(1), [full], "max")[0]
-    return trust_ratio(mw, mu)
+        mw, mu = _all_reduce(torch.stack([_max0(rw), _max0(ru)]), [full, full], "max")
+        # Where a max of |u| is 0 the whole row (column) of u is 0: dividing by 1 there gives 0.
+        s = torch.maximum(a.div(torch.where(ru == 0, 1, ru)).mul_(rw), a.div(torch.where(cu == 0, 1, cu)).mul_(cw))
+        s = torch.maximum(s, _scale_by_max(a, mw, mu))
+        s = torch.where((rw == 0) | (ru == 0) | (cw == 0) | (cu == 0), a, s)
+    else:
+        mw = _all_reduce(_max0(local(w).abs()).reshape(1), [full], "max")[0]
+        mu = _all_reduce(_max0(a).reshape(1), [full], "max")[0]
+        s = _scale_by_max(a, mw, mu)
+    return torch.copysign(s.clamp_(max=1.0), u, out=u)
+
+
+def _scale_by_max(a: Tensor, mw: Tensor, mu: Tensor) -> Tensor:
+    """``a · mw / mu`` formed as ``(a / mu) · mw``; ``a`` itself where ``mw`` or ``mu`` is 0 (the zero-norm rule)."""
+    ok = (mw > 0) & (mu > 0)
+    return a.div(torch.where(ok, mu, 1)).mul_(torch.where(ok, mw, 1))
 
 
 def _max0(x: Tensor) -> Tensor:

@@ -28,14 +28,14 @@ from torch import Tensor
 
 from bigbatch._checks import check_in_range, check_positive
 from bigbatch.optim._base import TrustRatioOptimizer
-from bigbatch.optim._common import merit_ratio
+from bigbatch.optim._common import merit_update_
 
 __all__ = ["MERIT", "merit_single", "merit_foreach"]
 
 
 def _apply_ratio(w: Tensor, u: Tensor, lr: float, adapt: bool, shard=None) -> None:
-    s = u.mul_(merit_ratio(w, u, shard)) if adapt else u
-    w.add_(s.clamp_(-1.0, 1.0), alpha=-lr)
+    s = merit_update_(w, u, shard) if adapt else u.clamp_(-1.0, 1.0)
+    w.add_(s, alpha=-lr)
 
 
 def merit_single(ws, gs, ms, vs, *, lr, beta1, beta2, eps, weight_decay, adapt, shards=None):
@@ -61,11 +61,13 @@ def merit_foreach(ws, gs, ms, vs, *, lr, beta1, beta2, eps, weight_decay, adapt,
     us = torch._foreach_div(ms, denom)
     if weight_decay:
         torch._foreach_add_(us, ws, alpha=weight_decay)
-    if adapt:
+    if adapt:  # clip(u ⊙ t) in place, per tensor (see merit_update_ for why t is never formed)
         sh = shards if shards is not None else [None] * len(ws)
-        torch._foreach_mul_(us, [merit_ratio(w, u, s) for w, u, s in zip(ws, us, sh)])
-    torch._foreach_clamp_min_(us, -1.0)
-    torch._foreach_clamp_max_(us, 1.0)
+        for w, u, s in zip(ws, us, sh):
+            merit_update_(w, u, s)
+    else:
+        torch._foreach_clamp_min_(us, -1.0)
+        torch._foreach_clamp_max_(us, 1.0)
     torch._foreach_add_(ws, us, alpha=-lr)
 
 
