@@ -255,8 +255,31 @@ def _merit_one_step_f64(w, m, v, lr, b1, b2, eps):
     return w - lr * np.clip(u * tr, -1.0, 1.0)
 
 
-@pytest.mark.parametrize("foreach", [True, False])
-def test_merit_subnormal_momentum_row_gives_finite_exact_step(foreach):
+# CPU: the foreach and per-tensor paths; CUDA: the same two and the fused (Triton) kernel.
+_PATHS = [
+    pytest.param("cpu", dict(foreach=True), id="cpu-foreach"),
+    pytest.param("cpu", dict(foreach=False), id="cpu-single"),
+    pytest.param("cuda", dict(foreach=True), id="cuda-foreach", marks=pytest.mark.cuda),
+    pytest.param("cuda", dict(fused=True), id="cuda-fused", marks=pytest.mark.cuda),
+]
+
+
+def _merit_dead_unit_step(w, m, v, device, path, lr=0.1, b1=0.9, b2=0.999, eps=1e-6):
+    """One MERIT step with a zero gradient from the float32 state (w, m, v); returns (got, float64 want)."""
+    p = torch.nn.Parameter(torch.tensor(w, device=device))
+    opt = MERIT([p], lr=lr, betas=(b1, b2), eps=eps, **path)
+    p.grad = torch.zeros_like(p)
+    opt.step()  # creates the state; then put the dead-unit moments in place
+    with torch.no_grad():
+        p.copy_(torch.tensor(w))
+    opt.state[p]["exp_avg"].copy_(torch.tensor(m))
+    opt.state[p]["exp_avg_sq"].copy_(torch.tensor(v))
+    opt.step()
+    return p.detach().cpu().numpy(), _merit_one_step_f64(w, m, v, lr, b1, b2, eps)
+
+
+@pytest.mark.parametrize(("device", "path"), _PATHS)
+def test_merit_subnormal_momentum_row_gives_finite_exact_step(device, path):
     # A dead ReLU unit: its gradient row has been 0 long enough that the momentum row is subnormal
     # (~1e-40). Then t = max|w_row| / max|u_row| ≈ 5e39 exceeds float32's range; forming t gave inf,
     # 0 · inf = NaN where u is exactly 0, and the NaN reached the weights (MNIST-1D CNN, MERIT,
@@ -266,42 +289,21 @@ def test_merit_subnormal_momentum_row_gives_finite_exact_step(foreach):
     v = np.ones_like(w) * np.float32(1e-4)
     v[0] = 1.0
     assert 0 < abs(m[0, 0]) < np.finfo(np.float32).tiny  # really subnormal
-    lr, b1, b2, eps = 0.1, 0.9, 0.999, 1e-6
-    p = torch.nn.Parameter(torch.tensor(w))
-    opt = MERIT([p], lr=lr, betas=(b1, b2), eps=eps, foreach=foreach)
-    p.grad = torch.zeros_like(p)
-    opt.step()  # creates the state; then put the dead-unit moments in place
-    p.data.copy_(torch.tensor(w))
-    opt.state[p]["exp_avg"].copy_(torch.tensor(m))
-    opt.state[p]["exp_avg_sq"].copy_(torch.tensor(v))
-    opt.step()
-    got = p.detach().numpy()
-    want = _merit_one_step_f64(w, m, v, lr, b1, b2, eps)
+    got, want = _merit_dead_unit_step(w, m, v, device, path)
     assert np.isfinite(got).all()
     # Row 0 moves by lr · (0.5, 0, -0.25, 0): the ratio, not the clip, sets its step; zeros stay put.
     # (m[0] is stored as a float32 subnormal, so -1e-40 / 2e-40 is 0.5 only to ~1e-6.)
-    np.testing.assert_allclose(want[0], w[0] - lr * np.array([0.5, 0.0, -0.25, 0.0]), rtol=1e-5)
+    np.testing.assert_allclose(want[0], w[0] - 0.1 * np.array([0.5, 0.0, -0.25, 0.0]), rtol=1e-5)
     # Subnormal u holds ~1e-5 relative precision; the rest of the step agrees to float32 rounding.
     np.testing.assert_allclose(got, want, rtol=0, atol=1e-6)
 
 
-@pytest.mark.parametrize("foreach", [True, False])
-def test_merit_subnormal_momentum_vector_gives_finite_exact_step(foreach):
+@pytest.mark.parametrize(("device", "path"), _PATHS)
+def test_merit_subnormal_momentum_vector_gives_finite_exact_step(device, path):
     # The same overflow for a vector (t = max|w| / max|u| over the whole tensor).
     w = np.array([1.0, -0.5, 0.25, 0.125], dtype=np.float32)
     m = np.array([1e-40, 0.0, -3e-41, 0.0], dtype=np.float32)
-    v = np.ones_like(w)
-    lr, b1, b2, eps = 0.1, 0.9, 0.999, 1e-6
-    p = torch.nn.Parameter(torch.tensor(w))
-    opt = MERIT([p], lr=lr, betas=(b1, b2), eps=eps, foreach=foreach)
-    p.grad = torch.zeros_like(p)
-    opt.step()
-    p.data.copy_(torch.tensor(w))
-    opt.state[p]["exp_avg"].copy_(torch.tensor(m))
-    opt.state[p]["exp_avg_sq"].copy_(torch.tensor(v))
-    opt.step()
-    got = p.detach().numpy()
-    want = _merit_one_step_f64(w, m, v, lr, b1, b2, eps)
+    got, want = _merit_dead_unit_step(w, m, np.ones_like(w), device, path)
     assert np.isfinite(got).all()
-    np.testing.assert_allclose(want, w - lr * np.array([1.0, 0.0, -0.3, 0.0]), rtol=1e-5)
+    np.testing.assert_allclose(want, w - 0.1 * np.array([1.0, 0.0, -0.3, 0.0]), rtol=1e-5)
     np.testing.assert_allclose(got, want, rtol=0, atol=1e-6)
