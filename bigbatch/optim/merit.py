@@ -13,6 +13,10 @@ Implemented equations (the paper's Algorithm 1, as its official code computes th
     vector:  t = max|w| / max|u|  (1 if either is 0)
     s = clip(u ⊙ t, −1, 1)  element-wise;   w ← w − lr · s
 
+``t`` itself is never formed (``bigbatch.optim._common.merit_update_``): on a dead unit's row the
+momentum decays to float32 subnormals and ``max|w| / max|u|`` overflows to inf, which made
+``0 · inf = NaN`` in the weights; ``s`` is built from ``(|u| / max|u|) · max|w|`` instead.
+
 The max-norm (instead of LAMB's l2 norm) bounds the largest update entry, which is what limits
 the growth of the maximum attention logit (§3.1); the element-wise ratio follows local weight
 structure (§3.2). ``adapt=False`` forces t = 1 (the clip stays: Adam without bias correction,
