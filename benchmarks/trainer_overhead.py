@@ -2,16 +2,29 @@
 
 Both run ``bytelm`` at GPT-2-small shape (12 layers, d=768, context 1024) in bf16 autocast with
 fused AdamW, the same batch split into the same micro-batches. The bare loop is the nanoGPT
-shape: fetch, forward, backward, step, zero_grad, no logging. The trainer's step time is the
-fastest of its own ``step_time`` records (intervals of ``--log-every`` steps, the first dropped),
-the bare loop's likewise.
+shape: fetch, forward, backward, step, zero_grad, no logging.
 
-    python benchmarks/trainer_overhead.py --steps 60 --batch-size 32 --micro-batch-size 16
+Method (paired, because a shared GPU host drifts by ±10% over minutes, far more than the
+effect measured): ``--pairs`` blocks, each one bare run and one trainer run back to back, the
+order alternating (ABBA) so drift within a block cancels on average. A run's step time is the
+median of its ``--log-every``-step intervals after ``--warmup`` steps (the trainer's own
+``step_time`` records, the bare loop timed the same way with a device sync at each interval
+end, as the trainer's logging does). The overhead is the median over blocks of
+trainer / bare − 1, with the range of the middle half of the blocks; ``--noise`` adds a third
+run per block with the noise monitor on (every 10th step).
+
+    python benchmarks/trainer_overhead.py --pairs 8            # GPU
+    python benchmarks/trainer_overhead.py --tiny               # CPU, minute model: the host cost per step
+
+``--tiny`` runs a 1-layer, width-8 model on 8-byte windows on the CPU, where a step is almost all
+host work (Python, data fetch, optimizer bookkeeping): the difference is then the trainer's own
+per-step host cost, which a GPU run can hide behind the device's work but never reduce.
 """
 
 from __future__ import annotations
 
 import argparse
+import statistics
 import tempfile
 import time
 
@@ -30,21 +43,21 @@ def _sync(device: torch.device) -> None:
 
 
 def bare_loop(wl, batch: int, micro: int, steps: int, warmup: int, device: torch.device, lr: float, log_every: int) -> float:
-    """The fastest interval of ``log_every`` steps (time per step), as the trainer reports it.
-
-    The minimum, not the median: on a shared host the step time of both loops swings by ±15%
-    between intervals, and interference only ever adds time (docs in BENCHMARKS.md)."""
+    """Median time per step over intervals of ``log_every`` steps, after ``warmup`` steps."""
     torch.manual_seed(0)
     model = wl.build_model().to(device)
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.1, betas=(0.9, 0.95), fused=device.type == "cuda")
     sampler = wl.sampler(0)
     intervals = []
-    for step in range(warmup + steps):
+    t0 = 0.0
+    for step in range(warmup + steps + 1):
         if step >= warmup and (step - warmup) % log_every == 0:
             _sync(device)
             if step > warmup:
                 intervals.append((time.perf_counter() - t0) / log_every)
             t0 = time.perf_counter()
+        if step == warmup + steps:
+            break
         idx = sampler.next(batch)
         mbs = [move_batch(wl.fetch(idx[i : i + micro]), device) for i in range(0, batch, micro)]
         n = sum(wl.count(mb) for mb in mbs)
@@ -54,58 +67,88 @@ def bare_loop(wl, batch: int, micro: int, steps: int, warmup: int, device: torch
             (loss_sum / n).backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
-    _sync(device)
-    intervals.append((time.perf_counter() - t0) / log_every)
-    return min(intervals)
+    return statistics.median(intervals)
 
 
-def trainer_step_time(wl, batch: int, micro: int, steps: int, log_every: int, lr: float, extra: dict) -> float:
+def trainer_step_time(wl, batch: int, micro: int, steps: int, warmup: int, log_every: int, lr: float, extra: dict) -> float:
+    """Median of the trainer's own ``step_time`` records after ``warmup`` steps."""
     out = tempfile.mkdtemp()
     cfg = TrainConfig(workload="bytelm", batch_size=batch, micro_batch_size=micro, lr=lr, optimizer="adamw",
                       weight_decay=0.1, optimizer_args={"betas": (0.9, 0.95), "fused": DEVICE == "cuda"},
-                      warmup_samples=0, budget_samples=batch * steps * 1000, max_steps=steps,
+                      warmup_samples=0, budget_samples=batch * (steps + warmup) * 1000, max_steps=steps + warmup,
                       eval_every_samples=10**12, checkpoint_every_samples=0, log_every_steps=log_every,
                       progress="none", device=DEVICE, out=out, **extra)
     train(cfg, workload=wl)
-    times = [r["step_time"] for r in read_metrics(f"{out}/metrics.jsonl") if r.get("kind") == "train"][1:]
-    return min(times)
+    recs = [r for r in read_metrics(f"{out}/metrics.jsonl") if r.get("kind") == "train"]
+    # A record at step s covers steps s-log_every+1 .. s; keep those wholly after the warm-up.
+    times = [r["step_time"] for r in recs if r["step"] - log_every >= warmup]
+    return statistics.median(times)
+
+
+def _quartiles(xs: list[float]) -> tuple[float, float]:
+    if len(xs) < 4:
+        return min(xs), max(xs)
+    q = statistics.quantiles(xs, n=4)
+    return q[0], q[2]
 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--steps", type=int, default=60)
+    p.add_argument("--steps", type=int, default=40, help="timed steps per run")
+    p.add_argument("--warmup", type=int, default=10, help="steps before timing starts in each run")
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--micro-batch-size", type=int, default=16)
-    p.add_argument("--log-every", type=int, default=10)
-    p.add_argument("--repeats", type=int, default=2)
-    p.add_argument("--tiny", action="store_true", help="a 1-layer model on the CPU: checks the script, measures nothing")
+    p.add_argument("--log-every", type=int, default=5)
+    p.add_argument("--pairs", type=int, default=8)
+    p.add_argument("--noise", action="store_true", help="also time the trainer with the noise monitor on")
+    p.add_argument("--tiny", action="store_true", help="a minute model on the CPU: measures the host cost per step")
     a = p.parse_args()
     global DEVICE
     if a.tiny:
         DEVICE = "cpu"
-        wl = load_workload("bytelm", n_layer=1, d_model=32, n_head=2, context=32, max_bytes=200_000)
+        wl = load_workload("bytelm", n_layer=1, d_model=8, n_head=1, context=8, max_bytes=200_000)
+        a.batch_size, a.micro_batch_size, a.steps, a.warmup, a.log_every = 4, 2, 300, 20, 10
     else:
         if not torch.cuda.is_available():
             raise SystemExit("this benchmark needs a CUDA GPU (or --tiny)")
         wl = load_workload("bytelm", size="gpt2-small")
     device = torch.device(DEVICE)
     lr = 6e-4
+    bare = lambda: bare_loop(wl, a.batch_size, a.micro_batch_size, a.steps, a.warmup, device, lr, a.log_every)
+    trainer = lambda **extra: trainer_step_time(wl, a.batch_size, a.micro_batch_size, a.steps, a.warmup, a.log_every, lr, extra)
     rows = []
-    for rep in range(a.repeats):
-        bare = bare_loop(wl, a.batch_size, a.micro_batch_size, a.steps, 10, device, lr, a.log_every)
-        tr = trainer_step_time(wl, a.batch_size, a.micro_batch_size, a.steps, a.log_every, lr, {})
-        trn = trainer_step_time(wl, a.batch_size, a.micro_batch_size, a.steps, a.log_every, lr,
-                                {"noise_scale": True})
-        rows.append((bare, tr, trn))
+    for i in range(a.pairs):
+        if i % 2 == 0:
+            b = bare()
+            t = trainer()
+        else:
+            t = trainer()
+            b = bare()
+        n = trainer(noise_scale=True) if a.noise else None
+        rows.append((b, t, n))
+        print(f"block {i}: bare {b*1e3:.2f} ms  trainer {t*1e3:.2f} ms  ({100*(t/b-1):+.2f}%)"
+              + (f"  +noise {n*1e3:.2f} ms ({100*(n/b-1):+.2f}%)" if n is not None else ""), flush=True)
     name = torch.cuda.get_device_name() if DEVICE == "cuda" else "cpu"
-    print(f"device: {name}  torch {torch.__version__}")
-    print(f"bytelm GPT-2-small, batch {a.batch_size} x context, micro {a.micro_batch_size}, bf16, fused AdamW")
-    print("| repeat | bare loop ms/step | trainer ms/step | overhead | trainer + noise monitor ms/step | overhead |")
-    print("|---|---|---|---|---|---|")
+    print(f"\ndevice: {name}  torch {torch.__version__}")
+    print(f"bytelm {'1x8, context 8 (CPU)' if a.tiny else 'GPT-2-small'}, batch {a.batch_size} x context, micro {a.micro_batch_size}, bf16, fused AdamW; "
+          f"{a.pairs} blocks, {a.steps} timed steps per run after {a.warmup}")
+    print("| block | bare loop ms/step | trainer ms/step | overhead |" + (" trainer + noise ms/step | overhead |" if a.noise else ""))
+    print("|---|---|---|---|" + ("---|---|" if a.noise else ""))
     for i, (b, t, n) in enumerate(rows):
-        print(f"| {i} | {b*1e3:.1f} | {t*1e3:.1f} | {100*(t/b-1):+.2f}% | {n*1e3:.1f} | {100*(n/b-1):+.2f}% |")
-    b = min(r[0] for r in rows); t = min(r[1] for r in rows); n = min(r[2] for r in rows)
-    print(f"| best | {b*1e3:.1f} | {t*1e3:.1f} | {100*(t/b-1):+.2f}% | {n*1e3:.1f} | {100*(n/b-1):+.2f}% |")
+        line = f"| {i} | {b*1e3:.2f} | {t*1e3:.2f} | {100*(t/b-1):+.2f}% |"
+        if n is not None:
+            line += f" {n*1e3:.2f} | {100*(n/b-1):+.2f}% |"
+        print(line)
+    ratios = [t / b - 1 for b, t, _ in rows]
+    lo, hi = _quartiles(ratios)
+    print(f"\ntrainer overhead: median {100*statistics.median(ratios):+.2f}% over {len(rows)} blocks "
+          f"(middle half {100*lo:+.2f}% .. {100*hi:+.2f}%); bare loop spread "
+          f"{min(r[0] for r in rows)*1e3:.2f}-{max(r[0] for r in rows)*1e3:.2f} ms/step")
+    if a.noise:
+        nr = [n / b - 1 for b, _, n in rows]
+        lo, hi = _quartiles(nr)
+        print(f"trainer + noise monitor overhead: median {100*statistics.median(nr):+.2f}% "
+              f"(middle half {100*lo:+.2f}% .. {100*hi:+.2f}%)")
 
 
 if __name__ == "__main__":
