@@ -75,7 +75,7 @@ def run(opt: str, c: Choice, batch: int, epochs: float, seed: int, root: Path) -
     out = root / f"{opt}_lr{c.lr:g}_{c.rule}_w{c.warmup_epochs:g}_b{batch}_e{epochs:g}_s{seed}"
     cfg = TrainConfig(
         workload="mnist1d", optimizer=opt, lr=c.lr, base_batch_size=BASE, batch_size=batch, rule=c.rule,
-        warmup_samples=int(round(c.warmup_epochs * DATASET)), budget_epochs=epochs, eval_every_samples=EVAL_EVERY,
+        warmup_samples=round(c.warmup_epochs * DATASET), budget_epochs=epochs, eval_every_samples=EVAL_EVERY,
         checkpoint_every_samples=0, seed=seed, device="cpu", progress="none", out=str(out),
     )
     t0 = time.perf_counter()
