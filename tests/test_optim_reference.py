@@ -235,3 +235,75 @@ def test_adapt_false_is_adamw_and_sgd():
             oa.step()
             ob.step()
         torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
+
+
+# ---------------------------------------------------------------- subnormal updates (dead units)
+def _merit_one_step_f64(w, m, v, lr, b1, b2, eps):
+    """One MERIT step with a zero gradient, float64, from float32 state (the module's equations)."""
+    w, m, v = (np.asarray(x, dtype=np.float64) for x in (w, m, v))
+    m, v = b1 * m, b2 * v
+    u = m / (np.sqrt(v) + eps)
+    aw, au = np.abs(w), np.abs(u)
+    if w.ndim >= 2:
+        rw, ru = aw.max(axis=1, keepdims=True), au.max(axis=1, keepdims=True)
+        cw, cu = aw.max(axis=0, keepdims=True), au.max(axis=0, keepdims=True)
+        with np.errstate(divide="ignore", invalid="ignore"):
+            tr = np.maximum(np.maximum(rw / ru, cw / cu), aw.max() / au.max())
+        tr = np.where((rw == 0) | (ru == 0) | (cw == 0) | (cu == 0), 1.0, tr)
+    else:
+        tr = aw.max() / au.max()
+    return w - lr * np.clip(u * tr, -1.0, 1.0)
+
+
+# CPU: the foreach and per-tensor paths; CUDA: the same two and the fused (Triton) kernel.
+_PATHS = [
+    pytest.param("cpu", dict(foreach=True), id="cpu-foreach"),
+    pytest.param("cpu", dict(foreach=False), id="cpu-single"),
+    pytest.param("cuda", dict(foreach=True), id="cuda-foreach", marks=pytest.mark.cuda),
+    pytest.param("cuda", dict(fused=True), id="cuda-fused", marks=pytest.mark.cuda),
+]
+
+
+def _merit_dead_unit_step(w, m, v, device, path, lr=0.1, b1=0.9, b2=0.999, eps=1e-6):
+    """One MERIT step with a zero gradient from the float32 state (w, m, v); returns (got, float64 want)."""
+    p = torch.nn.Parameter(torch.tensor(w, device=device))
+    opt = MERIT([p], lr=lr, betas=(b1, b2), eps=eps, **path)
+    p.grad = torch.zeros_like(p)
+    opt.step()  # creates the state; then put the dead-unit moments in place
+    with torch.no_grad():
+        p.copy_(torch.tensor(w))
+    opt.state[p]["exp_avg"].copy_(torch.tensor(m))
+    opt.state[p]["exp_avg_sq"].copy_(torch.tensor(v))
+    opt.step()
+    return p.detach().cpu().numpy(), _merit_one_step_f64(w, m, v, lr, b1, b2, eps)
+
+
+@pytest.mark.parametrize(("device", "path"), _PATHS)
+def test_merit_subnormal_momentum_row_gives_finite_exact_step(device, path):
+    # A dead ReLU unit: its gradient row has been 0 long enough that the momentum row is subnormal
+    # (~1e-40). Then t = max|w_row| / max|u_row| ≈ 5e39 exceeds float32's range; forming t gave inf,
+    # 0 · inf = NaN where u is exactly 0, and the NaN reached the weights (MNIST-1D CNN, MERIT,
+    # batch 128, lr 0.0018, step 1910). In exact arithmetic the row's step is u / max|u_row| · max|w_row|.
+    w = np.array([[0.5, 0.1, -0.2, 0.3], [0.3, -0.7, 0.2, 0.4], [-0.6, 0.2, 0.9, -0.1]], dtype=np.float32)
+    m = np.array([[2e-40, 0.0, -1e-40, 0.0], [0.02, -0.01, 0.03, 0.005], [-0.01, 0.02, 0.01, 0.03]], dtype=np.float32)
+    v = np.ones_like(w) * np.float32(1e-4)
+    v[0] = 1.0
+    assert 0 < abs(m[0, 0]) < np.finfo(np.float32).tiny  # really subnormal
+    got, want = _merit_dead_unit_step(w, m, v, device, path)
+    assert np.isfinite(got).all()
+    # Row 0 moves by lr · (0.5, 0, -0.25, 0): the ratio, not the clip, sets its step; zeros stay put.
+    # (m[0] is stored as a float32 subnormal, so -1e-40 / 2e-40 is 0.5 only to ~1e-6.)
+    np.testing.assert_allclose(want[0], w[0] - 0.1 * np.array([0.5, 0.0, -0.25, 0.0]), rtol=1e-5)
+    # Subnormal u holds ~1e-5 relative precision; the rest of the step agrees to float32 rounding.
+    np.testing.assert_allclose(got, want, rtol=0, atol=1e-6)
+
+
+@pytest.mark.parametrize(("device", "path"), _PATHS)
+def test_merit_subnormal_momentum_vector_gives_finite_exact_step(device, path):
+    # The same overflow for a vector (t = max|w| / max|u| over the whole tensor).
+    w = np.array([1.0, -0.5, 0.25, 0.125], dtype=np.float32)
+    m = np.array([1e-40, 0.0, -3e-41, 0.0], dtype=np.float32)
+    got, want = _merit_dead_unit_step(w, m, np.ones_like(w), device, path)
+    assert np.isfinite(got).all()
+    np.testing.assert_allclose(want, w - 0.1 * np.array([1.0, 0.0, -0.3, 0.0]), rtol=1e-5)
+    np.testing.assert_allclose(got, want, rtol=0, atol=1e-6)

@@ -7,7 +7,7 @@
   tensors. DTensor-aware: under FSDP2 each rank holds a shard, so the local sum of squares is
   all-reduced (SUM) and the local max all-reduced (MAX) over the shard's process group before the
   ratio is taken; the result is a plain tensor that equals the unsharded one.
-* :func:`merit_ratio` — MERIT's element-wise max-norm trust ratio for one tensor.
+* :func:`merit_update_` — MERIT's clipped update with its element-wise max-norm trust ratio, for one tensor.
 * :func:`local` / :func:`all_finite` — plumbing for the sharded and NaN-guarded paths.
 """
 
@@ -18,7 +18,7 @@ from typing import Sequence
 import torch
 from torch import Tensor
 
-__all__ = ["trust_ratio", "tensor_norms", "tensor_max_abs", "merit_ratio", "local", "all_finite", "is_dtensor"]
+__all__ = ["trust_ratio", "tensor_norms", "tensor_max_abs", "merit_update_", "local", "all_finite", "is_dtensor"]
 
 
 _DTENSOR: tuple = ()
@@ -111,9 +111,9 @@ def trust_ratio(num: Tensor, den: Tensor) -> Tensor:
     return torch.where(ok, num / torch.where(ok, den, torch.ones_like(den)), torch.ones_like(num))
 
 
-def _amax_dim(x: Tensor, dim: int, full: Tensor) -> Tensor:
-    """``|x|.amax(dim, keepdim=True)``, all-reduced (MAX) over shards when ``dim`` is sharded."""
-    loc = local(x).abs()
+def _amax_dim(ax: Tensor, dim: int, full: Tensor) -> Tensor:
+    """``ax.amax(dim, keepdim=True)`` of a non-negative ``ax``, all-reduced (MAX) over shards when ``dim`` is sharded."""
+    loc = local(ax)
     if loc.numel() == 0:
         shape = list(loc.shape)
         shape[dim] = 1
@@ -131,28 +131,56 @@ def _amax_dim(x: Tensor, dim: int, full: Tensor) -> Tensor:
     return out
 
 
-def merit_ratio(w: Tensor, u: Tensor, w_full: Tensor | None = None) -> Tensor:
-    """MERIT's element-wise trust ratio ``t`` for one tensor (Luo et al. 2025, §3, Alg. 1).
+def merit_update_(w: Tensor, u: Tensor, w_full: Tensor | None = None) -> Tensor:
+    """MERIT's step direction ``clip(u ⊙ t, −1, 1)`` for one tensor, written into ``u`` (Luo et al. 2025, Alg. 1).
 
     For ``w.dim() >= 2``: ``R = max|w| over dim 1 / max|u| over dim 1`` (row ratio),
     ``C`` likewise over dim 0 (column ratio), ``ρ = max|w| / max|u|`` over the whole tensor;
     ``t = max(max(R, C), ρ)``, and ``t = 1`` wherever one of the four row/column maxima is 0.
-    For a vector: ``t = ρ`` (1 if either max is 0). ``w_full`` is the DTensor ``w`` is a shard
-    of (its placements say which maxima must be all-reduced); ``None`` for plain tensors.
+    For a vector: ``t = ρ`` (1 if either max is 0). ``w`` and ``u`` are plain (rank-local)
+    tensors; ``w_full`` is the DTensor ``w`` is a shard of (its placements say which maxima must
+    be all-reduced), ``None`` otherwise.
+
+    No ratio is ever formed. A row whose gradient has been 0 for long (a dead ReLU unit) keeps a
+    momentum that decays into float32's subnormal range; ``max|w_row| / max|u_row|`` then exceeds
+    float32's largest value and overflows to inf, ``0 · inf`` is NaN where ``u`` is 0, and the clip
+    keeps the NaN. Instead each ratio stays a (numerator, denominator) pair — ``max(R, ρ)`` is
+    picked per row by comparing cross products in float64 — and the product is formed as
+    ``(|u| / den) · num``: a number in [0, 1] times ``max|w|``, which cannot overflow.
     """
     full = w if w_full is None else w_full
+    a = u.abs()
     if w.dim() >= 2:
-        rw, ru = _amax_dim(w, 1, full), _amax_dim(u, 1, full)
-        cw, cu = _amax_dim(w, 0, full), _amax_dim(u, 0, full)
-        maxes = _all_reduce(torch.stack([_max0(rw), _max0(ru)]), [full, full], "max")
-        zero = (rw == 0) | (ru == 0) | (cw == 0) | (cu == 0)
-        # Divide only where safe, so no inf/nan is ever formed (torch.compile-friendly, no warnings).
-        t = torch.maximum(rw / torch.where(ru == 0, 1, ru), cw / torch.where(cu == 0, 1, cu))
-        t = torch.maximum(t, trust_ratio(maxes[0], maxes[1]))
-        return torch.where(zero, torch.ones_like(t), t)
-    mw = _all_reduce(_max0(local(w).abs()).reshape(1), [full], "max")[0]
-    mu = _all_reduce(_max0(local(u).abs()).reshape(1), [full], "max")[0]
-    return trust_ratio(mw, mu)
+        aw = w.abs()
+        rw, ru = _amax_dim(aw, 1, full), _amax_dim(a, 1, full)
+        cw, cu = _amax_dim(aw, 0, full), _amax_dim(a, 0, full)
+        pn, pd = _zero_rule(*_all_reduce(torch.stack([_max0(rw), _max0(ru)]), [full, full], "max"))
+        rn, rd = _max_ratio(rw, ru, pn, pd)
+        cn, cd = _max_ratio(cw, cu, pn, pd)
+        s = torch.maximum(a.div(rd).mul_(rn), a.div(cd).mul_(cn))
+        s = torch.where((rw == 0) | (ru == 0) | (cw == 0) | (cu == 0), a, s)
+    else:
+        mw = _all_reduce(_max0(w.abs()).reshape(1), [full], "max")[0]
+        mu = _all_reduce(_max0(a).reshape(1), [full], "max")[0]
+        pn, pd = _zero_rule(mw, mu)
+        s = a.div(pd).mul_(pn)
+    return torch.copysign(s.clamp_(max=1.0), u, out=u)
+
+
+def _zero_rule(num: Tensor, den: Tensor) -> tuple[Tensor, Tensor]:
+    """The pair (num, den), or (1, 1) when either is 0 (:func:`trust_ratio`'s rule, kept as a pair)."""
+    ok = (num > 0) & (den > 0)
+    return torch.where(ok, num, 1), torch.where(ok, den, 1)
+
+
+def _max_ratio(num: Tensor, den: Tensor, pn: Tensor, pd: Tensor) -> tuple[Tensor, Tensor]:
+    """``max(num / den, pn / pd)`` element-wise as a (numerator, denominator) pair, without dividing.
+
+    ``num / den ≥ pn / pd`` ⟺ ``num · pd ≥ pn · den`` (all ≥ 0), compared in float64 so that
+    neither product under- or overflows; where ``den`` is 0 the pair is (pn, pd) (nonzero).
+    """
+    take = (den > 0) & (num.double() * pd.double() >= pn.double() * den.double())
+    return torch.where(take, num, pn), torch.where(take, den, pd)
 
 
 def _max0(x: Tensor) -> Tensor:

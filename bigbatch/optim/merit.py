@@ -13,6 +13,10 @@ Implemented equations (the paper's Algorithm 1, as its official code computes th
     vector:  t = max|w| / max|u|  (1 if either is 0)
     s = clip(u ⊙ t, −1, 1)  element-wise;   w ← w − lr · s
 
+``t`` itself is never formed (``bigbatch.optim._common.merit_update_``): on a dead unit's row the
+momentum decays to float32 subnormals and ``max|w| / max|u|`` overflows to inf, which made
+``0 · inf = NaN`` in the weights; ``s`` is built from ``(|u| / max|u|) · max|w|`` instead.
+
 The max-norm (instead of LAMB's l2 norm) bounds the largest update entry, which is what limits
 the growth of the maximum attention logit (§3.1); the element-wise ratio follows local weight
 structure (§3.2). ``adapt=False`` forces t = 1 (the clip stays: Adam without bias correction,
@@ -28,14 +32,14 @@ from torch import Tensor
 
 from bigbatch._checks import check_in_range, check_positive
 from bigbatch.optim._base import TrustRatioOptimizer
-from bigbatch.optim._common import merit_ratio
+from bigbatch.optim._common import merit_update_
 
 __all__ = ["MERIT", "merit_single", "merit_foreach"]
 
 
 def _apply_ratio(w: Tensor, u: Tensor, lr: float, adapt: bool, shard=None) -> None:
-    s = u.mul_(merit_ratio(w, u, shard)) if adapt else u
-    w.add_(s.clamp_(-1.0, 1.0), alpha=-lr)
+    s = merit_update_(w, u, shard) if adapt else u.clamp_(-1.0, 1.0)
+    w.add_(s, alpha=-lr)
 
 
 def merit_single(ws, gs, ms, vs, *, lr, beta1, beta2, eps, weight_decay, adapt, shards=None):
@@ -61,11 +65,13 @@ def merit_foreach(ws, gs, ms, vs, *, lr, beta1, beta2, eps, weight_decay, adapt,
     us = torch._foreach_div(ms, denom)
     if weight_decay:
         torch._foreach_add_(us, ws, alpha=weight_decay)
-    if adapt:
+    if adapt:  # clip(u ⊙ t) in place, per tensor (see merit_update_ for why t is never formed)
         sh = shards if shards is not None else [None] * len(ws)
-        torch._foreach_mul_(us, [merit_ratio(w, u, s) for w, u, s in zip(ws, us, sh)])
-    torch._foreach_clamp_min_(us, -1.0)
-    torch._foreach_clamp_max_(us, 1.0)
+        for w, u, s in zip(ws, us, sh):
+            merit_update_(w, u, s)
+    else:
+        torch._foreach_clamp_min_(us, -1.0)
+        torch._foreach_clamp_max_(us, 1.0)
     torch._foreach_add_(ws, us, alpha=-lr)
 
 
