@@ -68,6 +68,15 @@ def test_fused_nonfinite_skip_and_raise_leave_state_untouched(algo):
         assert err <= 1e-6, (name, err)
 
 
+@pytest.mark.parametrize("which", ["row", "vector"])
+def test_fused_merit_subnormal_momentum_gives_finite_exact_step(which):
+    # test_optim_reference's dead-unit cases on the fused kernel: a subnormal momentum row must not
+    # make the trust ratio overflow (0 · inf = NaN); the step equals the float64 equations.
+    res = _run("subnormal", shape=which, tiles={})
+    assert res["finite"], res
+    assert res["err"] <= 1e-6, res
+
+
 def test_fused_fsdp2_step_equals_unsharded_step():
     """FSDP2 (``fully_shard``, 2 gloo processes): the fused kernels on the local shards, with the
     per-tensor sums / maxima all-reduced between the passes, equal the unsharded step. Shards are
@@ -317,6 +326,26 @@ def _fsdp(tiles):
     return out
 
 
+def _subnormal(shape):
+    import numpy as np
+
+    sys.path.insert(0, str(ROOT / "tests"))
+    import test_optim_reference as R
+
+    if shape == "row":
+        w = np.array([[0.5, 0.1, -0.2, 0.3], [0.3, -0.7, 0.2, 0.4], [-0.6, 0.2, 0.9, -0.1]], dtype=np.float32)
+        m = np.array([[2e-40, 0.0, -1e-40, 0.0], [0.02, -0.01, 0.03, 0.005], [-0.01, 0.02, 0.01, 0.03]],
+                     dtype=np.float32)
+        v = np.ones_like(w) * np.float32(1e-4)
+        v[0] = 1.0
+    else:
+        w = np.array([1.0, -0.5, 0.25, 0.125], dtype=np.float32)
+        m = np.array([1e-40, 0.0, -3e-41, 0.0], dtype=np.float32)
+        v = np.ones_like(w)
+    got, want = R._merit_dead_unit_step(w, m, v, "cpu", dict(fused=True))
+    return {"finite": bool(np.isfinite(got).all()), "err": float(np.abs(got - want).max())}
+
+
 def _main(case: str, kw: dict) -> None:
     assert os.environ.get("TRITON_INTERPRET") == "1"
     import torch
@@ -328,7 +357,7 @@ def _main(case: str, kw: dict) -> None:
         setattr(K, name, value)
     if case != "fsdp":  # the FSDP workers set the tiles in their own processes
         kw.pop("tiles")
-    fn = {"parity": _parity, "nonfinite": _nonfinite, "fsdp": _fsdp}[case]
+    fn = {"parity": _parity, "nonfinite": _nonfinite, "fsdp": _fsdp, "subnormal": _subnormal}[case]
     print(json.dumps(fn(**kw)))
 
 

@@ -211,6 +211,15 @@ def _bits(x):
 
 
 @triton.jit
+def _max_ratio(num, den, pn, pd):
+    """``max(num / den, pn / pd)`` as a (num, den) pair, compared by float64 cross products (the
+    products of a subnormal and a normal float32 neither under- nor overflow there); where ``den``
+    is 0 the pair is (pn, pd)."""
+    take = (den > 0) & (num.to(tl.float64) * pd.to(tl.float64) >= pn.to(tl.float64) * den.to(tl.float64))
+    return tl.where(take, num, pn), tl.where(take, den, pd)
+
+
+@triton.jit
 def merit_kernel(P, G, M, V, MASTER, OFF, NUMEL, META, TL_TID, TL_R, TL_I, TL_J, TILE0, PART, MAXB, FLAG,
                  lr, beta1, beta2, omb1, omb2, eps, wd,
                  PASS: tl.constexpr, ADAPT: tl.constexpr, HAS_MASTER: tl.constexpr, PDT: tl.constexpr,
@@ -279,12 +288,18 @@ def merit_kernel(P, G, M, V, MASTER, OFF, NUMEL, META, TL_TID, TL_R, TL_I, TL_J,
     else:
         s = u
         if ADAPT:
+            # MERIT's t is never formed (see merit_update_): a row whose momentum has decayed into
+            # the subnormal range makes max|w_row| / max|u_row| overflow float32, and 0 · inf = NaN.
+            # Each ratio stays a (num, den) pair, max(R, ρ) is picked by cross products in float64,
+            # and the step is (|u| / den) · num: a number in [0, 1] times max|w|, which cannot overflow.
             tw = _f(tl.load(MAXB + tl.load(base + 10)))
             tu = _f(tl.load(MAXB + tl.load(base + 11)))
             okt = (tw > 0) & (tu > 0)
-            rho = tl.where(okt, tw / tl.where(okt, tu, 1.0), 1.0)
+            pn = tl.where(okt, tw, 1.0)
+            pd = tl.where(okt, tu, 1.0)
+            au = tl.abs(u)
             if is_vec != 0:
-                s = u * rho
+                a = tl.div_rn(au, pd) * pn
             else:
                 ri = r * d0 + ii
                 cj = r * d1 + jj
@@ -292,13 +307,14 @@ def merit_kernel(P, G, M, V, MASTER, OFF, NUMEL, META, TL_TID, TL_R, TL_I, TL_J,
                 ru = _f(tl.load(MAXB + tl.load(base + 7) + ri, mask=rmask, other=0))
                 cw = _f(tl.load(MAXB + tl.load(base + 8) + cj, mask=cmask, other=0))
                 cu = _f(tl.load(MAXB + tl.load(base + 9) + cj, mask=cmask, other=0))
-                rr = rw / tl.where(ru == 0, 1.0, ru)
-                cc = cw / tl.where(cu == 0, 1.0, cu)
-                t = tl.maximum(tl.maximum(rr[:, None], cc[None, :]), rho)
+                rn, rd = _max_ratio(rw, ru, pn, pd)
+                cn, cd = _max_ratio(cw, cu, pn, pd)
+                a = tl.maximum(tl.div_rn(au, rd[:, None]) * rn[:, None], tl.div_rn(au, cd[None, :]) * cn[None, :])
                 zr = (rw == 0) | (ru == 0)
                 zc = (cw == 0) | (cu == 0)
-                t = tl.where(zr[:, None] | zc[None, :], 1.0, t)
-                s = u * t
+                a = tl.where(zr[:, None] | zc[None, :], au, a)
+            a = tl.minimum(a, 1.0)
+            s = tl.where(u < 0, -a, a)
         s = tl.minimum(tl.maximum(s, -1.0), 1.0)
         tl.store(M + sbase + loc, m, mask=mask)
         tl.store(V + sbase + loc, v, mask=mask)
