@@ -52,7 +52,7 @@ RULES: dict[str, str] = {
 FAMILIES: dict[str, str] = {"sgd": "sgd", "lars": "sgd", "adam": "adam", "adamw": "adam", "lamb": "adam", "merit": "adam"}
 """Optimizer → family; the family decides the default rule and the default betas/eps."""
 
-_DEFAULT_RULE = {"sgd": "linear", "lars": "linear", "adam": "adam-sqrt", "adamw": "adam-sqrt", "lamb": "sqrt", "merit": "sqrt"}
+_DEFAULT_RULE = {"sgd": "linear", "lars": "legw", "adam": "adam-sqrt", "adamw": "adam-sqrt", "lamb": "sqrt", "merit": "sqrt"}
 _ADAM_DEFAULTS = {"adam": ((0.9, 0.999), 1e-8), "adamw": ((0.9, 0.999), 1e-8), "lamb": ((0.9, 0.999), 1e-6), "merit": ((0.9, 0.999), 1e-6)}
 
 
@@ -110,7 +110,7 @@ def _fmt(v: Any) -> str:
 
 
 def default_rule(optimizer: str) -> str:
-    """The rule used when none is given: sgd/lars → linear, adam/adamw → adam-sqrt, lamb/merit → sqrt."""
+    """The rule used when none is given: sgd → linear, lars → legw, adam/adamw → adam-sqrt, lamb/merit → sqrt."""
     if optimizer not in _DEFAULT_RULE:
         raise ValueError(
             f"no default scaling rule for optimizer {optimizer!r} (known: {', '.join(_DEFAULT_RULE)}); pass a rule"

@@ -58,7 +58,9 @@ def test_recipe_file_with_flag_override(capsys, tmp_path):
     code, out, _ = run(capsys, "scale", "--recipe", str(src), "--to-batch", "512", "--lr", "0.4", "--json")
     assert code == 0
     d = json.loads(out)
-    assert d["old"]["lr"] == 0.4 and d["new"]["lr"] == pytest.approx(1.6) and d["rule"] == "linear"
+    # the default rule for lars is legw: lr x sqrt(4), warmup x 4
+    assert d["old"]["lr"] == 0.4 and d["new"]["lr"] == pytest.approx(0.8) and d["rule"] == "legw"
+    assert d["new"]["warmup_epochs"] == pytest.approx(8.0)
 
 
 @pytest.mark.parametrize(
