@@ -219,10 +219,13 @@ def _max_ratio(num, den, pn, pd):
     return tl.where(take, num, pn), tl.where(take, den, pd)
 
 
+TINY_DEN: tl.constexpr = tl.constexpr(8.673617379884035e-19)  # 2^-60
+
+
 @triton.jit
 def _den_scale(den):
     """2^64 where ``den`` < 2^-60 (so that ``num / den`` could overflow float32), else 1."""
-    return tl.where(den < 8.673617379884035e-19, 1.8446744073709552e19, 1.0)
+    return tl.where(den < TINY_DEN, 1.8446744073709552e19, 1.0)
 
 
 @triton.jit
@@ -296,18 +299,21 @@ def merit_kernel(P, G, M, V, MASTER, OFF, NUMEL, META, TL_TID, TL_R, TL_I, TL_J,
         if ADAPT:
             # MERIT's t = num / den overflows float32 when a row's momentum has decayed into the
             # subnormal range (a dead unit): max|w_row| / max|u_row| ~ 1e40 → inf, and 0 · inf = NaN.
-            # So ratios stay (num, den) pairs (max(R, ρ) picked by float64 cross products), and a
-            # tiny den is scaled by 2^64 together with |u| — both exactly, as powers of two — before
-            # t = num / den' is formed: (|u| · 2^64) · t, a number ≤ num, cannot overflow.
+            # A tile with a denominator below 2^-60 takes the slow path: ratios stay (num, den) pairs
+            # (max(R, ρ) picked by float64 cross products) and a tiny den is scaled by 2^64 together
+            # with |u|, both exactly: (|u| · 2^64) · (num / (den · 2^64)) ≤ num cannot overflow.
+            # Every other tile forms t directly (t ≤ num · 2^60 is finite): one multiply per element.
             tw = _f(tl.load(MAXB + tl.load(base + 10)))
             tu = _f(tl.load(MAXB + tl.load(base + 11)))
             okt = (tw > 0) & (tu > 0)
             pn = tl.where(okt, tw, 1.0)
             pd = tl.where(okt, tu, 1.0)
-            au = tl.abs(u)
             if is_vec != 0:
                 sc = _den_scale(pd)
+                au = tl.abs(u)
                 a = (au * sc) * (pn / (pd * sc))
+                a = tl.minimum(a, 1.0)
+                s = tl.where(u < 0, -a, a)
             else:
                 ri = r * d0 + ii
                 cj = r * d1 + jj
@@ -315,17 +321,27 @@ def merit_kernel(P, G, M, V, MASTER, OFF, NUMEL, META, TL_TID, TL_R, TL_I, TL_J,
                 ru = _f(tl.load(MAXB + tl.load(base + 7) + ri, mask=rmask, other=0))
                 cw = _f(tl.load(MAXB + tl.load(base + 8) + cj, mask=cmask, other=0))
                 cu = _f(tl.load(MAXB + tl.load(base + 9) + cj, mask=cmask, other=0))
-                rn, rd = _max_ratio(rw, ru, pn, pd)
-                cn, cd = _max_ratio(cw, cu, pn, pd)
-                rs = _den_scale(rd)
-                cs = _den_scale(cd)
-                a = tl.maximum((au * rs[:, None]) * (rn / (rd * rs))[:, None],
-                               (au * cs[None, :]) * (cn / (cd * cs))[None, :])
                 zr = (rw == 0) | (ru == 0)
                 zc = (cw == 0) | (cu == 0)
-                a = tl.where(zr[:, None] | zc[None, :], au, a)
-            a = tl.minimum(a, 1.0)
-            s = tl.where(u < 0, -a, a)
+                ntiny = (tl.sum(((ru > 0) & (ru < TINY_DEN)).to(tl.int32), axis=0)
+                         + tl.sum(((cu > 0) & (cu < TINY_DEN)).to(tl.int32), axis=0))
+                if (ntiny > 0) | (pd < TINY_DEN):
+                    rn, rd = _max_ratio(rw, ru, pn, pd)
+                    cn, cd = _max_ratio(cw, cu, pn, pd)
+                    rs = _den_scale(rd)
+                    cs = _den_scale(cd)
+                    au = tl.abs(u)
+                    a = tl.maximum((au * rs[:, None]) * (rn / (rd * rs))[:, None],
+                                   (au * cs[None, :]) * (cn / (cd * cs))[None, :])
+                    a = tl.where(zr[:, None] | zc[None, :], au, a)
+                    a = tl.minimum(a, 1.0)
+                    s = tl.where(u < 0, -a, a)
+                else:
+                    rr = rw / tl.where(ru == 0, 1.0, ru)
+                    cc = cw / tl.where(cu == 0, 1.0, cu)
+                    t = tl.maximum(tl.maximum(rr[:, None], cc[None, :]), pn / pd)
+                    t = tl.where(zr[:, None] | zc[None, :], 1.0, t)
+                    s = u * t
         s = tl.minimum(tl.maximum(s, -1.0), 1.0)
         tl.store(M + sbase + loc, m, mask=mask)
         tl.store(V + sbase + loc, v, mask=mask)
