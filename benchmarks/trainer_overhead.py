@@ -15,6 +15,12 @@ run per block with the noise monitor on (every 10th step).
 
     python benchmarks/trainer_overhead.py --pairs 8            # GPU
     python benchmarks/trainer_overhead.py --tiny               # CPU, minute model: the host cost per step
+    python benchmarks/trainer_overhead.py --profile 3 --steps 20   # GPU: device idle time per step
+
+``--profile`` removes the host's clock noise from the comparison: under torch.profiler it measures,
+on the device's own timeline between the ends of consecutive optimizer steps, how long the GPU
+was busy and how long it sat idle waiting for the host. Equal kernel counts and equal idle time
+mean the trainer issues the same work and keeps the queue as full as the bare loop.
 
 ``--tiny`` runs a 1-layer, width-8 model on 8-byte windows on the CPU, where a step is almost all
 host work (Python, data fetch, optimizer bookkeeping): the difference is then the trainer's own
@@ -85,6 +91,57 @@ def trainer_step_time(wl, batch: int, micro: int, steps: int, warmup: int, log_e
     return statistics.median(times)
 
 
+def _device_window(prof, skip: int) -> tuple[float, float, float, int]:
+    """From a profile: per step after the first ``skip`` optimizer steps, the device-timeline span
+    (ms), the busy time of kernels and copies in it (ms), their count; plus the steps counted.
+
+    Steps are delimited by the ends of the GPU-side ``Optimizer.step#...`` annotations, so the span
+    is what the device took from one step's end to the next: kernel time plus any idle gap that
+    the host left (launch latency, syncs, Python work that the queue could not hide).
+    """
+    from torch.autograd import DeviceType
+
+    evs = [e for e in prof.events() if e.device_type == DeviceType.CUDA]
+    ann = sorted((e for e in evs if getattr(e, "is_user_annotation", False) and e.name.startswith("Optimizer.step#")),
+                 key=lambda e: e.time_range.start)
+    if len(ann) <= skip:
+        raise RuntimeError(f"profile has {len(ann)} GPU optimizer-step annotations, need > {skip}")
+    t0, t1 = ann[skip - 1].time_range.end, ann[-1].time_range.end
+    n = len(ann) - skip
+    busy, count = 0.0, 0
+    for e in evs:
+        if getattr(e, "is_user_annotation", False):
+            continue
+        a, b = max(e.time_range.start, t0), min(e.time_range.end, t1)
+        if b > a:
+            busy += b - a
+            count += 1
+    return (t1 - t0) / n / 1e3, busy / n / 1e3, count / n, n
+
+
+def profile_compare(bare, trainer, rounds: int) -> None:
+    """Bare loop vs trainer under torch.profiler: device span, kernel busy time and kernel count per step."""
+    from torch.profiler import ProfilerActivity, profile
+
+    rows = []
+    for r in range(rounds):
+        for name, fn in (("bare", bare), ("trainer", trainer)) if r % 2 == 0 else (("trainer", trainer), ("bare", bare)):
+            with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+                fn()
+            span, busy, count, n = _device_window(prof, skip=3)
+            rows.append((r, name, span, busy, count, n))
+            print(f"profile round {r} {name:8s}: span {span:7.2f} ms/step  kernels busy {busy:7.2f} ms  "
+                  f"idle {span - busy:6.2f} ms  kernels/step {count:7.1f}  ({n} steps)", flush=True)
+    print("\n| round | run | device span ms/step | kernel busy ms/step | idle ms/step | kernels/step |")
+    print("|---|---|---|---|---|---|")
+    for r, name, span, busy, count, _ in rows:
+        print(f"| {r} | {name} | {span:.2f} | {busy:.2f} | {span - busy:.2f} | {count:.1f} |")
+    for name in ("bare", "trainer"):
+        sel = [x for x in rows if x[1] == name]
+        print(f"{name}: median idle {statistics.median(x[2] - x[3] for x in sel):.3f} ms/step, median kernels/step "
+              f"{statistics.median(x[4] for x in sel):.1f}, median busy {statistics.median(x[3] for x in sel):.2f} ms/step")
+
+
 def _quartiles(xs: list[float]) -> tuple[float, float]:
     if len(xs) < 4:
         return min(xs), max(xs)
@@ -101,6 +158,8 @@ def main() -> None:
     p.add_argument("--log-every", type=int, default=5)
     p.add_argument("--pairs", type=int, default=8)
     p.add_argument("--noise", action="store_true", help="also time the trainer with the noise monitor on")
+    p.add_argument("--profile", type=int, default=0, metavar="ROUNDS",
+                   help="instead of timing: ROUNDS profiled runs of each (device idle time and kernel count per step)")
     p.add_argument("--tiny", action="store_true", help="a minute model on the CPU: measures the host cost per step")
     a = p.parse_args()
     global DEVICE
@@ -116,6 +175,11 @@ def main() -> None:
     lr = 6e-4
     bare = lambda: bare_loop(wl, a.batch_size, a.micro_batch_size, a.steps, a.warmup, device, lr, a.log_every)
     trainer = lambda **extra: trainer_step_time(wl, a.batch_size, a.micro_batch_size, a.steps, a.warmup, a.log_every, lr, extra)
+    if a.profile:
+        if DEVICE != "cuda":
+            raise SystemExit("--profile needs a CUDA GPU")
+        profile_compare(bare, trainer, a.profile)
+        return
     rows = []
     for i in range(a.pairs):
         if i % 2 == 0:

@@ -209,6 +209,9 @@ class ByteLM:
     sees or predicts another file. The loss stays a sum over target bytes with their count,
     so the trainer normalises by the global token count whatever the padding per row.
     Validation is unchanged, so packed and unpacked runs report comparable bits per byte.
+
+    ``size="gpt2-small"`` gives 12 layers, 12 heads, width 768 and context 1024 (``context``
+    overrides the last); otherwise the shape is ``n_layer``/``n_head``/``d_model``, context 128.
     """
 
     metric_name = "val_bpb"
@@ -221,16 +224,17 @@ class ByteLM:
         n_layer: int = 2,
         n_head: int = 4,
         d_model: int = 128,
-        context: int = 128,
+        context: int | None = None,
         max_bytes: int | None = 4_000_000,
         val_windows: int = 256,
         size: str | None = None,
         packing: bool | str = False,
     ) -> None:
         if size == "gpt2-small":
-            self.cfg = GPTConfig.gpt2_small(context)
+            # GPT-2 small's shape includes its 1024-token context unless the caller sets one.
+            self.cfg = GPTConfig.gpt2_small(1024 if context is None else context)
         elif size is None:
-            self.cfg = GPTConfig(n_layer=n_layer, n_head=n_head, d_model=d_model, context=context)
+            self.cfg = GPTConfig(n_layer=n_layer, n_head=n_head, d_model=d_model, context=128 if context is None else context)
         else:
             raise ValueError(f"size must be one of gpt2-small or unset, got {size!r}")
         self.name = "bytelm"
