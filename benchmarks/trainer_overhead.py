@@ -104,9 +104,17 @@ def _device_window(prof, skip: int) -> tuple[float, float, float, int]:
     evs = [e for e in prof.events() if e.device_type == DeviceType.CUDA]
     ann = sorted((e for e in evs if getattr(e, "is_user_annotation", False) and e.name.startswith("Optimizer.step#")),
                  key=lambda e: e.time_range.start)
+    merged = []  # one range per step: nested or repeated annotations of the same step are merged
+    for e in ann:
+        a, b = e.time_range.start, e.time_range.end
+        if merged and a < merged[-1][1]:
+            merged[-1][1] = max(merged[-1][1], b)
+        else:
+            merged.append([a, b])
+    ann = merged
     if len(ann) <= skip:
         raise RuntimeError(f"profile has {len(ann)} GPU optimizer-step annotations, need > {skip}")
-    t0, t1 = ann[skip - 1].time_range.end, ann[-1].time_range.end
+    t0, t1 = ann[skip - 1][1], ann[-1][1]
     n = len(ann) - skip
     busy, count = 0.0, 0
     for e in evs:
