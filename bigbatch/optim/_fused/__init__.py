@@ -190,8 +190,6 @@ class _Pack:
         self.maxbuf = torch.zeros(2 * R + 2 * C + 2 * self.n, dtype=torch.int32, device=dev)
         self.reduced = self.maxbuf[2 * R:]  # what FSDP all-reduces (MAX)
         self.part = torch.empty(max(2 * PR + 2 * PC, 1), dtype=torch.float32, device=dev)
-        # Tiles whose step pass 2 left to pass 3 (a denominator below 2^-60); pass 3 clears them.
-        self.tfix = torch.zeros(max(self.n_tiles, 1), dtype=torch.int32, device=dev)
 
     def set_grads(self) -> list[Tensor]:
         """Point the gradient table at this step's gradients; returns what must stay alive until launch."""
@@ -265,19 +263,17 @@ class _Pack:
         else:
             b1, b2 = group["betas"]
             nv = self.n_vec_tiles if vec else 0
-            # Pass 2 updates all but the elements of dead rows/columns; pass 3 (adapt only) those.
-            for kpass in (pass_, 3) if pass_ == 2 and group["adapt"] else (pass_,):
-                for first, count, v in ((0, nv, True), (nv, self.n_tiles - nv, False)):
-                    if count == 0:
-                        continue
-                    K.merit_kernel[(count,)](
-                        self.p_table, self.g_table, self.bufs["exp_avg"], self.bufs["exp_avg_sq"], master,
-                        self.off, self.numel, self.meta, self.t_tid, self.t_r, self.t_i, self.t_j, first,
-                        self.part, self.maxbuf, flag, self.tfix,
-                        float(group["lr"]), b1, b2, 1.0 - b1, 1.0 - b2, group["eps"], group["weight_decay"],
-                        PASS=kpass, ADAPT=group["adapt"], HAS_MASTER=self.master is not None, PDT=self.pdt, VEC=v,
-                        BM=self.bm, BN=self.bn, num_warps=K.TILE_WARPS,
-                    )
+            for first, count, v in ((0, nv, True), (nv, self.n_tiles - nv, False)):
+                if count == 0:
+                    continue
+                K.merit_kernel[(count,)](
+                    self.p_table, self.g_table, self.bufs["exp_avg"], self.bufs["exp_avg_sq"], master,
+                    self.off, self.numel, self.meta, self.t_tid, self.t_r, self.t_i, self.t_j, first,
+                    self.part, self.maxbuf, flag,
+                    float(group["lr"]), b1, b2, 1.0 - b1, 1.0 - b2, group["eps"], group["weight_decay"],
+                    PASS=pass_, ADAPT=group["adapt"], HAS_MASTER=self.master is not None, PDT=self.pdt, VEC=v,
+                    BM=self.bm, BN=self.bn, num_warps=K.TILE_WARPS,
+                )
             if pass_ == 1 and group["adapt"] and self.n_items:
                 K.merit_reduce_kernel[(self.n_items,)](
                     self.part, self.maxbuf, self.items, PCH=self.pch, RR=K.RED_ROWS, RC=self.rc, num_warps=4,

@@ -229,7 +229,7 @@ def _den_scale(den):
 
 
 @triton.jit
-def merit_kernel(P, G, M, V, MASTER, OFF, NUMEL, META, TL_TID, TL_R, TL_I, TL_J, TILE0, PART, MAXB, FLAG, TFIX,
+def merit_kernel(P, G, M, V, MASTER, OFF, NUMEL, META, TL_TID, TL_R, TL_I, TL_J, TILE0, PART, MAXB, FLAG,
                  lr, beta1, beta2, omb1, omb2, eps, wd,
                  PASS: tl.constexpr, ADAPT: tl.constexpr, HAS_MASTER: tl.constexpr, PDT: tl.constexpr,
                  VEC: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr):
@@ -269,53 +269,8 @@ def merit_kernel(P, G, M, V, MASTER, OFF, NUMEL, META, TL_TID, TL_R, TL_I, TL_J,
         gp = _ptr(G, tid, PDT, VEC)
         pp = _ptr(P, tid, PDT, VEC)
         sbase = off
-    if PASS >= 2:
+    if PASS == 2:
         mask = mask & (tl.load(FLAG) == 0)
-        if ADAPT:
-            # Per row / column / tensor factors first (they only need MAXB). MERIT's t = num / den
-            # overflows float32 when a row's momentum has decayed into the subnormal range (a dead
-            # unit): max|w_row| / max|u_row| ~ 1e40 → inf, and 0 · inf = NaN. Pass 2 forms t where
-            # every denominator is ≥ 2^-60 (t ≤ num · 2^60 is finite: one multiply per element) and
-            # leaves the other elements untouched, flagging their tile in TFIX; pass 3 then redoes
-            # only those elements with the ratios kept as (num, den) pairs (max(R, ρ) picked by
-            # float64 cross products) and tiny denominators scaled by 2^64 together with |u|, both
-            # exactly: (|u| · 2^64) · (num / (den · 2^64)) ≤ num cannot overflow. Kept apart, the
-            # rare slow path costs pass 2 nothing (in one kernel it cost ~12% of the step).
-            if PASS == 3:
-                fix = tl.load(TFIX + c) != 0
-                mask = mask & fix
-                rmask = rmask & fix
-                cmask = cmask & fix
-            tw = _f(tl.load(MAXB + tl.load(base + 10)))
-            tu = _f(tl.load(MAXB + tl.load(base + 11)))
-            okt = (tw > 0) & (tu > 0)
-            pn = tl.where(okt, tw, 1.0)
-            pd = tl.where(okt, tu, 1.0)
-            if is_vec != 0:  # a 1-D tensor: t = ρ (every "row" and "column" ratio is ρ; its rows are a layout)
-                rw = tl.full([BM], 1.0, tl.float32) * pn
-                ru = tl.full([BM], 1.0, tl.float32) * pd
-                cw = tl.full([BN], 1.0, tl.float32) * pn
-                cu = tl.full([BN], 1.0, tl.float32) * pd
-            else:
-                ri = r * d0 + ii
-                cj = r * d1 + jj
-                rw = _f(tl.load(MAXB + tl.load(base + 6) + ri, mask=rmask, other=0))
-                ru = _f(tl.load(MAXB + tl.load(base + 7) + ri, mask=rmask, other=0))
-                cw = _f(tl.load(MAXB + tl.load(base + 8) + cj, mask=cmask, other=0))
-                cu = _f(tl.load(MAXB + tl.load(base + 9) + cj, mask=cmask, other=0))
-            zr = (rw == 0) | (ru == 0)
-            zc = (cw == 0) | (cu == 0)
-            # tiny row denominator, or a tiny whole-tensor one (as a row vector: scalar | tensor of
-            # bools does not broadcast everywhere)
-            tr = ((ru > 0) & (ru < TINY_DEN)) | ((ru * 0.0 + pd) < TINY_DEN)
-            tc = (cu > 0) & (cu < TINY_DEN)
-            slow = tr[:, None] | tc[None, :]
-            if PASS == 2:
-                tl.atomic_max(TFIX + c + tl.zeros([BM], tl.int64), 1, mask=tr & rmask & (tl.load(FLAG) == 0))
-                tl.atomic_max(TFIX + c + tl.zeros([BN], tl.int64), 1, mask=tc & cmask & (tl.load(FLAG) == 0))
-                mask = mask & (slow == 0)
-            else:
-                mask = mask & slow
     g = tl.load(gp + loc, mask=mask, other=0.0).to(tl.float32)
     m = tl.load(M + sbase + loc, mask=mask, other=0.0)
     v = tl.load(V + sbase + loc, mask=mask, other=0.0)
@@ -342,24 +297,51 @@ def merit_kernel(P, G, M, V, MASTER, OFF, NUMEL, META, TL_TID, TL_R, TL_I, TL_J,
     else:
         s = u
         if ADAPT:
-            if PASS == 2:
-                rr = rw / tl.where(ru == 0, 1.0, ru)
-                cc = cw / tl.where(cu == 0, 1.0, cu)
-                t = tl.maximum(tl.maximum(rr[:, None], cc[None, :]), pn / pd)
-                t = tl.where(zr[:, None] | zc[None, :], 1.0, t)
-                s = u * t
-            else:
-                rn, rd = _max_ratio(rw, ru, pn, pd)
-                cn, cd = _max_ratio(cw, cu, pn, pd)
-                rs = _den_scale(rd)
-                cs = _den_scale(cd)
+            # MERIT's t = num / den overflows float32 when a row's momentum has decayed into the
+            # subnormal range (a dead unit): max|w_row| / max|u_row| ~ 1e40 → inf, and 0 · inf = NaN.
+            # A tile with a denominator below 2^-60 takes the slow path: ratios stay (num, den) pairs
+            # (max(R, ρ) picked by float64 cross products) and a tiny den is scaled by 2^64 together
+            # with |u|, both exactly: (|u| · 2^64) · (num / (den · 2^64)) ≤ num cannot overflow.
+            # Every other tile forms t directly (t ≤ num · 2^60 is finite): one multiply per element.
+            tw = _f(tl.load(MAXB + tl.load(base + 10)))
+            tu = _f(tl.load(MAXB + tl.load(base + 11)))
+            okt = (tw > 0) & (tu > 0)
+            pn = tl.where(okt, tw, 1.0)
+            pd = tl.where(okt, tu, 1.0)
+            if is_vec != 0:
+                sc = _den_scale(pd)
                 au = tl.abs(u)
-                a = tl.maximum((au * rs[:, None]) * (rn / (rd * rs))[:, None],
-                               (au * cs[None, :]) * (cn / (cd * cs))[None, :])
-                a = tl.where(zr[:, None] | zc[None, :], au, a)
+                a = (au * sc) * (pn / (pd * sc))
                 a = tl.minimum(a, 1.0)
                 s = tl.where(u < 0, -a, a)
-                tl.store(TFIX + c, 0, mask=fix)
+            else:
+                ri = r * d0 + ii
+                cj = r * d1 + jj
+                rw = _f(tl.load(MAXB + tl.load(base + 6) + ri, mask=rmask, other=0))
+                ru = _f(tl.load(MAXB + tl.load(base + 7) + ri, mask=rmask, other=0))
+                cw = _f(tl.load(MAXB + tl.load(base + 8) + cj, mask=cmask, other=0))
+                cu = _f(tl.load(MAXB + tl.load(base + 9) + cj, mask=cmask, other=0))
+                zr = (rw == 0) | (ru == 0)
+                zc = (cw == 0) | (cu == 0)
+                ntiny = (tl.sum(((ru > 0) & (ru < TINY_DEN)).to(tl.int32), axis=0)
+                         + tl.sum(((cu > 0) & (cu < TINY_DEN)).to(tl.int32), axis=0))
+                if (ntiny > 0) | (pd < TINY_DEN):
+                    rn, rd = _max_ratio(rw, ru, pn, pd)
+                    cn, cd = _max_ratio(cw, cu, pn, pd)
+                    rs = _den_scale(rd)
+                    cs = _den_scale(cd)
+                    au = tl.abs(u)
+                    a = tl.maximum((au * rs[:, None]) * (rn / (rd * rs))[:, None],
+                                   (au * cs[None, :]) * (cn / (cd * cs))[None, :])
+                    a = tl.where(zr[:, None] | zc[None, :], au, a)
+                    a = tl.minimum(a, 1.0)
+                    s = tl.where(u < 0, -a, a)
+                else:
+                    rr = rw / tl.where(ru == 0, 1.0, ru)
+                    cc = cw / tl.where(cu == 0, 1.0, cu)
+                    t = tl.maximum(tl.maximum(rr[:, None], cc[None, :]), pn / pd)
+                    t = tl.where(zr[:, None] | zc[None, :], 1.0, t)
+                    s = u * t
         s = tl.minimum(tl.maximum(s, -1.0), 1.0)
         tl.store(M + sbase + loc, m, mask=mask)
         tl.store(V + sbase + loc, v, mask=mask)
