@@ -226,6 +226,12 @@ def _max_ratio(num, den, pn, pd):
 
 
 @triton.jit
+def _den_scale(den):
+    """2^64 where ``den`` < 2^-60 (so that ``num / den`` could overflow float32), else 1."""
+    return tl.where(den < 8.673617379884035e-19, 1.8446744073709552e19, 1.0)
+
+
+@triton.jit
 def merit_kernel(P, G, M, V, MASTER, OFF, NUMEL, META, TL_TID, TL_R, TL_I, TL_J, TILE0, PART, MAXB, FLAG,
                  lr, beta1, beta2, omb1, omb2, eps, wd,
                  PASS: tl.constexpr, ADAPT: tl.constexpr, HAS_MASTER: tl.constexpr, PDT: tl.constexpr,
@@ -294,10 +300,11 @@ def merit_kernel(P, G, M, V, MASTER, OFF, NUMEL, META, TL_TID, TL_R, TL_I, TL_J,
     else:
         s = u
         if ADAPT:
-            # MERIT's t is never formed (see merit_update_): a row whose momentum has decayed into
-            # the subnormal range makes max|w_row| / max|u_row| overflow float32, and 0 · inf = NaN.
-            # Each ratio stays a (num, den) pair, max(R, ρ) is picked by cross products in float64,
-            # and the step is (|u| / den) · num: a number in [0, 1] times max|w|, which cannot overflow.
+            # MERIT's t = num / den overflows float32 when a row's momentum has decayed into the
+            # subnormal range (a dead unit): max|w_row| / max|u_row| ~ 1e40 → inf, and 0 · inf = NaN.
+            # So ratios stay (num, den) pairs (max(R, ρ) picked by float64 cross products), and a
+            # tiny den is scaled by 2^64 together with |u| — both exactly, as powers of two — before
+            # t = num / den' is formed: (|u| · 2^64) · t, a number ≤ num, cannot overflow.
             tw = _f(tl.load(MAXB + tl.load(base + 10)))
             tu = _f(tl.load(MAXB + tl.load(base + 11)))
             okt = (tw > 0) & (tu > 0)
@@ -305,7 +312,8 @@ def merit_kernel(P, G, M, V, MASTER, OFF, NUMEL, META, TL_TID, TL_R, TL_I, TL_J,
             pd = tl.where(okt, tu, 1.0)
             au = tl.abs(u)
             if is_vec != 0:
-                a = tl.div_rn(au, pd) * pn
+                sc = _den_scale(pd)
+                a = (au * sc) * (pn / (pd * sc))
             else:
                 ri = r * d0 + ii
                 cj = r * d1 + jj
@@ -315,7 +323,10 @@ def merit_kernel(P, G, M, V, MASTER, OFF, NUMEL, META, TL_TID, TL_R, TL_I, TL_J,
                 cu = _f(tl.load(MAXB + tl.load(base + 9) + cj, mask=cmask, other=0))
                 rn, rd = _max_ratio(rw, ru, pn, pd)
                 cn, cd = _max_ratio(cw, cu, pn, pd)
-                a = tl.maximum(tl.div_rn(au, rd[:, None]) * rn[:, None], tl.div_rn(au, cd[None, :]) * cn[None, :])
+                rs = _den_scale(rd)
+                cs = _den_scale(cd)
+                a = tl.maximum((au * rs[:, None]) * (rn / (rd * rs))[:, None],
+                               (au * cs[None, :]) * (cn / (cd * cs))[None, :])
                 zr = (rw == 0) | (ru == 0)
                 zc = (cw == 0) | (cu == 0)
                 a = tl.where(zr[:, None] | zc[None, :], au, a)
