@@ -135,8 +135,8 @@ def main(argv: list[str] | None = None) -> int:
             print(f"# {run} seed {seed}: {json.dumps(per_seed[-1])}", file=sys.stderr, flush=True)
         results.append({"run": run, "config": cfg.to_dict(), "seeds": per_seed})
 
-    print(f"| run | batch | reached | steps to target | samples to target | wall s |")
-    print(f"|---|---|---|---|---|---|")
+    print("| run | batch | reached | steps to target | samples to target | wall s |")
+    print("|---|---|---|---|---|---|")
     notes = []
     for r in results:
         ss = r["seeds"]

@@ -170,6 +170,8 @@ def test_noise_min_interval():
     trace = run_trace(ctrl, readings, 16, step_fn=600)
     at = [c.samples for c in ctrl.changes]
     assert len(at) >= 3
+    # the batch the trainer is handed switches exactly where the log says it does
+    assert [s for (s, b), prev in zip(trace, [16] + batches(trace)) if b != prev] == at
     assert at[0] >= 4000  # the clock starts at the first call (samples=16)
     assert all(b - a >= 4000 for a, b in zip(at, at[1:]))
     fast = NoiseScaleController(max_batch=1 << 16, min_interval=0)

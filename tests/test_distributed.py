@@ -4,12 +4,12 @@ and a worker killed mid-run is restarted by torchrun and finishes where an unint
 import os
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
 import torch
 import torch.distributed as dist
+from _dist import spawn_gloo
 
 from bigbatch.train import TrainConfig, train
 from bigbatch.train.checkpoint import latest_checkpoint
@@ -94,28 +94,18 @@ FSDP_RUN = {"workload": "mnist1d", "workload_args": {"num_samples": 2000, "model
             "noise_scale": True, "ema_horizon_samples": 256, "average_last": 3}
 
 
-def _trainer_worker(rank: int, init_file: str, out: str) -> None:
-    """Four runs in one pair of processes (torch is imported once): FSDP, DDP, FSDP stopped at step 5 and resumed."""
-    torch.set_num_threads(1)
-    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE="2")
-    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=2)
-    try:
-        for name, kw in (("fsdp", {"fsdp": True}), ("ddp", {}), ("resumed", {"fsdp": True, "max_steps": 5}),
-                         ("resumed", {"fsdp": True, "resume": True})):
-            train(TrainConfig(**FSDP_RUN, **kw, out=str(Path(out) / name)))
-        _sharded_ema_nonfinite(rank, Path(out) / f"ema_rank{rank}.json")
-        dist.barrier()
-        dist.destroy_process_group()
-        os._exit(0)  # skip the interpreter's teardown (gloo can abort a finished worker at exit)
-    finally:
-        if dist.is_initialized():
-            dist.destroy_process_group()
+def _trainer_worker(rank: int, out: str) -> dict:
+    """Four runs in one pair of processes (torch is imported once): FSDP, DDP, FSDP stopped at step 5 and resumed;
+    then the sharded EMA's non-finite check."""
+    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE="2")  # as torchrun sets them
+    for name, kw in (("fsdp", {"fsdp": True}), ("ddp", {}), ("resumed", {"fsdp": True, "max_steps": 5}),
+                     ("resumed", {"fsdp": True, "resume": True})):
+        train(TrainConfig(**FSDP_RUN, **kw, out=str(Path(out) / name)))
+    return _sharded_ema_nonfinite(rank)
 
 
-def _sharded_ema_nonfinite(rank: int, out: Path) -> None:
+def _sharded_ema_nonfinite(rank: int) -> dict:
     """A NaN in rank 1's shard only: both ranks skip (or raise) together; a full state loads back into shards."""
-    import json
-
     from torch.distributed.fsdp import fully_shard
 
     from bigbatch.averaging import EMA
@@ -145,7 +135,7 @@ def _sharded_ema_nonfinite(rank: int, out: Path) -> None:
     skip.load_state_dict({**skip.state_dict(), "shadow": full})  # full tensors in, each rank keeps its shard
     res["moved"] = not torch.equal(moved["0.weight"], full["0.weight"])
     res["reloaded"] = all(torch.equal(skip.state_dict()["shadow"][k], full[k]) for k in full)
-    out.write_text(json.dumps(res))
+    return res
 
 
 def _close(a: float | None, b: float | None, rel: float) -> bool:
@@ -156,18 +146,9 @@ def _close(a: float | None, b: float | None, rel: float) -> bool:
 def test_fsdp_noise_ema_and_average_match_ddp_and_resume(tmp_path):
     import json
 
-    import torch.multiprocessing as mp
-
     from bigbatch.train.metrics import read_metrics
 
-    ctx = mp.start_processes(_trainer_worker, args=(str(tmp_path / "init"), str(tmp_path)), nprocs=2, join=False,
-                             start_method="spawn")
-    deadline = time.time() + 120
-    while not ctx.join(timeout=5):
-        if time.time() > deadline:
-            for p in ctx.processes:
-                p.kill()
-            pytest.fail("trainer workers did not finish in 120 s")
+    ema_checks = spawn_gloo(_trainer_worker, str(tmp_path))
     runs = {n: json.loads((tmp_path / n / "summary.json").read_text()) for n in ("fsdp", "ddp", "resumed")}
     fs, dd = runs["fsdp"], runs["ddp"]
     assert (fs["parallel"], fs["noise_mode"], dd["parallel"], dd["noise_mode"]) == ("fsdp", "fsdp", "ddp", "ddp")
@@ -209,7 +190,7 @@ def test_fsdp_noise_ema_and_average_match_ddp_and_resume(tmp_path):
         torch.testing.assert_close(last["resumed"]["ema"]["shadow"][k], v, rtol=0, atol=0)
     assert re["averaged_metric"] == fs["averaged_metric"] and re["ema_metric"] == fs["ema_metric"]
     # the sharded EMA's non-finite check is taken over all ranks
-    r0, r1 = (json.loads((tmp_path / f"ema_rank{r}.json").read_text()) for r in (0, 1))
+    r0, r1 = ema_checks
     for r in (r0, r1):
         assert r["unchanged"] and r["skipped"] == 1 and r["moved"] and r["reloaded"]
     assert "another rank's shard" in r0["raised"] and "'0.weight' has NaN" in r1["raised"]

@@ -1,142 +1,116 @@
 """NoiseMonitor under FSDP2 (fully_shard): 2 CPU processes (gloo). FSDP mode vs DDP mode vs linreg's closed form."""
 
 import copy
-import json
-import os
-import time
 
 import pytest
 import torch
 import torch.distributed as dist
+from _dist import spawn_gloo
 
 WORLD = 2
 STEPS = 600
 
 
-def _worker(rank: int, init_file: str, out_file: str) -> None:
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=WORLD)
+def _worker(rank: int) -> dict:
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard as _fully_shard
+    from torch.nn.parallel import DistributedDataParallel as DDP
+
+    from bigbatch.noise import NoiseMonitor, split_batch, unbiased_estimates
+    from bigbatch.workloads.linreg import LinReg
+
+    mesh = init_device_mesh("cpu", (WORLD,))  # explicit: the default mesh is CUDA's on a GPU machine
+
+    def fully_shard(module):
+        return _fully_shard(module, mesh=mesh)
+
+    wl = LinReg(dim=8, noise_std=0.5, init_distance=1.0, seed=0)
+    models = {"fsdp": fully_shard(wl.build_model()), "fsdp_acc": fully_shard(wl.build_model()), "ddp": DDP(wl.build_model())}
+    mons = {name: NoiseMonitor(m, mode="auto", beta=0.998) for name, m in models.items()}
+    result: dict = {"modes": {n: m.mode for n, m in mons.items()}}
+    B, k = 128, 2
+    per_rank = B // WORLD
+    sampler = wl.sampler(0)
+    for step in range(STEPS):
+        idx = sampler.next(B)
+        local = wl.fetch(idx[rank * per_rank : (rank + 1) * per_rank])
+        readings = {}
+        for name, model in models.items():
+            micro = split_batch(local, k) if name == "fsdp_acc" else [local]
+            mon = mons[name]
+            mon.begin_step()
+            for i, mb in enumerate(micro):
+                if name == "fsdp_acc":
+                    model.set_requires_gradient_sync(i == len(micro) - 1)
+                with mon.micro_batch(wl.count(mb)):
+                    loss, _ = wl.loss(model, mb)
+                    (loss * WORLD / B).backward()  # the trainer's world/N normalisation
+            readings[name] = mon.end_step()
+        if step == 0:
+            full = {n: models[n].weight.grad.full_tensor() for n in ("fsdp", "fsdp_acc")}  # collectives: every rank
+            if rank == 0:
+                # float64 references from the shards' (and the micro-batches') mean gradients, without FSDP
+                ref_model = wl.build_model().double()
+                shards = [wl.fetch(idx[r * per_rank : (r + 1) * per_rank]) for r in range(WORLD)]
+
+                def mean_grad(batch, ref_model=ref_model):
+                    loss, _ = wl.loss(ref_model, {kk: v.double() for kk, v in batch.items()})
+                    return torch.autograd.grad(loss / wl.count(batch), list(ref_model.parameters()))[0]
+
+                big = sum(mean_grad(sh) for sh in shards) / WORLD
+                for name, pieces in (("fsdp", shards), ("fsdp_acc", [p for sh in shards for p in split_batch(sh, k)])):
+                    small = sum(float(mean_grad(p).pow(2).sum()) for p in pieces) / len(pieces)
+                    result[f"ref_{name}"] = list(unbiased_estimates(small, float(big.pow(2).sum()), B // len(pieces), B))
+                    result[f"got_{name}"] = [readings[name].grad_sqnorm_step, readings[name].trace_sigma_step]
+                result["grads_equal"] = all(
+                    torch.allclose(full[n], models["ddp"].module.weight.grad, rtol=1e-6, atol=0) for n in full)
+        for model in models.values():
+            model.zero_grad(set_to_none=True)
+    result.update({n: {"b_simple": r.b_simple, "b_small": r.b_small, "b_big": r.b_big, "n": r.n_updates,
+                       "ema": [mons[n].estimator.grad_sqnorm, mons[n].estimator.trace_sigma]}
+                   for n, r in readings.items()})
+    result["truth"] = wl.true_b_simple(models["fsdp"])  # a collective (full_tensor)
+
+    # Per-group sums through real shards (6×8 and 1×6 weights over 2 ranks, nested units): equal to DDP.
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Linear(8, 6), torch.nn.Tanh(), torch.nn.Linear(6, 1))
+    nets = {"ddp": DDP(copy.deepcopy(net)), "fsdp": copy.deepcopy(net)}
+    fully_shard(nets["fsdp"][0])
+    fully_shard(nets["fsdp"])
+    gm = {m: NoiseMonitor(nets[m], groups="parameter", beta=0.5) for m in nets}
+    x = wl.fetch(sampler.next(B))["x"]
+    shard = x[rank * per_rank : (rank + 1) * per_rank]
+    for m, net_m in nets.items():
+        gm[m].begin_step()
+        with gm[m].micro_batch(per_rank):
+            (net_m(shard).pow(2).sum() * WORLD / B).backward()
+        result[f"groups_{m}"] = gm[m].end_step().groups
+
+    # The guard: a torch that stops registering unsharded parameters is named, not silently unmeasured.
+    mon = NoiseMonitor(nets["fsdp"], beta=0.5)
+    mon._fsdp._pre_hook = lambda *a: None
+    mon.begin_step()
+    with mon.micro_batch(per_rank):
+        nets["fsdp"](shard).sum().backward()
     try:
-        from torch.distributed.device_mesh import init_device_mesh
-        from torch.distributed.fsdp import fully_shard as _fully_shard
-        from torch.nn.parallel import DistributedDataParallel as DDP
-
-        from bigbatch.noise import NoiseMonitor, split_batch, unbiased_estimates
-        from bigbatch.workloads.linreg import LinReg
-
-        mesh = init_device_mesh("cpu", (WORLD,))  # explicit: the default mesh is CUDA's on a GPU machine
-
-        def fully_shard(module):
-            return _fully_shard(module, mesh=mesh)
-
-        wl = LinReg(dim=8, noise_std=0.5, init_distance=1.0, seed=0)
-        models = {"fsdp": fully_shard(wl.build_model()), "fsdp_acc": fully_shard(wl.build_model()), "ddp": DDP(wl.build_model())}
-        mons = {name: NoiseMonitor(m, mode="auto", beta=0.998) for name, m in models.items()}
-        result: dict = {"modes": {n: m.mode for n, m in mons.items()}}
-        B, k = 128, 2
-        per_rank = B // WORLD
-        sampler = wl.sampler(0)
-        for step in range(STEPS):
-            idx = sampler.next(B)
-            local = wl.fetch(idx[rank * per_rank : (rank + 1) * per_rank])
-            readings = {}
-            for name, model in models.items():
-                micro = split_batch(local, k) if name == "fsdp_acc" else [local]
-                mon = mons[name]
-                mon.begin_step()
-                for i, mb in enumerate(micro):
-                    if name == "fsdp_acc":
-                        model.set_requires_gradient_sync(i == len(micro) - 1)
-                    with mon.micro_batch(wl.count(mb)):
-                        loss, _ = wl.loss(model, mb)
-                        (loss * WORLD / B).backward()  # the trainer's world/N normalisation
-                readings[name] = mon.end_step()
-            if step == 0:
-                full = {n: models[n].weight.grad.full_tensor() for n in ("fsdp", "fsdp_acc")}  # collectives: every rank
-                if rank == 0:
-                    # float64 references from the shards' (and the micro-batches') mean gradients, without FSDP
-                    ref_model = wl.build_model().double()
-                    shards = [wl.fetch(idx[r * per_rank : (r + 1) * per_rank]) for r in range(WORLD)]
-
-                    def mean_grad(batch, ref_model=ref_model):
-                        loss, _ = wl.loss(ref_model, {kk: v.double() for kk, v in batch.items()})
-                        return torch.autograd.grad(loss / wl.count(batch), list(ref_model.parameters()))[0]
-
-                    big = sum(mean_grad(sh) for sh in shards) / WORLD
-                    for name, pieces in (("fsdp", shards), ("fsdp_acc", [p for sh in shards for p in split_batch(sh, k)])):
-                        small = sum(float(mean_grad(p).pow(2).sum()) for p in pieces) / len(pieces)
-                        result[f"ref_{name}"] = list(unbiased_estimates(small, float(big.pow(2).sum()), B // len(pieces), B))
-                        result[f"got_{name}"] = [readings[name].grad_sqnorm_step, readings[name].trace_sigma_step]
-                    result["grads_equal"] = all(
-                        torch.allclose(full[n], models["ddp"].module.weight.grad, rtol=1e-6, atol=0) for n in full)
-            for model in models.values():
-                model.zero_grad(set_to_none=True)
-        result.update({n: {"b_simple": r.b_simple, "b_small": r.b_small, "b_big": r.b_big, "n": r.n_updates,
-                           "ema": [mons[n].estimator.grad_sqnorm, mons[n].estimator.trace_sigma]}
-                       for n, r in readings.items()})
-        result["truth"] = wl.true_b_simple(models["fsdp"])  # a collective (full_tensor)
-
-        # Per-group sums through real shards (6×8 and 1×6 weights over 2 ranks, nested units): equal to DDP.
-        torch.manual_seed(0)
-        net = torch.nn.Sequential(torch.nn.Linear(8, 6), torch.nn.Tanh(), torch.nn.Linear(6, 1))
-        nets = {"ddp": DDP(copy.deepcopy(net)), "fsdp": copy.deepcopy(net)}
-        fully_shard(nets["fsdp"][0])
-        fully_shard(nets["fsdp"])
-        gm = {m: NoiseMonitor(nets[m], groups="parameter", beta=0.5) for m in nets}
-        x = wl.fetch(sampler.next(B))["x"]
-        shard = x[rank * per_rank : (rank + 1) * per_rank]
-        for m, net_m in nets.items():
-            gm[m].begin_step()
-            with gm[m].micro_batch(per_rank):
-                (net_m(shard).pow(2).sum() * WORLD / B).backward()
-            result[f"groups_{m}"] = gm[m].end_step().groups
-
-        # The guard: a torch that stops registering unsharded parameters is named, not silently unmeasured.
-        mon = NoiseMonitor(nets["fsdp"], beta=0.5)
-        mon._fsdp._pre_hook = lambda *a: None
-        mon.begin_step()
-        with mon.micro_batch(per_rank):
-            nets["fsdp"](shard).sum().backward()
+        mon.end_step()
+        result["guard"] = "no error"
+    except RuntimeError as e:
+        result["guard"] = str(e)
+    errors = []
+    for kwargs in ({"mode": "accumulation"}, {"mode": "ddp"}, {"mode": "split"}, {"source": "prefix"}):
         try:
-            mon.end_step()
-            result["guard"] = "no error"
-        except RuntimeError as e:
-            result["guard"] = str(e)
-        errors = []
-        for kwargs in ({"mode": "accumulation"}, {"mode": "ddp"}, {"mode": "split"}, {"source": "prefix"}):
-            try:
-                NoiseMonitor(nets["fsdp"], **kwargs)
-                errors.append(None)
-            except ValueError as e:
-                errors.append(str(e))
-        result["errors"] = errors
-        if rank == 0:
-            with open(out_file, "w") as f:
-                json.dump(result, f)
-        dist.barrier()  # neither rank tears gloo down while the other finishes its last collective
-        dist.destroy_process_group()
-        os._exit(0)  # skip the interpreter's teardown (gloo can abort a finished worker at exit)
-    finally:
-        if dist.is_initialized():
-            dist.destroy_process_group()
+            NoiseMonitor(nets["fsdp"], **kwargs)
+            errors.append(None)
+        except ValueError as e:
+            errors.append(str(e))
+    result["errors"] = errors
+    return result
 
 
 @pytest.mark.skipif(not dist.is_available() or not dist.is_gloo_available(), reason="torch.distributed with gloo not available")
-def test_fsdp_mode_agrees_with_ddp_and_closed_form(tmp_path):
-    import torch.multiprocessing as mp
-
-    out = tmp_path / "result.json"
-    try:
-        ctx = mp.start_processes(_worker, args=(str(tmp_path / "init"), str(out)), nprocs=WORLD, join=False, start_method="spawn")
-    except (RuntimeError, OSError) as e:  # pragma: no cover - sandboxed machines
-        pytest.skip(f"cannot start worker processes: {e}")
-    deadline = time.time() + 120
-    while not ctx.join(timeout=5):
-        if time.time() > deadline:
-            for p in ctx.processes:
-                p.kill()
-            pytest.fail("FSDP workers did not finish in 120 s")
-    r = json.loads(out.read_text())
+def test_fsdp_mode_agrees_with_ddp_and_closed_form():
+    r = spawn_gloo(_worker, world=WORLD)[0]  # rank 0 holds the float64 references
     assert r["modes"] == {"fsdp": "fsdp", "fsdp_acc": "fsdp", "ddp": "ddp"}
     # the unsharded-gradient hooks and the shard sums give the float64 reference, step by step
     for name in ("fsdp", "fsdp_acc"):

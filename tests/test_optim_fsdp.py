@@ -2,13 +2,9 @@
 unsharded step: per-tensor norms and max-norms must be all-reduced over the shard group.
 Skipped where torch.distributed / gloo / FSDP2 are unavailable."""
 
-import os
-import sys
-import tempfile
-import traceback
-
 import pytest
 import torch
+from _dist import WorkerError, spawn_gloo
 
 try:
     import torch.distributed as dist
@@ -50,49 +46,30 @@ def _steps(model, opt, n=3):
         opt.step()
 
 
-def _worker(rank, world, init_file, result_dir):
-    try:
-        sys.path.insert(0, os.getcwd())
-        torch.set_num_threads(1)
-        dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
-        from torch.distributed.device_mesh import init_device_mesh
+def _worker(rank: int) -> float:
+    from torch.distributed.device_mesh import init_device_mesh
 
-        mesh = init_device_mesh("cpu", (world,))
-        worst = 0.0
-        for name in ("lamb", "lars", "merit"):
-            ref = _model()
-            _steps(ref, _build(name, ref))
-            sharded = _model()
-            fully_shard(sharded, mesh=mesh)
-            _steps(sharded, _build(name, sharded))
-            for (n, a), b in zip(sharded.named_parameters(), ref.parameters()):
-                full = a.full_tensor()
-                err = ((full - b).abs().max() / b.abs().max()).item()
-                worst = max(worst, err)
-                assert err <= 1e-6, (name, n, err)
-        with open(os.path.join(result_dir, f"ok{rank}"), "w") as f:
-            f.write(str(worst))
-        # No rank may tear gloo down while its peer still finishes the last collective
-        # (that aborts the peer: "terminate called without an active exception").
-        dist.barrier()
-        dist.destroy_process_group()
-        os._exit(0)  # skip the interpreter teardown, where gloo can abort a finished worker
-    except Exception:
-        with open(os.path.join(result_dir, f"err{rank}"), "w") as f:
-            f.write(traceback.format_exc())
-    finally:
-        if dist.is_initialized():
-            dist.destroy_process_group()
+    mesh = init_device_mesh("cpu", (dist.get_world_size(),))
+    worst = 0.0
+    for name in ("lamb", "lars", "merit"):
+        ref = _model()
+        _steps(ref, _build(name, ref))
+        sharded = _model()
+        fully_shard(sharded, mesh=mesh)
+        _steps(sharded, _build(name, sharded))
+        for (n, a), b in zip(sharded.named_parameters(), ref.parameters()):
+            full = a.full_tensor()
+            err = ((full - b).abs().max() / b.abs().max()).item()
+            worst = max(worst, err)
+            assert err <= 1e-6, (name, n, err)
+    return worst
 
 
 def test_fsdp2_step_equals_unsharded_step():
-    import torch.multiprocessing as mp
-
-    with tempfile.TemporaryDirectory() as d:
-        init_file = os.path.join(d, "init")
-        mp.start_processes(_worker, args=(2, init_file, d), nprocs=2, join=True, start_method="spawn")
-        errs = [open(os.path.join(d, f)).read() for f in os.listdir(d) if f.startswith("err")]
-        if errs and ("fully_shard" in errs[0] and "not supported" in errs[0].lower()):
-            pytest.skip("FSDP2 on CPU/gloo not supported by this torch: " + errs[0].splitlines()[-1])
-        assert not errs, errs[0]
-        assert sorted(f for f in os.listdir(d) if f.startswith("ok")) == ["ok0", "ok1"]
+    try:
+        worst = spawn_gloo(_worker)
+    except WorkerError as e:
+        if "fully_shard" in str(e) and "not supported" in str(e).lower():
+            pytest.skip("FSDP2 on CPU/gloo not supported by this torch: " + str(e).strip().splitlines()[-1])
+        raise
+    assert max(worst) <= 1e-6

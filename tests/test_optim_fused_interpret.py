@@ -253,77 +253,54 @@ def _fsdp_steps(model, opt, n=3):
         opt.step()
 
 
-def _fsdp_worker(rank, world, init_file, result_dir, tiles):
-    import traceback
+def _fsdp_worker(rank, tiles):
     import warnings
 
     import torch
     import torch.distributed as dist
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+    from torch.distributed.tensor import Shard, distribute_tensor
 
+    from bigbatch.optim._fused import kernels as K
+
+    for k, v in tiles.items():
+        setattr(K, k, v)
+    mesh = init_device_mesh("cpu", (dist.get_world_size(),))
+    errs, sharded_packs = {}, 0
+    for name in ("lamb", "lars", "merit"):
+        ref = _fsdp_model()
+        ref_opt = _fsdp_opt(name, ref, foreach=True)
+        _fsdp_steps(ref, ref_opt)
+        model = _fsdp_model()
+        fully_shard(model, mesh=mesh)
+        opt = _fsdp_opt(name, model, fused=True)
+        _fsdp_steps(model, opt)
+        sharded_packs += sum(pk.pg is not None for _, pk in opt._fused_packs["plan"][1])
+        for (n, a), b in zip(model.named_parameters(), ref.parameters()):
+            full = a.full_tensor()
+            errs[f"{name}.{n}"] = ((full - b).abs().max() / b.abs().max()).item()
+            for key, t in opt.state[a].items():
+                if key != "step":
+                    r = ref_opt.state[b][key]
+                    errs[f"{name}.{n}.{key}"] = ((t.full_tensor() - r).abs().max() / r.abs().max().clamp_min(1e-30)).item()
+    w = torch.nn.Parameter(distribute_tensor(torch.randn(4, 6), mesh, [Shard(1)]))
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        _fsdp_opt("merit", torch.nn.ParameterList([w]))
+    warned = any("Shard(dim=1)" in str(c.message) for c in caught)
     try:
-        torch.set_num_threads(1)
-        from bigbatch.optim._fused import kernels as K
-
-        for k, v in tiles.items():
-            setattr(K, k, v)
-        dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
-        from torch.distributed.device_mesh import init_device_mesh
-        from torch.distributed.fsdp import fully_shard
-        from torch.distributed.tensor import Shard, distribute_tensor
-
-        mesh = init_device_mesh("cpu", (world,))
-        errs, sharded_packs = {}, 0
-        for name in ("lamb", "lars", "merit"):
-            ref = _fsdp_model()
-            ref_opt = _fsdp_opt(name, ref, foreach=True)
-            _fsdp_steps(ref, ref_opt)
-            model = _fsdp_model()
-            fully_shard(model, mesh=mesh)
-            opt = _fsdp_opt(name, model, fused=True)
-            _fsdp_steps(model, opt)
-            sharded_packs += sum(pk.pg is not None for _, pk in opt._fused_packs["plan"][1])
-            for (n, a), b in zip(model.named_parameters(), ref.parameters()):
-                full = a.full_tensor()
-                errs[f"{name}.{n}"] = ((full - b).abs().max() / b.abs().max()).item()
-                for key, t in opt.state[a].items():
-                    if key != "step":
-                        r = ref_opt.state[b][key]
-                        errs[f"{name}.{n}.{key}"] = ((t.full_tensor() - r).abs().max() / r.abs().max().clamp_min(1e-30)).item()
-        w = torch.nn.Parameter(distribute_tensor(torch.randn(4, 6), mesh, [Shard(1)]))
-        with warnings.catch_warnings(record=True) as caught:
-            warnings.simplefilter("always")
-            _fsdp_opt("merit", torch.nn.ParameterList([w]))
-        warned = any("Shard(dim=1)" in str(c.message) for c in caught)
-        try:
-            _fsdp_opt("merit", torch.nn.ParameterList([w]), fused=True)
-            refused = False
-        except ValueError:
-            refused = True
-        with open(os.path.join(result_dir, f"ok{rank}"), "w") as f:
-            json.dump({"errs": errs, "fused_packs_sharded": sharded_packs, "fallback_warned": warned,
-                       "fused_true_refused": refused}, f)
-        dist.barrier()
-        dist.destroy_process_group()
-        os._exit(0)  # skip the interpreter teardown, where gloo can abort a finished worker
-    except Exception:
-        with open(os.path.join(result_dir, f"err{rank}"), "w") as f:
-            f.write(traceback.format_exc())
-    finally:
-        if dist.is_initialized():
-            dist.destroy_process_group()
+        _fsdp_opt("merit", torch.nn.ParameterList([w]), fused=True)
+        refused = False
+    except ValueError:
+        refused = True
+    return {"errs": errs, "fused_packs_sharded": sharded_packs, "fallback_warned": warned, "fused_true_refused": refused}
 
 
 def _fsdp(tiles):
-    import tempfile
+    from _dist import spawn_gloo  # tests/ is sys.path[0]: this file runs as a script here
 
-    import torch.multiprocessing as mp
-
-    with tempfile.TemporaryDirectory() as d:
-        mp.start_processes(_fsdp_worker, args=(2, os.path.join(d, "init"), d, tiles), nprocs=2, join=True,
-                           start_method="spawn")
-        errs = [Path(d, f).read_text() for f in sorted(os.listdir(d)) if f.startswith("err")]
-        assert not errs, errs[0]
-        results = [json.loads(Path(d, f"ok{r}").read_text()) for r in range(2)]
+    results = spawn_gloo(_fsdp_worker, tiles, timeout=300)
     out = results[0]
     out["fused_packs_sharded"] = min(r["fused_packs_sharded"] for r in results)
     for r in results[1:]:

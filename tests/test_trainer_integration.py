@@ -1,7 +1,6 @@
 """The trainer with the core wired in: scaling rule per running batch, adaptive batch changes,
 the noise monitor, EMA and checkpoint averaging; and resume with all of them on."""
 
-import json
 import math
 
 import pytest

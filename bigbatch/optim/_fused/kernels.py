@@ -98,8 +98,11 @@ def _adam_u(g, m, v, w, BC, tid, beta1, beta2, omb1, omb2, eps, wd, BIAS: tl.con
     return m, v, u
 
 
+# The per-tensor (LARS/LAMB) kernels share their frame: a program's chunk and its gradient
+# (_chunk), pass 1's sums of squares and non-finite flag (_sumsq_and_flag), pass 2's norms (_norms).
 @triton.jit
-def _chunk(CH_TID, CH_START, NUMEL, OFF, FLAG, PASS: tl.constexpr, VEC: tl.constexpr, BLOCK: tl.constexpr):
+def _chunk(P, G, CH_TID, CH_START, NUMEL, OFF, FLAG, PASS: tl.constexpr, PDT: tl.constexpr, VEC: tl.constexpr,
+           BLOCK: tl.constexpr):
     c = tl.program_id(0)
     tid = tl.load(CH_TID + c)
     start = tl.multiple_of(tl.load(CH_START + c), BLOCK)
@@ -112,7 +115,26 @@ def _chunk(CH_TID, CH_START, NUMEL, OFF, FLAG, PASS: tl.constexpr, VEC: tl.const
     mask = idx < n
     if PASS == 2:
         mask = mask & (tl.load(FLAG) == 0)
-    return tid, off, idx, mask
+    pp = _ptr(P, tid, PDT, VEC)
+    g = tl.load(_ptr(G, tid, PDT, VEC) + idx, mask=mask, other=0.0).to(tl.float32)
+    return tid, off, idx, mask, pp, g
+
+
+@triton.jit
+def _sumsq_and_flag(ACC, FLAG, tid, w, x, g, ADAPT: tl.constexpr):
+    """Pass 1: add Σw² and Σx² into the tensor's ACC pair; raise FLAG if g holds a nan/inf."""
+    if ADAPT:
+        tl.atomic_add(ACC + 2 * tid, tl.sum(w * w, axis=0))
+        tl.atomic_add(ACC + 2 * tid + 1, tl.sum(x * x, axis=0))
+    nbad = tl.sum(_is_bad(g), axis=0)
+    if nbad > 0:
+        tl.atomic_max(FLAG, 1)
+
+
+@triton.jit
+def _norms(ACC, tid):
+    """Pass 2: the two norms ‖w‖, ‖x‖ of the tensor, from pass 1's (all-reduced) sums."""
+    return tl.sqrt_rn(tl.load(ACC + 2 * tid)), tl.sqrt_rn(tl.load(ACC + 2 * tid + 1))
 
 
 # ------------------------------------------------------------------------------------ LAMB
@@ -122,9 +144,7 @@ def lamb_kernel(P, G, M, V, MASTER, OFF, NUMEL, BC, CH_TID, CH_START, ACC, FLAG,
                 PASS: tl.constexpr, BIAS: tl.constexpr, ADAPT: tl.constexpr, CLIP: tl.constexpr,
                 HAS_MASTER: tl.constexpr, HAS_GSCALE: tl.constexpr, PDT: tl.constexpr, VEC: tl.constexpr,
                 BLOCK: tl.constexpr):
-    tid, off, idx, mask = _chunk(CH_TID, CH_START, NUMEL, OFF, FLAG, PASS, VEC, BLOCK)
-    pp = _ptr(P, tid, PDT, VEC)
-    g = tl.load(_ptr(G, tid, PDT, VEC) + idx, mask=mask, other=0.0).to(tl.float32)
+    tid, off, idx, mask, pp, g = _chunk(P, G, CH_TID, CH_START, NUMEL, OFF, FLAG, PASS, PDT, VEC, BLOCK)
     if HAS_GSCALE:
         g = g * tl.load(GSCALE)
     m = tl.load(M + off + idx, mask=mask, other=0.0)
@@ -133,17 +153,11 @@ def lamb_kernel(P, G, M, V, MASTER, OFF, NUMEL, BC, CH_TID, CH_START, ACC, FLAG,
     m, v, u = _adam_u(g, m, v, w, BC, tid, beta1, beta2, omb1, omb2, eps, wd, BIAS)
     u = tl.where(mask, u, 0.0)
     if PASS == 1:
-        if ADAPT:
-            tl.atomic_add(ACC + 2 * tid, tl.sum(w * w, axis=0))
-            tl.atomic_add(ACC + 2 * tid + 1, tl.sum(u * u, axis=0))
-        nbad = tl.sum(_is_bad(g), axis=0)
-        if nbad > 0:
-            tl.atomic_max(FLAG, 1)
+        _sumsq_and_flag(ACC, FLAG, tid, w, u, g, ADAPT)
     else:
         ratio = 1.0
         if ADAPT:
-            wn = tl.sqrt_rn(tl.load(ACC + 2 * tid))
-            un = tl.sqrt_rn(tl.load(ACC + 2 * tid + 1))
+            wn, un = _norms(ACC, tid)
             phi = wn
             if CLIP:
                 phi = tl.minimum(tl.maximum(wn, clip_lo), clip_hi)
@@ -162,22 +176,14 @@ def lars_kernel(P, G, BUF, MASTER, OFF, NUMEL, CH_TID, CH_START, ACC, FLAG,
                 PASS: tl.constexpr, ADAPT: tl.constexpr, CLIP: tl.constexpr, NESTEROV: tl.constexpr,
                 HAS_MOM: tl.constexpr, HAS_MASTER: tl.constexpr, PDT: tl.constexpr, VEC: tl.constexpr,
                 BLOCK: tl.constexpr):
-    tid, off, idx, mask = _chunk(CH_TID, CH_START, NUMEL, OFF, FLAG, PASS, VEC, BLOCK)
-    pp = _ptr(P, tid, PDT, VEC)
-    g = tl.load(_ptr(G, tid, PDT, VEC) + idx, mask=mask, other=0.0).to(tl.float32)
+    tid, off, idx, mask, pp, g = _chunk(P, G, CH_TID, CH_START, NUMEL, OFF, FLAG, PASS, PDT, VEC, BLOCK)
     w = _load_w(pp, MASTER, off, idx, mask, HAS_MASTER)
     if PASS == 1:
-        if ADAPT:
-            tl.atomic_add(ACC + 2 * tid, tl.sum(w * w, axis=0))
-            tl.atomic_add(ACC + 2 * tid + 1, tl.sum(g * g, axis=0))
-        nbad = tl.sum(_is_bad(g), axis=0)
-        if nbad > 0:
-            tl.atomic_max(FLAG, 1)
+        _sumsq_and_flag(ACC, FLAG, tid, w, g, g, ADAPT)
     else:
         ratio = 1.0
         if ADAPT:
-            wn = tl.sqrt_rn(tl.load(ACC + 2 * tid))
-            gn = tl.sqrt_rn(tl.load(ACC + 2 * tid + 1))
+            wn, gn = _norms(ACC, tid)
             ok = (wn > 0) & (gn > 0)
             ratio = tl.where(ok, eta * wn / tl.where(ok, gn + wd * wn + eps, 1.0), 1.0)
             if CLIP:
