@@ -90,3 +90,33 @@ def test_nothing_reached_still_writes_a_report(tmp_path):
     write_outputs(res, tmp_path)
     assert "not reached" in (tmp_path / "report.html").read_text()
     assert all((tmp_path / n).stat().st_size > 0 for n in ("steps.png", "samples.png", "pareto.png", "best_lr.png"))
+
+
+def test_lr_extensions_next_multiplier_per_batch_size():
+    from bigbatch.study.analysis import lr_extensions
+
+    recs = records(seeds=(0, 1))  # x1 best and x2 never reaches: interior everywhere
+    assert lr_extensions(recs, [0.5, 1.0, 2.0], 2) == []
+
+    def at(b, mult, steps):  # one more (or a changed) cell at every seed
+        out = [r for r in recs if not (r["batch_size"] == b and r["lr_multiplier"] == mult)]
+        for seed in (0, 1):
+            out.append({"name": f"B{b}_lr{mult:g}_s{seed}", "batch_size": b, "lr_multiplier": mult, "seed": seed,
+                        "reached_target": steps is not None, "steps_to_target": steps,
+                        "samples_to_target": steps * b if steps else None, "lr": mult})
+        return out
+
+    recs = at(64, 0.5, 5)  # the smallest multiplier is now best at B=64: try x0.25 there
+    recs = at(128, 2.0, 5)  # the largest at B=128: try x4
+    assert lr_extensions(recs, [0.5, 1.0, 2.0], 2) == [(64, 0.25), (128, 4.0)]
+    assert lr_extensions(recs, [0.5, 1.0, 2.0], 0) == []
+    # x0.25 even faster: x0.125 next, unless the limit of 1 extension is spent.
+    recs = at(64, 0.25, 3)
+    assert (64, 0.125) in lr_extensions(recs, [0.5, 1.0, 2.0], 2)
+    assert (64, 0.125) not in lr_extensions(recs, [0.5, 1.0, 2.0], 1)
+    # x4 did not reach the target at one seed: x2 is interior, the search at B=128 stops.
+    recs = at(128, 4.0, 3)
+    recs = [dict(r, reached_target=False, steps_to_target=None) if r["name"] == "B128_lr4_s1" else r for r in recs]
+    assert [e for e in lr_extensions(recs, [0.5, 1.0, 2.0], 2) if e[0] == 128] == []
+    # A one-multiplier grid is no LR search: never extended.
+    assert lr_extensions([r for r in recs if r["lr_multiplier"] == 0.25], [0.25], 2) == []

@@ -1,6 +1,7 @@
 """The study runner: outputs and schema, resuming after an interruption, config and CLI errors."""
 
 import json
+import os
 import subprocess
 import sys
 
@@ -30,6 +31,7 @@ def tiny(out, **kw):
         bootstrap=50,
         progress="none",
         out=str(out),
+        lr_extend=0,  # the grid only; the LR-grid extension has its own tests below
     )
     base.update(kw)
     return StudyConfig(**base)
@@ -157,6 +159,8 @@ def test_plan_and_resolve_defaults():
         ("jobs", -1, "jobs"),
         ("budget", 0, "budget"),
         ("device", "tpu", "device"),
+        ("lr_extend", -1, "lr_extend"),
+        ("lr_extend", 1.5, "lr_extend"),
     ],
 )
 def test_config_validation(field, value, match):
@@ -203,6 +207,7 @@ def test_cli_bad_input_one_line_exit_2_subprocess(tmp_path):
         (["--seeds", "-1"], "--seeds must be"),
         (["--rule", "linaer"], "did you mean linear"),
         (["--confidence", "2"], "confidence must be in"),
+        (["--lr-extend", "-1"], "lr_extend (--lr-extend) must be an integer >= 0, got -1"),
         (["--config", "/nonexistent/study.toml"], "No such file"),
     ],
 )
@@ -242,7 +247,7 @@ def test_killed_cli_study_resumes_without_recomputing(tmp_path):
     args = [sys.executable, "-m", "bigbatch", "study", "--workload", "linreg", "-w", "dim=4", "-w", "noise_std=0.5",
             "--batch-sizes", "1,2,4,8", "--lr-grid", "0.5,1", "--lr", "0.1", "--base-batch-size", "8", "--rule", "none",
             "--target", "0.05", "--budget", "600", "--budget-steps", "300", "--eval-every-samples", "1",
-            "--eval-every-steps", "1", "--jobs", "1", "--bootstrap", "50", "--progress", "none", "--out", str(out)]
+            "--eval-every-steps", "1", "--lr-extend", "0", "--jobs", "1", "--bootstrap", "50", "--progress", "none", "--out", str(out)]
     proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.monotonic() + 120
     while len(list(out.glob("cells/*/result.json"))) < 2 and proc.poll() is None and time.monotonic() < deadline:
@@ -293,3 +298,95 @@ def test_failed_cell_stops_the_study_and_keeps_finished_results(tmp_path):
     data = json.loads((tmp_path / "results.json").read_text())
     assert data["complete"] is False and data["cells_done"] == 2
     assert run_study(cfg)["complete"]
+
+
+# LR-grid extension. On this linreg study (measured, deterministic on CPU) the steps to target are
+#   B=1: x0.5 19, x1 17, x2 15, x4 not reached (max_steps)
+#   B=4: x0.5 27, x1 10, x2 5, x4 10
+# so the grid [0.5, 1] has its best at the top edge at both batch sizes.
+
+def _rows(res):
+    return {row["batch_size"]: row for row in res["batch_sizes"]}
+
+
+def test_lr_extension_moves_the_best_inside(tmp_path, capsys):
+    res = run_study(tiny(tmp_path, batch_sizes=[1, 4], lr_extend=2, progress="lines"))
+    rows = _rows(res)
+    # B=4: x2 beat x1 (still the edge), so x4 ran; it is slower: x2 is interior.
+    assert rows[4]["lr_multipliers_tried"] == [0.5, 1.0, 2.0, 4.0] and rows[4]["lr_extensions"] == [2.0, 4.0]
+    assert rows[4]["best_lr_multiplier"] == 2.0 and rows[4]["steps"] == 5 and not rows[4]["best_at_grid_edge"]
+    # B=1: x4 did not reach the target, which ends the search with x2 interior.
+    assert rows[1]["lr_extensions"] == [2.0, 4.0] and rows[1]["best_lr_multiplier"] == 2.0
+    assert not rows[1]["best_at_grid_edge"]
+    names = sorted(c["name"] for c in res["cells"])
+    assert names == sorted(f"B{b}_lr{m:g}_s0" for b in (1, 4) for m in (0.5, 1, 2, 4))  # no x8, no x0.25
+    assert {c["name"] for c in res["cells"] if c["lr_extension"]} == {"B1_lr2_s0", "B1_lr4_s0", "B4_lr2_s0", "B4_lr4_s0"}
+    assert res["complete"] and res["cells_done"] == res["cells_total"] == 8
+    assert not any("edge" in n for n in res["notes"])
+    data = json.loads((tmp_path / "results.json").read_text())
+    assert _rows(data)[4]["lr_extensions"] == [2.0, 4.0]
+    # Progress: the count says more cells may come, and ends at the grown total.
+    lines = [ln for ln in capsys.readouterr().out.splitlines() if ln.startswith("[")]
+    assert lines[0].startswith("[1/4+]") and lines[-1].startswith("[8/8+]") and len(lines) == 8
+
+
+def test_lr_extension_limit_is_named_in_the_note(tmp_path):
+    res = run_study(tiny(tmp_path, batch_sizes=[4], lr_extend=1))
+    row = _rows(res)[4]
+    assert row["lr_multipliers_tried"] == [0.5, 1.0, 2.0] and row["best_lr_multiplier"] == 2.0
+    assert row["best_at_grid_edge"]
+    assert any("at B=4 the best LR is still at the edge after 1 extension(s)" in n and "--lr-extend 1" in n
+               for n in res["notes"]), res["notes"]
+
+
+def test_lr_extend_0_is_the_grid_only(tmp_path):
+    cfg = tiny(tmp_path, batch_sizes=[1, 4], lr_extend=0)
+    res = run_study(cfg)
+    planned = plan_cells(cfg.replace().validate(), res["resolved"])
+    assert [c["name"] for c in res["cells"]] == [c.name for c in planned]
+    assert sorted(p.name for p in (tmp_path / "cells").iterdir()) == sorted(c.name for c in planned)
+    assert _rows(res)[4]["best_lr_multiplier"] == 1.0 and _rows(res)[4]["lr_extensions"] == []
+    assert "at B=4 the best LR is at the edge of --lr-grid: the true best LR may lie outside it" in res["notes"]
+
+
+def test_interrupted_lr_extension_resumes_to_the_same_result(tmp_path):
+    cfg = tiny(tmp_path / "r", batch_sizes=[1, 2, 4], lr_extend=2)
+    calls = []
+
+    def dying(cell_dir, workload=None):
+        if len(calls) == 8:  # Ctrl-C during the second extension cell (6 planned cells)
+            raise KeyboardInterrupt
+        calls.append(os.path.basename(cell_dir))
+        return cells_mod.run_cell(cell_dir, workload)
+
+    with pytest.raises(KeyboardInterrupt):
+        run_study(cfg, run_cell_fn=dying)
+    partial = json.loads((tmp_path / "r" / "results.json").read_text())
+    assert partial["complete"] is False and partial["cells_done"] == 8
+    extended = [c["name"] for c in partial["cells"] if c["lr_extension"]]
+    assert len(extended) == 2
+    mtimes = {n: (tmp_path / "r" / "cells" / n / "result.json").stat().st_mtime_ns for n in calls}
+
+    rerun = []
+
+    def spy(cell_dir, workload=None):
+        rerun.append(os.path.basename(cell_dir))
+        return cells_mod.run_cell(cell_dir, workload)
+
+    res = run_study(cfg, run_cell_fn=spy)
+    assert rerun and not set(rerun) & set(calls)  # finished extension cells are not re-trained
+    assert {n: (tmp_path / "r" / "cells" / n / "result.json").stat().st_mtime_ns for n in calls} == mtimes
+    assert set(extended) <= {c["name"] for c in res["cells"] if c["lr_extension"]}  # nor lost
+    assert res["complete"] and len(calls) + len(rerun) == res["cells_total"] > 8
+
+    # The same study uninterrupted (in two worker processes) ends with the same result.
+    ref = run_study(cfg.replace(out=str(tmp_path / "u"), jobs=2))
+    steps = lambda r: sorted((c["name"], c["steps_to_target"]) for c in r["cells"])  # noqa: E731
+    assert steps(res) == steps(ref)
+    best = lambda r: [(w["batch_size"], w["best_lr_multiplier"], w["steps"], w["lr_extensions"]) for w in r["batch_sizes"]]  # noqa: E731
+    assert best(res) == best(ref) and res["notes"] == ref["notes"] and res["b_crit"] == ref["b_crit"]
+
+    # A third run trains nothing.
+    none = []
+    res3 = run_study(cfg, run_cell_fn=lambda d, w=None: none.append(d))
+    assert none == [] and res3["cells_done"] == res["cells_done"] and best(res3) == best(res)

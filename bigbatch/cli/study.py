@@ -53,6 +53,7 @@ def study_command(
     base_batch_size: Optional[int] = typer.Option(None, help="Batch size at which --lr was tuned."),
     rule: Optional[str] = typer.Option(None, help="LR scaling rule from --base-batch-size: linear, sqrt, none, legw, adam-sqrt."),
     lr_grid: Optional[str] = typer.Option(None, help="Multipliers of the rule's LR tried at every batch size, e.g. 0.5,1,2."),
+    lr_extend: Optional[int] = typer.Option(None, help="Where the best LR is at the grid's edge, try up to N more multipliers (x2 or /2) there (default 2; 0: grid only)."),
     optimizer: Optional[str] = typer.Option(None, help="Optimizer (default: the workload's)."),
     momentum: Optional[float] = typer.Option(None, help="Momentum (sgd, lars)."),
     weight_decay: Optional[float] = typer.Option(None, help="Weight decay."),
@@ -76,7 +77,7 @@ def study_command(
     from bigbatch.workloads import parse_workload_args
 
     options: dict[str, Any] = dict(
-        workload=workload, lr=lr, base_batch_size=base_batch_size, rule=rule, optimizer=optimizer, momentum=momentum,
+        workload=workload, lr=lr, base_batch_size=base_batch_size, rule=rule, lr_extend=lr_extend, optimizer=optimizer, momentum=momentum,
         weight_decay=weight_decay, warmup_samples=warmup_samples, target=target, budget=budget, budget_steps=budget_steps,
         eval_every_samples=eval_every_samples, eval_every_steps=eval_every_steps, device=device, jobs=jobs, out=out,
         bootstrap=bootstrap, confidence=confidence, progress=progress,

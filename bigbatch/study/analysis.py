@@ -4,6 +4,11 @@ Per batch size, the best LR multiplier is the one whose seeds *all* reached the 
 fewest steps (median over seeds) — Shallue et al. 2018 (§3.3) compare batch sizes each at its
 own best learning rate, since one fixed recipe conflates the batch size with a bad LR. The
 fit then uses every seed's measurement at that LR (fit.py).
+
+A best multiplier at the edge of those tried means the steps to target at that batch size are
+overestimated (the optimum lies outside) and B_crit is biased; ``lr_extensions`` names the
+next multiplier to try there (×2 above the largest, ÷2 below the smallest), and the study runs
+it until the best is interior or ``lr_extend`` multipliers were added at that batch size.
 """
 
 from __future__ import annotations
@@ -13,7 +18,7 @@ from typing import Any
 
 from bigbatch.study.fit import bootstrap_critical_batch, fit_critical_batch, regime, regime_bounds, steps_model
 
-__all__ = ["analyze", "best_per_batch"]
+__all__ = ["analyze", "best_per_batch", "lr_extensions"]
 
 
 def best_per_batch(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -52,6 +57,27 @@ def best_per_batch(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
     return rows
 
 
+def lr_extensions(records: list[dict[str, Any]], lr_grid: list[float], lr_extend: int) -> list[tuple[int, float]]:
+    """``(batch size, multiplier)`` to run next: one per batch size whose best is at an edge.
+
+    The edge is that of the multipliers tried at the batch size (grid plus earlier extensions);
+    a batch size stops once ``lr_extend`` multipliers outside ``lr_grid`` were tried there. A
+    larger multiplier that did not reach the target (diverged, or too unstable to reach it in
+    the budget) leaves the previous best interior, which ends the search there.
+    """
+    grid = {float(m) for m in lr_grid}
+    out = []
+    for row in best_per_batch(records):
+        if not row.get("best_at_grid_edge"):
+            continue
+        tried = row["lr_multipliers_tried"]
+        if sum(1 for m in tried if m not in grid) >= lr_extend:
+            continue
+        mult = row["best_lr_multiplier"]
+        out.append((row["batch_size"], mult * 2.0 if mult == max(tried) else mult / 2.0))
+    return out
+
+
 def analyze(
     records: list[dict[str, Any]],
     cfg: Any,
@@ -62,6 +88,11 @@ def analyze(
 ) -> dict[str, Any]:
     """The content of ``results.json`` for the finished ``records``."""
     rows = best_per_batch(records)
+    grid = {float(m) for m in cfg.lr_grid}
+    lr_extend = getattr(cfg, "lr_extend", 0)
+    for row in rows:
+        row["lr_extensions"] = [m for m in row["lr_multipliers_tried"] if m not in grid]
+    records = [{**r, "lr_extension": float(r["lr_multiplier"]) not in grid} for r in records]
     notes: list[str] = []
     xs = [row["batch_size"] for row in rows if row["reached"] for _ in row["steps_per_seed"]]
     ys = [s for row in rows if row["reached"] for s in row["steps_per_seed"]]
@@ -84,9 +115,17 @@ def analyze(
         row["regime"] = regime(row["batch_size"], fit.b_noise) if fit else None
         row["steps_fit"] = float(steps_model(row["batch_size"], fit.s_min, fit.b_noise)) if fit else None
         if row.get("best_at_grid_edge"):
-            notes.append(
-                f"at B={row['batch_size']} the best LR is at the edge of --lr-grid: the true best LR may lie outside it"
-            )
+            n_ext = len(row["lr_extensions"])
+            if lr_extend > 0 and n_ext >= lr_extend:
+                notes.append(
+                    f"at B={row['batch_size']} the best LR is still at the edge after {n_ext} extension(s) of "
+                    f"--lr-grid (the --lr-extend {lr_extend} limit): the true best LR may lie outside "
+                    f"x{min(row['lr_multipliers_tried']):g}..x{max(row['lr_multipliers_tried']):g}"
+                )
+            else:
+                notes.append(
+                    f"at B={row['batch_size']} the best LR is at the edge of --lr-grid: the true best LR may lie outside it"
+                )
     not_reached = [row["batch_size"] for row in rows if not row["reached"]]
     if not_reached:
         notes.append(f"not reached within the budget at B = {', '.join(map(str, not_reached))}")

@@ -46,6 +46,10 @@ class StudyConfig:
     lr_grid: list[float] = field(default_factory=lambda: [0.5, 1.0, 2.0])
     """Multipliers of the rule's LR tried at every batch size; each batch size keeps the one
     reaching the target in the fewest steps (Shallue et al. 2018 tune the LR per batch size)."""
+    lr_extend: int = 2
+    """Extensions of the LR grid per batch size: where the best multiplier is the largest (or
+    smallest) tried there, one more multiplier ×2 (or ÷2) is run with the same seeds, until the
+    best is interior or this many were added at that batch size; 0: the grid only."""
     optimizer: str | None = None
     """Optimizer name (sgd, adamw, ...)."""
     momentum: float | None = None
@@ -91,6 +95,8 @@ class StudyConfig:
         if not self.lr_grid:
             raise ValueError("lr_grid must name at least one multiplier")
         self.lr_grid = sorted({check_positive("lr_grid", m) for m in self.lr_grid})
+        if isinstance(self.lr_extend, bool) or not isinstance(self.lr_extend, int) or self.lr_extend < 0:
+            raise ValueError(f"lr_extend (--lr-extend) must be an integer >= 0, got {self.lr_extend!r}")
         if not self.seeds:
             raise ValueError("seeds must name at least one seed")
         for s in self.seeds:

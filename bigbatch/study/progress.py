@@ -27,9 +27,12 @@ class StudyProgress:
     The time left is (cells left) × (wall-clock time of this invocation per cell finished in
     it), which accounts for cells running in parallel; cells skipped because they had finished
     earlier do not count, so a resumed study does not look instantaneous.
+
+    ``open_ended``: more cells may still be added (LR-grid extensions); the count then reads
+    ``[n/total+]`` and the time left covers only the cells known so far.
     """
 
-    def __init__(self, mode: str, *, total: int, done: int, jobs: int, title: str) -> None:
+    def __init__(self, mode: str, *, total: int, done: int, jobs: int, title: str, open_ended: bool = False) -> None:
         if mode not in ("auto", "bar", "lines", "none"):
             raise ValueError(f"progress must be auto, bar, lines or none, got {mode!r}")
         if mode == "auto":
@@ -37,12 +40,16 @@ class StudyProgress:
         self.mode = mode
         self.total, self.done, self.jobs = total, done, max(1, jobs)
         self.title = title
+        self.open_ended = open_ended
         self._t0 = time.perf_counter()
         self._walls: list[float] = []
         self._bar = None
         if done and mode != "none":
-            print(f"[study] {done}/{total} cells already finished in this directory: skipped", flush=True)
-        if mode == "bar" and done < total:
+            print(f"[study] {done}/{total}{'+' if open_ended else ''} cells already finished in this directory: skipped", flush=True)
+        self._start_bar()
+
+    def _start_bar(self) -> None:
+        if self.mode == "bar" and self._bar is None and self.done < self.total:
             from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
             self._bar = Progress(
@@ -54,8 +61,17 @@ class StudyProgress:
                 TextColumn("left [cyan]{task.fields[eta]}"),
                 TextColumn("{task.fields[info]}"),
             )
-            self._task = self._bar.add_task(f"study {title}", total=total, completed=done, eta="?", info="")
+            self._task = self._bar.add_task(f"study {self.title}", total=self.total, completed=self.done, eta="?", info="")
             self._bar.start()
+
+    def add_cells(self, n: int, *, done: int = 0) -> None:
+        """``n`` more cells joined the study, ``done`` of them already finished (a resumed study)."""
+        self.total += n
+        self.done += done
+        if self._bar is not None:
+            self._bar.update(self._task, total=self.total, completed=self.done)
+        else:
+            self._start_bar()
 
     def eta(self) -> float | None:
         """Seconds left, or ``None`` before the first cell of this invocation finished."""
@@ -81,7 +97,8 @@ class StudyProgress:
         if self._bar is not None:
             self._bar.update(self._task, completed=self.done, eta=eta, info=f"{record['name']}: {what}")
         elif self.mode == "lines":
-            print(f"[{self.done}/{self.total}] {record['name']}: {what} ({record.get('wall_seconds', 0):.1f} s); ~{eta} left", flush=True)
+            plus = "+" if self.open_ended else ""
+            print(f"[{self.done}/{self.total}{plus}] {record['name']}: {what} ({record.get('wall_seconds', 0):.1f} s); ~{eta} left", flush=True)
 
     def close(self) -> None:
         if self._bar is not None:

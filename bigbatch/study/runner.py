@@ -3,7 +3,9 @@
 Order of events in ``run_study``: resolve the config against the workload (and its study
 preset), write ``study.json``, list the cells, skip those with a ``result.json`` (checking they
 were run with the same settings), run the rest while a progress display counts cells and
-estimates the time left, then analyse, plot and write ``results.json`` and ``report.html``.
+estimates the time left; then, where a batch size's best LR multiplier is at the edge of those
+tried, run the next multiplier outward (``lr_extend``, analysis.lr_extensions) until it is
+interior; then analyse, plot and write ``results.json`` and ``report.html``.
 On Ctrl-C the running cells are stopped, a partial ``results.json`` is written, and the
 interrupt propagates; every file in the directory is then either complete or absent.
 """
@@ -158,7 +160,7 @@ def run_study(cfg: StudyConfig, *, run_cell_fn: Callable[..., dict[str, Any]] | 
     ``run_cell_fn`` replaces the in-process cell runner when ``jobs == 1`` (tests use it to
     interrupt a study).
     """
-    from bigbatch.study.analysis import analyze
+    from bigbatch.study.analysis import analyze, lr_extensions
     from bigbatch.study.report import write_outputs
     from bigbatch.train.checkpoint import write_json_atomic
     from bigbatch.workloads import load_workload
@@ -180,27 +182,36 @@ def run_study(cfg: StudyConfig, *, run_cell_fn: Callable[..., dict[str, Any]] | 
 
     cells = plan_cells(cfg, resolved)
     records: dict[str, dict[str, Any]] = {}
-    pending: list[tuple[Cell, Path]] = []
-    for cell in cells:
-        cell_dir = out / "cells" / cell.name
-        spec = {
-            "cell": {"batch_size": cell.batch_size, "lr_multiplier": cell.lr_multiplier, "seed": cell.seed},
-            "train": _train_config(cfg, resolved, cell, cell_dir, "cuda" if gpus and jobs > 1 else device),
-        }
-        done = read_result(cell_dir)
-        if done is not None:
-            diff = _same_settings(done.get("train", {}), spec["train"])
-            if diff is not None:
-                raise ValueError(
-                    f"{cell_dir} was run with different settings: {diff}; use another --out to study new settings"
-                )
-            records[cell.name] = done
-            continue
-        cell_dir.mkdir(parents=True, exist_ok=True)
-        write_json_atomic(spec, cell_dir / "cell.json")
-        pending.append((cell, cell_dir))
+    cell_device = "cuda" if gpus and jobs > 1 else device
 
-    progress = StudyProgress(cfg.progress, total=len(cells), done=len(records), jobs=jobs, title=resolved["workload_name"])
+    def prepare(new_cells: list[Cell]) -> list[tuple[Cell, Path]]:
+        """The cells among ``new_cells`` still to run; finished ones go straight into ``records``."""
+        pending: list[tuple[Cell, Path]] = []
+        for cell in new_cells:
+            cell_dir = out / "cells" / cell.name
+            spec = {
+                "cell": {"batch_size": cell.batch_size, "lr_multiplier": cell.lr_multiplier, "seed": cell.seed},
+                "train": _train_config(cfg, resolved, cell, cell_dir, cell_device),
+            }
+            done = read_result(cell_dir)
+            if done is not None:
+                diff = _same_settings(done.get("train", {}), spec["train"])
+                if diff is not None:
+                    raise ValueError(
+                        f"{cell_dir} was run with different settings: {diff}; use another --out to study new settings"
+                    )
+                records[cell.name] = done
+                continue
+            cell_dir.mkdir(parents=True, exist_ok=True)
+            write_json_atomic(spec, cell_dir / "cell.json")
+            pending.append((cell, cell_dir))
+        return pending
+
+    pending = prepare(cells)
+    # "+" on the progress count: LR-grid extensions may still add cells (analysis.lr_extensions).
+    may_extend = cfg.lr_extend > 0 and len(cfg.lr_grid) > 1
+    progress = StudyProgress(cfg.progress, total=len(cells), done=len(records), jobs=jobs,
+                             title=resolved["workload_name"], open_ended=may_extend)
 
     def finished(record: dict[str, Any]) -> None:
         records[record["name"]] = record
@@ -213,7 +224,7 @@ def run_study(cfg: StudyConfig, *, run_cell_fn: Callable[..., dict[str, Any]] | 
         write_outputs(results, out)
         return StudyOutcome(results, out=str(out))
 
-    try:
+    def run(pending: list[tuple[Cell, Path]]) -> None:
         if jobs > 1:
             _run_parallel(pending, jobs, gpus, out, progress, finished)
         else:
@@ -221,6 +232,23 @@ def run_study(cfg: StudyConfig, *, run_cell_fn: Callable[..., dict[str, Any]] | 
             for cell, cell_dir in pending:
                 progress.cell_started(cell)
                 finished(runner(cell_dir, workload))
+
+    try:
+        run(pending)
+        # Extend the LR grid where the best multiplier is at its edge, round by round. The next
+        # cells are a function of the finished records only, so a resumed study finds the same
+        # extension cells (already finished: reused) and ends with the same result.
+        while may_extend:
+            ordered = [records[c.name] for c in cells if c.name in records]
+            new_cells = sorted(Cell(b, m, s) for b, m in lr_extensions(ordered, cfg.lr_grid, cfg.lr_extend)
+                               for s in cfg.seeds)
+            if not new_cells:
+                break
+            cells.extend(new_cells)
+            n_before = len(records)
+            pending = prepare(new_cells)
+            progress.add_cells(len(new_cells), done=len(records) - n_before)
+            run(pending)
     except BaseException:  # Ctrl-C or a failed cell: keep what finished readable, then re-raise
         progress.close()
         if records:
