@@ -325,6 +325,7 @@ def test_lr_extension_moves_the_best_inside(tmp_path, capsys):
     assert not any("edge" in n for n in res["notes"])
     data = json.loads((tmp_path / "results.json").read_text())
     assert _rows(data)[4]["lr_extensions"] == [2.0, 4.0]
+    assert "<td>0.5, 1, <b>2</b>, <b>4</b></td>" in (tmp_path / "report.html").read_text()
     # Progress: the count says more cells may come, and ends at the grown total.
     lines = [ln for ln in capsys.readouterr().out.splitlines() if ln.startswith("[")]
     assert lines[0].startswith("[1/4+]") and lines[-1].startswith("[8/8+]") and len(lines) == 8

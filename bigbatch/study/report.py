@@ -71,14 +71,17 @@ def render_html(res: dict[str, Any], pngs: dict[str, Path]) -> str:
             data = base64.b64encode(pngs[name].read_bytes()).decode("ascii")
             parts.append(f"<h2>{caption}</h2><img alt='{caption}' src='data:image/png;base64,{data}'>")
     parts.append("<h2>Results per batch size</h2><table><tr><th>B</th><th>regime</th><th>best LR ×</th><th>best LR</th>"
-                 "<th>steps to target</th><th>fit</th><th>samples to target</th><th>seeds</th></tr>")
+                 "<th>steps to target</th><th>fit</th><th>samples to target</th><th>seeds</th>"
+                 "<th>LR × tried (<b>bold</b>: grid extension)</th></tr>")
     for row in res["batch_sizes"]:
+        ext = set(row.get("lr_extensions") or [])
+        tried = ", ".join(f"<b>{m:g}</b>" if m in ext else f"{m:g}" for m in row.get("lr_multipliers_tried") or [])
         steps = _fmt(row["steps"]) if row["reached"] else "not reached"
         fitted = "—" if row["steps_fit"] is None else f"{row['steps_fit']:.0f}"
         parts.append(
             f"<tr><td>{row['batch_size']}</td><td>{_fmt(row['regime'])}</td><td>{_fmt(row['best_lr_multiplier'])}</td>"
             f"<td>{_fmt(row['best_lr'])}</td><td>{steps}</td><td>{fitted}</td>"
-            f"<td>{_fmt(row['samples'])}</td><td>{len(row['seeds'])}</td></tr>"
+            f"<td>{_fmt(row['samples'])}</td><td>{len(row['seeds'])}</td><td>{tried}</td></tr>"
         )
     parts.append("</table>")
     parts.append("<h2>All cells</h2><details><summary>one row per run</summary><table><tr><th>cell</th><th>LR</th>"
@@ -95,14 +98,15 @@ def render_html(res: dict[str, Any], pngs: dict[str, Path]) -> str:
     settings = {
         "workload": res["config"]["workload"], "workload_args": res["config"]["workload_args"],
         "rule": r["rule"], "lr at base batch": r["lr"], "base batch size": r["base_batch_size"],
-        "lr grid": res["config"]["lr_grid"], "seeds": res["config"]["seeds"], "budget (samples)": r["budget"],
+        "lr grid": res["config"]["lr_grid"],
+        "lr grid extensions per B (at most)": res["config"].get("lr_extend", 0), "seeds": res["config"]["seeds"], "budget (samples)": r["budget"],
         "budget (steps)": r["budget_steps"], "evaluation every": f"max({r['eval_every_samples']} samples, {r['eval_every_steps']} steps)",
         "optimizer": res["config"]["optimizer"] or "workload default",
     }
     parts.append("<h2>Settings</h2><table>" + "".join(f"<tr><th>{html.escape(k)}</th><td>{html.escape(str(v))}</td></tr>" for k, v in settings.items()) + "</table>")
     parts.append("<p>Method: Shallue et al. 2018, <i>Measuring the Effects of Data Parallelism on Neural Network Training</i>; "
                  "McCandlish et al. 2018, <i>An Empirical Model of Large-Batch Training</i>. Each batch size is compared at "
-                 "its own best learning rate from the grid.</p></body></html>")
+                 "its own best learning rate from the grid, extended (×2 or ÷2) where the best was at its edge.</p></body></html>")
     return "\n".join(parts)
 
 
