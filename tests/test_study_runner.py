@@ -340,6 +340,18 @@ def test_lr_extension_limit_is_named_in_the_note(tmp_path):
                for n in res["notes"]), res["notes"]
 
 
+def test_cli_lr_extend(tmp_path, capsys):
+    code, out, err = _cli_in_process(
+        capsys, "--workload", "linreg", "-w", "dim=4", "-w", "noise_std=0.5", "--batch-sizes", "4", "--lr-grid", "0.5,1",
+        "--lr", "0.1", "--base-batch-size", "8", "--rule", "none", "--target", "0.05", "--budget", "600",
+        "--budget-steps", "300", "--eval-every-samples", "1", "--eval-every-steps", "1", "--jobs", "1",
+        "--bootstrap", "50", "--progress", "none", "--lr-extend", "1", "--out", str(tmp_path / "o"))
+    assert code in (0, None), err
+    assert "lr grid extended where its best was at the edge: B=4 x2" in out
+    assert "note: at B=4 the best LR is still at the edge after 1 extension(s)" in out
+    assert json.loads((tmp_path / "o" / "study.json").read_text())["config"]["lr_extend"] == 1
+
+
 def test_lr_extend_0_is_the_grid_only(tmp_path):
     cfg = tiny(tmp_path, batch_sizes=[1, 4], lr_extend=0)
     res = run_study(cfg)

@@ -109,6 +109,10 @@ def study_command(
     else:
         ratio = f"; B_crit / B_simple = {res['b_crit'] / bs:.2f}" if res.get("b_crit") else ""
         typer.echo(f"B_simple = {bs:.0f} (noise monitor, median over runs, {res.get('b_simple_source')}){ratio}")
+    extended = [f"B={row['batch_size']} " + ",".join(f"x{m:g}" for m in row["lr_extensions"])
+                for row in res["batch_sizes"] if row.get("lr_extensions")]
+    if extended:
+        typer.echo(f"lr grid extended where its best was at the edge: {'; '.join(extended)}")
     for note in res["notes"]:
         if not note.startswith("B_simple"):  # already said on the line above
             typer.echo(f"note: {note}")
