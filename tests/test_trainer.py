@@ -143,3 +143,14 @@ def test_nonfinite_gradient_refused_by_optimizer_stops_as_diverged(tmp_path, cap
     assert "non-finite" in capsys.readouterr().out
     blob = torch.load(sorted((tmp_path / "checkpoints").glob("*.pt"))[-1], weights_only=False)
     assert blob["step"] == 12 and all(torch.isfinite(t).all() for t in blob["model"].values())
+
+
+def test_bytelm_gpt2_small_preset_is_context_1024(bytelm_corpus):
+    # The preset is GPT-2 small's whole shape, context included (it once silently kept context 128,
+    # and every "GPT-2-small" benchmark ran 8x shorter sequences than it said).
+    from bigbatch.workloads.bytelm import ByteLM
+
+    wl = ByteLM(corpus=[str(bytelm_corpus)], size="gpt2-small")
+    assert (wl.cfg.n_layer, wl.cfg.n_head, wl.cfg.d_model, wl.cfg.context) == (12, 12, 768, 1024)
+    assert ByteLM(corpus=[str(bytelm_corpus)], size="gpt2-small", context=256).cfg.context == 256
+    assert ByteLM(corpus=[str(bytelm_corpus)]).cfg.context == 128
