@@ -57,6 +57,12 @@ def best_per_batch(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
     return rows
 
 
+def _outside(multipliers: list[float], lr_grid: list[float]) -> list[float]:
+    """The multipliers that are grid extensions (not in ``lr_grid``)."""
+    grid = {float(m) for m in lr_grid}
+    return [m for m in multipliers if float(m) not in grid]
+
+
 def lr_extensions(records: list[dict[str, Any]], lr_grid: list[float], lr_extend: int) -> list[tuple[int, float]]:
     """``(batch size, multiplier)`` to run next: one per batch size whose best is at an edge.
 
@@ -65,13 +71,12 @@ def lr_extensions(records: list[dict[str, Any]], lr_grid: list[float], lr_extend
     larger multiplier that did not reach the target (diverged, or too unstable to reach it in
     the budget) leaves the previous best interior, which ends the search there.
     """
-    grid = {float(m) for m in lr_grid}
     out = []
     for row in best_per_batch(records):
         if not row.get("best_at_grid_edge"):
             continue
         tried = row["lr_multipliers_tried"]
-        if sum(1 for m in tried if m not in grid) >= lr_extend:
+        if len(_outside(tried, lr_grid)) >= lr_extend:
             continue
         mult = row["best_lr_multiplier"]
         out.append((row["batch_size"], mult * 2.0 if mult == max(tried) else mult / 2.0))
@@ -88,11 +93,10 @@ def analyze(
 ) -> dict[str, Any]:
     """The content of ``results.json`` for the finished ``records``."""
     rows = best_per_batch(records)
-    grid = {float(m) for m in cfg.lr_grid}
     lr_extend = getattr(cfg, "lr_extend", 0)
     for row in rows:
-        row["lr_extensions"] = [m for m in row["lr_multipliers_tried"] if m not in grid]
-    records = [{**r, "lr_extension": float(r["lr_multiplier"]) not in grid} for r in records]
+        row["lr_extensions"] = _outside(row["lr_multipliers_tried"], cfg.lr_grid)
+    records = [{**r, "lr_extension": bool(_outside([r["lr_multiplier"]], cfg.lr_grid))} for r in records]
     notes: list[str] = []
     xs = [row["batch_size"] for row in rows if row["reached"] for _ in row["steps_per_seed"]]
     ys = [s for row in rows if row["reached"] for s in row["steps_per_seed"]]
