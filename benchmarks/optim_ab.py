@@ -11,6 +11,14 @@ same subprocess.
     # B = another version of the package, e.g. a branch's files copied into the tree:
     mkdir -p _ab/b && git archive BRANCH bigbatch | tar -x -C _ab/b
     python benchmarks/optim_ab.py --b _ab/b --rounds 4 --opts merit,lamb
+    # several B trees (B1, B2, ...), each compared with A:
+    python benchmarks/optim_ab.py --b _ab/b1,_ab/b2 --opts merit
+    # MERIT's tile shape (rows x columns x warps), each timed as its own row in every subprocess:
+    python benchmarks/optim_ab.py --b _ab/b --opts merit --tiles 32x128x8,64x64x8
+
+A tile shape is set on the kernel module (``TILE_M``, ``TILE_N``, ``TILE_WARPS``) before the
+optimizer's first step builds its tile tables; it is a tuning experiment, not an option of the
+package.
 """
 
 from __future__ import annotations
@@ -26,7 +34,24 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 
 
-def child(opts: list[str], sizes: list[str], iters: int) -> None:
+def parse_tiles(text: str) -> list[tuple[int, int, int]]:
+    """``"32x128x8,64x64x8"`` → [(32, 128, 8), (64, 64, 8)]: rows, columns (powers of two), warps."""
+    out = []
+    for item in (t for t in text.split(",") if t):
+        try:
+            bm, bn, nw = (int(x) for x in item.split("x"))
+        except ValueError:
+            raise SystemExit(f"--tiles: {item!r} is not ROWSxCOLSxWARPS, e.g. 32x128x8") from None
+        for name, x in (("rows", bm), ("columns", bn), ("warps", nw)):
+            if x < 1 or x & (x - 1):
+                raise SystemExit(f"--tiles: {item!r}: {name} must be a power of two >= 1, got {x}")
+        if bn < 4:
+            raise SystemExit(f"--tiles: {item!r}: columns must be >= 4 (16-byte vectors), got {bn}")
+        out.append((bm, bn, nw))
+    return out
+
+
+def child(opts: list[str], sizes: list[str], iters: int, tiles: list[tuple[int, int, int]]) -> None:
     """Inside a subprocess: time fused AdamW and ``opts`` (fused) on each size; print JSON."""
     import torch
 
@@ -34,25 +59,32 @@ def child(opts: list[str], sizes: list[str], iters: int) -> None:
     import optim_step as B
 
     import bigbatch
+    from bigbatch.optim._fused import kernels as K
 
     out = {"bigbatch": bigbatch.__file__, "ms": {}}
     names = {"adamw": "torch AdamW fused", "lars": "bigbatch LARS fused", "lamb": "bigbatch LAMB fused",
              "merit": "bigbatch MERIT fused"}
     builders = B.builders()
+    default = (K.TILE_M, K.TILE_N, K.TILE_WARPS)
+    runs = [(key, None) for key in ["adamw", *opts] if key != "merit" or not tiles]
+    if "merit" in opts:
+        runs += [("merit", t) for t in tiles]
     for size in sizes:
-        for key in ["adamw", *opts]:
+        for key, tile in runs:
+            K.TILE_M, K.TILE_N, K.TILE_WARPS = tile or default
             ps = B.make_params(B.SIZES[size])
             opt = builders[names[key]][1](ps)
-            out["ms"][f"{size}/{key}"] = B.time_steps(opt, warmup=3, iters=iters)
+            name = key if tile is None else f"{key}@{'x'.join(map(str, tile))}"
+            out["ms"][f"{size}/{name}"] = B.time_steps(opt, warmup=3, iters=iters)
             del opt, ps
             torch.cuda.empty_cache()
     print(json.dumps(out))
 
 
-def run_tree(root: str, opts: list[str], sizes: list[str], iters: int) -> dict:
+def run_tree(root: str, opts: list[str], sizes: list[str], iters: int, tiles: str) -> dict:
     env = {**os.environ, "PYTHONPATH": str(Path(root).resolve())}
     cmd = [sys.executable, __file__, "--child", "--opts", ",".join(opts), "--sizes", ",".join(sizes),
-           "--iters", str(iters)]
+           "--iters", str(iters), "--tiles", tiles]
     r = subprocess.run(cmd, capture_output=True, text=True, env=env, check=False)
     if r.returncode != 0:
         raise SystemExit(f"tree {root}: child failed\n{r.stderr[-3000:]}")
@@ -62,11 +94,13 @@ def run_tree(root: str, opts: list[str], sizes: list[str], iters: int) -> dict:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--a", default=".", help="tree holding package A (default: this checkout)")
-    ap.add_argument("--b", required=False, help="tree holding package B (a directory with bigbatch/ in it)")
+    ap.add_argument("--b", required=False,
+                    help="tree(s) holding package B (directories with bigbatch/ in them; comma list for several)")
     ap.add_argument("--opts", default="merit", help="comma list of: lars, lamb, merit")
     ap.add_argument("--sizes", default="124m,1.5b")
     ap.add_argument("--rounds", type=int, default=4)
     ap.add_argument("--iters", type=int, default=20)
+    ap.add_argument("--tiles", default="", help="MERIT tile shapes ROWSxCOLSxWARPS, comma list (default: the tree's)")
     ap.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     a = ap.parse_args()
     opts = [o for o in a.opts.split(",") if o]
@@ -74,31 +108,43 @@ def main() -> None:
     if bad:
         raise SystemExit(f"--opts: unknown {bad}; allowed: lars, lamb, merit")
     sizes = [s for s in a.sizes.split(",") if s]
+    tiles = parse_tiles(a.tiles)
+    if tiles and "merit" not in opts:
+        raise SystemExit("--tiles applies to MERIT: add merit to --opts")
     if a.child:
-        child(opts, sizes, a.iters)
+        child(opts, sizes, a.iters, tiles)
         return
     if not a.b:
         raise SystemExit("--b is required: the tree holding the other version of the package")
     if a.rounds < 1:
         raise SystemExit(f"--rounds must be >= 1, got {a.rounds}")
-    trees = {"A": a.a, "B": a.b}
-    res: dict[str, list[dict]] = {"A": [], "B": []}
+    bs = [b for b in a.b.split(",") if b]
+    trees = {"A": a.a, **({"B": bs[0]} if len(bs) == 1 else {f"B{k + 1}": b for k, b in enumerate(bs)})}
+    for t, root in trees.items():
+        if not (Path(root) / "bigbatch" / "__init__.py").is_file():
+            raise SystemExit(f"tree {t} ({root}) has no bigbatch/__init__.py")
+    res: dict[str, list[dict]] = {t: [] for t in trees}
+    order = list(trees)
     for r in range(a.rounds):
-        for t in ("A", "B") if r % 2 == 0 else ("B", "A"):
-            out = run_tree(trees[t], opts, sizes, a.iters)
+        for t in order if r % 2 == 0 else order[::-1]:
+            out = run_tree(trees[t], opts, sizes, a.iters, a.tiles)
             res[t].append(out["ms"])
             print(f"round {r} {t} ({out['bigbatch']}): "
                   + "  ".join(f"{k} {v:.3f}" for k, v in out["ms"].items()), flush=True)
-    print("\n| size | optimizer | A ms | B ms | A × AdamW | B × AdamW | B / A |")
-    print("|---|---|---|---|---|---|---|")
-    for size in sizes:
-        for key in opts:
-            k, ka = f"{size}/{key}", f"{size}/adamw"
-            ms = {t: statistics.median(x[k] for x in res[t]) for t in res}
-            rel = {t: statistics.median(x[k] / x[ka] for x in res[t]) for t in res}
-            ba = statistics.median(xb[k] / xa[k] for xa, xb in zip(res["A"], res["B"]))
-            print(f"| {size} | {key} | {ms['A']:.3f} | {ms['B']:.3f} | {rel['A']:.2f}x | {rel['B']:.2f}x | {ba:.3f} |")
-
+    others = order[1:]
+    print("\n| size | optimizer | " + " | ".join(f"{t} ms" for t in order) + " | "
+          + " | ".join(f"{t} × AdamW" for t in order) + " | " + " | ".join(f"{t} / A" for t in others) + " |")
+    print("|---|---|" + "---|" * (3 * len(order) - 1))
+    for key in res["A"][0]:
+        size, name = key.split("/", 1)
+        if name == "adamw":
+            continue
+        ka = f"{size}/adamw"
+        ms = [statistics.median(x[key] for x in res[t]) for t in order]
+        rel = [statistics.median(x[key] / x[ka] for x in res[t]) for t in order]
+        ba = [statistics.median(xb[key] / xa[key] for xa, xb in zip(res["A"], res[t])) for t in others]
+        print(f"| {size} | {name} | " + " | ".join(f"{x:.3f}" for x in ms) + " | "
+              + " | ".join(f"{x:.2f}x" for x in rel) + " | " + " | ".join(f"{x:.3f}" for x in ba) + " |")
 
 if __name__ == "__main__":
     main()

@@ -3,6 +3,7 @@
     python benchmarks/optim_step.py                 # table: ms / step, effective GB/s
     python benchmarks/optim_step.py --check         # fused vs foreach parity after 100 steps
     python benchmarks/optim_step.py --sizes 124m    # one size only
+    python benchmarks/optim_step.py --kernels       # device time per kernel of one fused step
 
 Time = median of CUDA-event timings of single steps after warm-up (gradients fixed, so every
 step does the same work). Effective GB/s counts the *minimum* bytes each algorithm must move
@@ -191,9 +192,43 @@ def check(sizes: list[str], steps: int = 100) -> int:
     return 0 if ok else 1
 
 
+def kernel_breakdown(sizes: list[str], steps: int = 5) -> None:
+    """Per kernel launch of one step (in launch order, averaged over ``steps``), from torch.profiler:
+    which pass of a fused optimizer costs what, next to fused AdamW's single kernel."""
+    from torch.profiler import ProfilerActivity, profile
+
+    b = builders()
+    for size in sizes:
+        shapes = SIZES[size]
+        n = sum(torch.Size(s).numel() for s in shapes)
+        print(f"\n== {size}: {n / 1e6:.1f}M params: device time per kernel, one step (mean of {steps}) ==")
+        for label in ("torch AdamW fused", "bigbatch LAMB fused", "bigbatch MERIT fused", "bigbatch LARS fused"):
+            ps = make_params(shapes)
+            opt = b[label][1](ps)
+            for _ in range(3):
+                opt.step()
+            torch.cuda.synchronize()
+            with profile(activities=[ProfilerActivity.CUDA]) as prof:
+                for _ in range(steps):
+                    opt.step()
+                torch.cuda.synchronize()
+            evs = sorted((e for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA
+                          and not getattr(e, "is_user_annotation", False)), key=lambda e: e.time_range.start)
+            dur = [e.time_range.end - e.time_range.start for e in evs]  # µs
+            per = len(evs) // steps
+            print(f"{label}: {per} kernels/step, {sum(dur) / steps / 1e3:.3f} ms of kernels")
+            for k in range(per):
+                us = statistics.mean(dur[s * per + k] for s in range(steps))
+                if us >= 5:  # the few-µs bookkeeping kernels (flag zeroing, counters) are left out
+                    print(f"    {evs[k].name[:60]:60s} {us / 1e3:8.3f} ms")
+            del opt, ps
+            torch.cuda.empty_cache()
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--check", action="store_true", help="fused vs foreach parity instead of timing")
+    ap.add_argument("--kernels", action="store_true", help="device time per kernel of one fused step")
     ap.add_argument("--sizes", default="124m,1.5b", help="comma list of: " + ", ".join(SIZES))
     args = ap.parse_args()
     if not torch.cuda.is_available():
@@ -206,6 +241,9 @@ def main() -> int:
             return 2
     if args.check:
         return check(sizes)
+    if args.kernels:
+        kernel_breakdown(sizes)
+        return 0
     bench(sizes)
     return 0
 
