@@ -329,25 +329,18 @@ def merit_kernel(P, G, M, V, MASTER, OFF, NUMEL, META, TL_TID, TL_R, TL_I, TL_J,
                 cu = _f(tl.load(MAXB + tl.load(base + 9) + cj, mask=cmask, other=0))
                 zr = (rw == 0) | (ru == 0)
                 zc = (cw == 0) | (cu == 0)
-                ntiny = (tl.sum(((ru > 0) & (ru < TINY_DEN)).to(tl.int32), axis=0)
-                         + tl.sum(((cu > 0) & (cu < TINY_DEN)).to(tl.int32), axis=0))
-                if (ntiny > 0) | (pd < TINY_DEN):
-                    rn, rd = _max_ratio(rw, ru, pn, pd)
-                    cn, cd = _max_ratio(cw, cu, pn, pd)
-                    rs = _den_scale(rd)
-                    cs = _den_scale(cd)
-                    au = tl.abs(u)
-                    a = tl.maximum((au * rs[:, None]) * (rn / (rd * rs))[:, None],
-                                   (au * cs[None, :]) * (cn / (cd * cs))[None, :])
-                    a = tl.where(zr[:, None] | zc[None, :], au, a)
-                    a = tl.minimum(a, 1.0)
-                    s = tl.where(u < 0, -a, a)
-                else:
-                    rr = rw / tl.where(ru == 0, 1.0, ru)
-                    cc = cw / tl.where(cu == 0, 1.0, cu)
-                    t = tl.maximum(tl.maximum(rr[:, None], cc[None, :]), pn / pd)
-                    t = tl.where(zr[:, None] | zc[None, :], 1.0, t)
-                    s = u * t
+                # One path for every tile (no per-tile test): ratios as (num, den) pairs, max(R, ρ)
+                # and max(C, ρ) by float64 cross products, a tiny den and |u| scaled by 2^64 together.
+                rn, rd = _max_ratio(rw, ru, pn, pd)
+                cn, cd = _max_ratio(cw, cu, pn, pd)
+                rs = _den_scale(rd)
+                cs = _den_scale(cd)
+                au = tl.abs(u)
+                a = tl.maximum((au * rs[:, None]) * (rn / (rd * rs))[:, None],
+                               (au * cs[None, :]) * (cn / (cd * cs))[None, :])
+                a = tl.where(zr[:, None] | zc[None, :], au, a)
+                a = tl.minimum(a, 1.0)
+                s = tl.where(u < 0, -a, a)
         s = tl.minimum(tl.maximum(s, -1.0), 1.0)
         tl.store(M + sbase + loc, m, mask=mask)
         tl.store(V + sbase + loc, v, mask=mask)
