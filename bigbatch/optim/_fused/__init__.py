@@ -129,6 +129,7 @@ class _Pack:
 
     def _merit_tables(self, params: list[Tensor], dev: torch.device) -> None:
         BM, BN = self.bm, self.bn = K.TILE_M, K.TILE_N
+        self.warps = K.TILE_WARPS
         PCH, RC = self.pch, self.rc = K.RED_PARTS, K.RED_COLS
         shapes = []
         tiles: tuple[list, list] = ([], [])  # (tensors the VEC variant can take, the others)
@@ -272,7 +273,7 @@ class _Pack:
                     self.part, self.maxbuf, flag,
                     float(group["lr"]), b1, b2, 1.0 - b1, 1.0 - b2, group["eps"], group["weight_decay"],
                     PASS=pass_, ADAPT=group["adapt"], HAS_MASTER=self.master is not None, PDT=self.pdt, VEC=v,
-                    BM=self.bm, BN=self.bn, num_warps=K.TILE_WARPS,
+                    BM=self.bm, BN=self.bn, num_warps=self.warps,
                 )
             if pass_ == 1 and group["adapt"] and self.n_items:
                 K.merit_reduce_kernel[(self.n_items,)](

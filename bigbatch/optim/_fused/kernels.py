@@ -41,8 +41,8 @@ import triton
 import triton.language as tl
 
 BLOCK = 4096  # elements per program for the per-tensor (LARS/LAMB) kernels
-TILE_M, TILE_N = 32, 128  # MERIT tile: rows × columns per program (pass 1 and 2)
-TILE_WARPS = 8
+TILE_M, TILE_N = 32, 64  # MERIT tile: rows × columns per program (pass 1 and 2)
+TILE_WARPS = 4
 RED_PARTS = 64  # MERIT reduce: partials (tiles) one program folds ⇒ ≤ ceil(n/64) atomics per address
 RED_ROWS, RED_COLS = 8, 256  # MERIT reduce: block of partials × positions loaded per iteration
 
