@@ -15,10 +15,12 @@ same subprocess.
     python benchmarks/optim_ab.py --b _ab/b1,_ab/b2 --opts merit
     # MERIT's tile shape (rows x columns x warps), each timed as its own row in every subprocess:
     python benchmarks/optim_ab.py --b _ab/b --opts merit --tiles 32x128x8,64x64x8
+    # LAMB's / LARS's block (elements x warps per program), likewise:
+    python benchmarks/optim_ab.py --b _ab/b --opts lamb,lars --blocks 4096x8,2048x4
 
-A tile shape is set on the kernel module (``TILE_M``, ``TILE_N``, ``TILE_WARPS``) before the
-optimizer's first step builds its tile tables; it is a tuning experiment, not an option of the
-package.
+A tile shape or block is set on the kernel module (``TILE_M``, ``TILE_N``, ``TILE_WARPS``;
+``BLOCK``, ``BLOCK_WARPS``) before the optimizer's first step builds its tables; it is a tuning
+experiment, not an option of the package.
 """
 
 from __future__ import annotations
@@ -51,7 +53,25 @@ def parse_tiles(text: str) -> list[tuple[int, int, int]]:
     return out
 
 
-def child(opts: list[str], sizes: list[str], iters: int, tiles: list[tuple[int, int, int]]) -> None:
+def parse_blocks(text: str) -> list[tuple[int, int]]:
+    """``"4096x8,2048x4"`` → [(4096, 8), (2048, 4)]: elements per program, warps (powers of two)."""
+    out = []
+    for item in (t for t in text.split(",") if t):
+        try:
+            block, nw = (int(x) for x in item.split("x"))
+        except ValueError:
+            raise SystemExit(f"--blocks: {item!r} is not ELEMENTSxWARPS, e.g. 4096x8") from None
+        for name, x in (("elements", block), ("warps", nw)):
+            if x < 1 or x & (x - 1):
+                raise SystemExit(f"--blocks: {item!r}: {name} must be a power of two >= 1, got {x}")
+        if block < 32 * nw:
+            raise SystemExit(f"--blocks: {item!r}: elements must be >= 32 x warps, got {block}")
+        out.append((block, nw))
+    return out
+
+
+def child(opts: list[str], sizes: list[str], iters: int, tiles: list[tuple[int, int, int]],
+          blocks: list[tuple[int, int]]) -> None:
     """Inside a subprocess: time fused AdamW and ``opts`` (fused) on each size; print JSON."""
     import torch
 
@@ -66,12 +86,14 @@ def child(opts: list[str], sizes: list[str], iters: int, tiles: list[tuple[int, 
              "merit": "bigbatch MERIT fused"}
     builders = B.builders()
     default = (K.TILE_M, K.TILE_N, K.TILE_WARPS)
-    runs = [(key, None) for key in ["adamw", *opts] if key != "merit" or not tiles]
-    if "merit" in opts:
-        runs += [("merit", t) for t in tiles]
+    default_block = (K.BLOCK, getattr(K, "BLOCK_WARPS", 8))  # trees before BLOCK_WARPS: 8
+    sweep = {"merit": tiles, "lamb": blocks, "lars": blocks}
+    runs = [(key, None) for key in ["adamw", *opts] if not sweep.get(key)]
+    runs += [(key, t) for key in opts for t in sweep[key]]
     for size in sizes:
         for key, tile in runs:
-            K.TILE_M, K.TILE_N, K.TILE_WARPS = tile or default
+            K.TILE_M, K.TILE_N, K.TILE_WARPS = tile if key == "merit" and tile else default
+            K.BLOCK, K.BLOCK_WARPS = tile if key != "merit" and tile else default_block
             ps = B.make_params(B.SIZES[size])
             opt = builders[names[key]][1](ps)
             name = key if tile is None else f"{key}@{'x'.join(map(str, tile))}"
@@ -81,10 +103,10 @@ def child(opts: list[str], sizes: list[str], iters: int, tiles: list[tuple[int, 
     print(json.dumps(out))
 
 
-def run_tree(root: str, opts: list[str], sizes: list[str], iters: int, tiles: str) -> dict:
+def run_tree(root: str, opts: list[str], sizes: list[str], iters: int, tiles: str, blocks: str) -> dict:
     env = {**os.environ, "PYTHONPATH": str(Path(root).resolve())}
     cmd = [sys.executable, __file__, "--child", "--opts", ",".join(opts), "--sizes", ",".join(sizes),
-           "--iters", str(iters), "--tiles", tiles]
+           "--iters", str(iters), "--tiles", tiles, "--blocks", blocks]
     r = subprocess.run(cmd, capture_output=True, text=True, env=env, check=False)
     if r.returncode != 0:
         raise SystemExit(f"tree {root}: child failed\n{r.stderr[-3000:]}")
@@ -101,6 +123,7 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=4)
     ap.add_argument("--iters", type=int, default=20)
     ap.add_argument("--tiles", default="", help="MERIT tile shapes ROWSxCOLSxWARPS, comma list (default: the tree's)")
+    ap.add_argument("--blocks", default="", help="LAMB/LARS blocks ELEMENTSxWARPS, comma list (default: the tree's)")
     ap.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     a = ap.parse_args()
     opts = [o for o in a.opts.split(",") if o]
@@ -109,10 +132,13 @@ def main() -> None:
         raise SystemExit(f"--opts: unknown {bad}; allowed: lars, lamb, merit")
     sizes = [s for s in a.sizes.split(",") if s]
     tiles = parse_tiles(a.tiles)
+    blocks = parse_blocks(a.blocks)
     if tiles and "merit" not in opts:
         raise SystemExit("--tiles applies to MERIT: add merit to --opts")
+    if blocks and not {"lamb", "lars"} & set(opts):
+        raise SystemExit("--blocks applies to LAMB and LARS: add lamb or lars to --opts")
     if a.child:
-        child(opts, sizes, a.iters, tiles)
+        child(opts, sizes, a.iters, tiles, blocks)
         return
     if not a.b:
         raise SystemExit("--b is required: the tree holding the other version of the package")
@@ -127,7 +153,7 @@ def main() -> None:
     order = list(trees)
     for r in range(a.rounds):
         for t in order if r % 2 == 0 else order[::-1]:
-            out = run_tree(trees[t], opts, sizes, a.iters, a.tiles)
+            out = run_tree(trees[t], opts, sizes, a.iters, a.tiles, a.blocks)
             res[t].append(out["ms"])
             print(f"round {r} {t} ({out['bigbatch']}): "
                   + "  ".join(f"{k} {v:.3f}" for k, v in out["ms"].items()), flush=True)

@@ -121,7 +121,8 @@ class _Pack:
         if self.algo == "merit":
             self._merit_tables(locs, dev)
         else:
-            tid, start = _chunks(numels, K.BLOCK)
+            self.block, self.warps = K.BLOCK, K.BLOCK_WARPS  # the chunk tables are built for this block
+            tid, start = _chunks(numels, self.block)
             self.ch_tid, self.ch_start = tid.to(dev), start.to(dev)
             self.acc = torch.zeros(2 * self.n, dtype=torch.float32, device=dev)
             self.vec_shape = all(n % _ALIGN == 0 for n in numels)
@@ -250,7 +251,7 @@ class _Pack:
                 clip[0] if clip else 0.0, clip[1] if clip else 0.0,
                 PASS=pass_, BIAS=group["bias_correction"], ADAPT=group["adapt"], CLIP=clip is not None,
                 HAS_MASTER=self.master is not None, HAS_GSCALE=gscale is not None, PDT=self.pdt, VEC=vec,
-                BLOCK=K.BLOCK, num_warps=8,
+                BLOCK=self.block, num_warps=self.warps,
             )
         elif self.algo == "lars":
             K.lars_kernel[(self.ch_tid.numel(),)](
@@ -259,7 +260,7 @@ class _Pack:
                 float(group["lr"]), group["momentum"], group["weight_decay"], group["trust_coefficient"], group["eps"],
                 PASS=pass_, ADAPT=group["adapt"], CLIP=group["clip"], NESTEROV=group["nesterov"],
                 HAS_MOM=group["momentum"] != 0, HAS_MASTER=self.master is not None, PDT=self.pdt, VEC=vec,
-                BLOCK=K.BLOCK, num_warps=8,
+                BLOCK=self.block, num_warps=self.warps,
             )
         else:
             b1, b2 = group["betas"]
