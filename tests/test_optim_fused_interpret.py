@@ -73,7 +73,7 @@ def test_fused_merit_subnormal_momentum_gives_finite_exact_step(which):
     # test_optim_reference's dead-unit cases on the fused kernel: a subnormal momentum row must not
     # make the trust ratio overflow (0 · inf = NaN); the step equals the float64 equations.
     # "mixed": a 37 x 21 matrix over 10 x 3 small tiles, one dead row and one dead column, so tiles
-    # on the kernel's slow (rescaled) path and on its fast path both run in one launch.
+    # with rescaled (tiny) denominators and tiles without them run in one launch.
     res = _run("subnormal", shape=which, tiles=SMALL_TILES if which == "mixed" else {})
     assert res["finite"], res
     # Subnormal u carries ~1e-5 relative precision in float32, so against the float64 equations a

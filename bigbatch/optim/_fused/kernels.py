@@ -310,10 +310,10 @@ def merit_kernel(P, G, M, V, MASTER, OFF, NUMEL, META, TL_TID, TL_R, TL_I, TL_J,
         if ADAPT:
             # MERIT's t = num / den overflows float32 when a row's momentum has decayed into the
             # subnormal range (a dead unit): max|w_row| / max|u_row| ~ 1e40 → inf, and 0 · inf = NaN.
-            # A tile with a denominator below 2^-60 takes the slow path: ratios stay (num, den) pairs
-            # (max(R, ρ) picked by float64 cross products) and a tiny den is scaled by 2^64 together
-            # with |u|, both exactly: (|u| · 2^64) · (num / (den · 2^64)) ≤ num cannot overflow.
-            # Every other tile forms t directly (t ≤ num · 2^60 is finite): one multiply per element.
+            # So t is never formed: ratios stay (num, den) pairs (max(R, ρ) picked by float64 cross
+            # products) and a den below 2^-60 is scaled by 2^64 together with |u|, both exactly:
+            # (|u| · 2^64) · (num / (den · 2^64)) ≤ num cannot overflow. Every tile takes this one
+            # path: a per-tile test for tiny denominators with a faster branch measured slower.
             tw = _f(tl.load(MAXB + tl.load(base + 10)))
             tu = _f(tl.load(MAXB + tl.load(base + 11)))
             okt = (tw > 0) & (tu > 0)
