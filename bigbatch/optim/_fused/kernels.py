@@ -234,9 +234,12 @@ TINY_DEN: tl.constexpr = tl.constexpr(8.673617379884035e-19)  # 2^-60
 
 
 @triton.jit
-def _den_scale(den):
-    """2^64 where ``den`` < 2^-60 (so that ``num / den`` could overflow float32), else 1."""
-    return tl.where(den < TINY_DEN, 1.8446744073709552e19, 1.0)
+def _ratio_parts(num, den):
+    """``num / den`` as (scale, factor) with ``|u| · num / den = (|u| · scale) · factor`` for any
+    |u| ≤ den, free of overflow: scale is 2^64 where ``den`` < 2^-60 (so that the ratio itself
+    could overflow float32), else 1; both multiplications by it are exact."""
+    sc = tl.where(den < TINY_DEN, 1.8446744073709552e19, 1.0)
+    return sc, num / (den * sc)
 
 
 @triton.jit
@@ -306,25 +309,22 @@ def merit_kernel(P, G, M, V, MASTER, OFF, NUMEL, META, TL_TID, TL_R, TL_I, TL_J,
         if nbad > 0:
             tl.atomic_max(FLAG, 1)
     else:
-        s = u
+        a = tl.abs(u)  # |step| before the clip to 1
         if ADAPT:
             # MERIT's t = num / den overflows float32 when a row's momentum has decayed into the
             # subnormal range (a dead unit): max|w_row| / max|u_row| ~ 1e40 → inf, and 0 · inf = NaN.
             # So t is never formed: ratios stay (num, den) pairs (max(R, ρ) picked by float64 cross
-            # products) and a den below 2^-60 is scaled by 2^64 together with |u|, both exactly:
-            # (|u| · 2^64) · (num / (den · 2^64)) ≤ num cannot overflow. Every tile takes this one
-            # path: a per-tile test for tiny denominators with a faster branch measured slower.
+            # products) and a den below 2^-60 is scaled by 2^64 together with |u| (_ratio_parts).
+            # Every tile takes this one path: a per-tile test for tiny denominators with a faster
+            # branch measured slower.
             tw = _f(tl.load(MAXB + tl.load(base + 10)))
             tu = _f(tl.load(MAXB + tl.load(base + 11)))
             okt = (tw > 0) & (tu > 0)
             pn = tl.where(okt, tw, 1.0)
             pd = tl.where(okt, tu, 1.0)
             if is_vec != 0:
-                sc = _den_scale(pd)
-                au = tl.abs(u)
-                a = (au * sc) * (pn / (pd * sc))
-                a = tl.minimum(a, 1.0)
-                s = tl.where(u < 0, -a, a)
+                sc, f = _ratio_parts(pn, pd)
+                a = (a * sc) * f
             else:
                 ri = r * d0 + ii
                 cj = r * d1 + jj
@@ -332,21 +332,16 @@ def merit_kernel(P, G, M, V, MASTER, OFF, NUMEL, META, TL_TID, TL_R, TL_I, TL_J,
                 ru = _f(tl.load(MAXB + tl.load(base + 7) + ri, mask=rmask, other=0))
                 cw = _f(tl.load(MAXB + tl.load(base + 8) + cj, mask=cmask, other=0))
                 cu = _f(tl.load(MAXB + tl.load(base + 9) + cj, mask=cmask, other=0))
-                zr = (rw == 0) | (ru == 0)
-                zc = (cw == 0) | (cu == 0)
-                # One path for every tile (no per-tile test): ratios as (num, den) pairs, max(R, ρ)
-                # and max(C, ρ) by float64 cross products, a tiny den and |u| scaled by 2^64 together.
+                zero = ((rw == 0) | (ru == 0))[:, None] | ((cw == 0) | (cu == 0))[None, :]  # t = 1 there
                 rn, rd = _max_ratio(rw, ru, pn, pd)
                 cn, cd = _max_ratio(cw, cu, pn, pd)
-                rs = _den_scale(rd)
-                cs = _den_scale(cd)
-                au = tl.abs(u)
-                a = tl.maximum((au * rs[:, None]) * (rn / (rd * rs))[:, None],
-                               (au * cs[None, :]) * (cn / (cd * cs))[None, :])
-                a = tl.where(zr[:, None] | zc[None, :], au, a)
-                a = tl.minimum(a, 1.0)
-                s = tl.where(u < 0, -a, a)
-        s = tl.minimum(tl.maximum(s, -1.0), 1.0)
+                rs, rf = _ratio_parts(rn, rd)
+                cs, cf = _ratio_parts(cn, cd)
+                ar = (a * rs[:, None]) * rf[:, None]
+                ac = (a * cs[None, :]) * cf[None, :]
+                a = tl.where(zero, a, tl.maximum(ar, ac))
+        a = tl.minimum(a, 1.0)
+        s = tl.where(u < 0, -a, a)
         tl.store(M + sbase + loc, m, mask=mask)
         tl.store(V + sbase + loc, v, mask=mask)
         _store_w(pp, MASTER, sbase, loc, mask, w - lr * s, HAS_MASTER)
