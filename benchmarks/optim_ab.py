@@ -36,42 +36,27 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 
 
-def parse_tiles(text: str) -> list[tuple[int, int, int]]:
-    """``"32x128x8,64x64x8"`` → [(32, 128, 8), (64, 64, 8)]: rows, columns (powers of two), warps."""
+def parse_shapes(flag: str, text: str, fields: tuple[str, ...]) -> list[tuple[int, ...]]:
+    """``"32x128x8,64x64x8"`` → [(32, 128, 8), (64, 64, 8)]: per comma item, one power of two
+    >= 1 for each of ``fields``; ``flag`` names the option in the error."""
+    form = "x".join(f.upper() for f in fields)
     out = []
     for item in (t for t in text.split(",") if t):
         try:
-            bm, bn, nw = (int(x) for x in item.split("x"))
+            xs = tuple(int(x) for x in item.split("x"))
         except ValueError:
-            raise SystemExit(f"--tiles: {item!r} is not ROWSxCOLSxWARPS, e.g. 32x128x8") from None
-        for name, x in (("rows", bm), ("columns", bn), ("warps", nw)):
+            xs = ()
+        if len(xs) != len(fields):
+            raise SystemExit(f"{flag}: {item!r} is not {form}")
+        for name, x in zip(fields, xs):
             if x < 1 or x & (x - 1):
-                raise SystemExit(f"--tiles: {item!r}: {name} must be a power of two >= 1, got {x}")
-        if bn < 4:
-            raise SystemExit(f"--tiles: {item!r}: columns must be >= 4 (16-byte vectors), got {bn}")
-        out.append((bm, bn, nw))
+                raise SystemExit(f"{flag}: {item!r}: {name} must be a power of two >= 1, got {x}")
+        out.append(xs)
     return out
 
 
-def parse_blocks(text: str) -> list[tuple[int, int]]:
-    """``"4096x8,2048x4"`` → [(4096, 8), (2048, 4)]: elements per program, warps (powers of two)."""
-    out = []
-    for item in (t for t in text.split(",") if t):
-        try:
-            block, nw = (int(x) for x in item.split("x"))
-        except ValueError:
-            raise SystemExit(f"--blocks: {item!r} is not ELEMENTSxWARPS, e.g. 4096x8") from None
-        for name, x in (("elements", block), ("warps", nw)):
-            if x < 1 or x & (x - 1):
-                raise SystemExit(f"--blocks: {item!r}: {name} must be a power of two >= 1, got {x}")
-        if block < 32 * nw:
-            raise SystemExit(f"--blocks: {item!r}: elements must be >= 32 x warps, got {block}")
-        out.append((block, nw))
-    return out
-
-
-def child(opts: list[str], sizes: list[str], iters: int, tiles: list[tuple[int, int, int]],
-          blocks: list[tuple[int, int]]) -> None:
+def child(opts: list[str], sizes: list[str], iters: int, tiles: list[tuple[int, ...]],
+          blocks: list[tuple[int, ...]]) -> None:
     """Inside a subprocess: time fused AdamW and ``opts`` (fused) on each size; print JSON."""
     import torch
 
@@ -131,8 +116,12 @@ def main() -> None:
     if bad:
         raise SystemExit(f"--opts: unknown {bad}; allowed: lars, lamb, merit")
     sizes = [s for s in a.sizes.split(",") if s]
-    tiles = parse_tiles(a.tiles)
-    blocks = parse_blocks(a.blocks)
+    tiles = parse_shapes("--tiles", a.tiles, ("rows", "columns", "warps"))
+    blocks = parse_shapes("--blocks", a.blocks, ("elements", "warps"))
+    if any(bn < 4 for _, bn, _ in tiles):
+        raise SystemExit(f"--tiles: columns must be >= 4 (16-byte vectors), got {a.tiles!r}")
+    if any(block < 32 * nw for block, nw in blocks):
+        raise SystemExit(f"--blocks: elements must be >= 32 x warps, got {a.blocks!r}")
     if tiles and "merit" not in opts:
         raise SystemExit("--tiles applies to MERIT: add merit to --opts")
     if blocks and not {"lamb", "lars"} & set(opts):
