@@ -7,7 +7,8 @@ Core module: torch and the standard library only.
 
 from bigbatch.noise.estimator import NoiseScale, unbiased_estimates
 from bigbatch.noise.groups import GroupSpec, assign_groups
+from bigbatch.noise.modes import select_mode
 from bigbatch.noise.monitor import NoiseMonitor, split_batch
 from bigbatch.noise.reading import NoiseReading
 
-__all__ = ["NoiseScale", "unbiased_estimates", "NoiseMonitor", "NoiseReading", "split_batch", "GroupSpec", "assign_groups"]
+__all__ = ["NoiseScale", "unbiased_estimates", "NoiseMonitor", "NoiseReading", "split_batch", "select_mode", "GroupSpec", "assign_groups"]

@@ -24,7 +24,7 @@ from torch import nn
 from bigbatch._checks import check_int_positive, check_positive
 from bigbatch.adaptive import ControllerState, create_controller
 from bigbatch.averaging import EMA, average_checkpoints, last_checkpoints
-from bigbatch.noise import NoiseMonitor
+from bigbatch.noise import NoiseMonitor, select_mode
 from bigbatch.optim import create_optimizer
 from bigbatch.scaling import Recipe, ScalingPlan
 from bigbatch.train.checkpoint import latest_checkpoint, list_checkpoints, rng_state, save_atomic, set_rng_state, write_json_atomic
@@ -319,7 +319,7 @@ def train(cfg: TrainConfig, workload: Workload | None = None) -> TrainResult:
     if cfg.noise_scale:
         mode = cfg.noise_mode
         if mode == "auto":
-            mode = ("fsdp" if sharded else "ddp") if info.enabled else ("accumulation" if plan.accum_steps > 1 else "split")
+            mode = select_mode(sharded=sharded, ddp=info.enabled and not sharded, accum_steps=plan.accum_steps)
         every = cfg.noise_every or (10 if device.type == "cuda" else 1)
         monitor = NoiseMonitor(model, mode=mode, beta=cfg.noise_beta, every=every)
         if blob is not None and blob.get("noise") is not None:  # the monitor needs the wrapped model first
