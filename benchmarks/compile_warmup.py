@@ -1,15 +1,20 @@
-"""Compiled trainer vs a bare compiled loop, window by window: where does the trainer lose time?
+"""Compiled trainer vs a bare compiled loop, window by window, in paired blocks.
 
 Both run ``bytelm`` at GPT-2-small shape (context 1024) in bf16 autocast with fused LAMB under
 ``torch.compile``, batch ``--batch-size`` in micro-batches of ``--micro-batch-size``. Tokens per
 second are printed for every ``--window`` steps, so a slow start (recompilation, a guard on a
 value that changes during the first steps, a sync) shows as the windows where the two differ.
-Variants of the trainer isolate the suspects: ``default`` (the workload's warmup, evaluations
-and checkpoints), ``nowarmup`` (constant LR), ``noeval`` (no evaluation or checkpoint), ``plain``
-(neither). Compilation (the first ``--discard`` steps) is reported apart and excluded from the
-steady-state median, which is over windows from step ``--discard`` on.
 
-    TORCH_LOGS=recompiles python benchmarks/compile_warmup.py --steps 160
+Method: ``--pairs`` blocks, each one bare run and one trainer run back to back, the order
+alternating (ABBA), as in ``trainer_overhead.py``: a shared GPU host drifts by several percent
+over minutes. Compilation falls in the first ``--discard`` steps, which are reported apart and
+left out of the steady state; the steady-state figure of a run is the median of its windows
+from step ``--discard`` on, and the overhead is the median over blocks of trainer / bare − 1.
+The trainer runs with the workload's warmup, no checkpoints and, unless ``--eval-every`` is
+given, no evaluation after the first; its tokens/s are its own metrics records (which leave
+evaluation and checkpoint time out of the step time).
+
+    TORCH_LOGS=recompiles python benchmarks/compile_warmup.py --pairs 4 --steps 100
 """
 
 from __future__ import annotations
@@ -48,56 +53,61 @@ def bare(wl, a) -> list[float]:
         opt.zero_grad(set_to_none=True)
         tokens += n
         if step % a.window == 0:
-            float(loss)  # one sync per window, as the trainer's logging
+            float(loss.detach())  # one sync per window, as the trainer's logging
             t1 = time.perf_counter()
             rates.append(tokens / (t1 - t0))
             t0, tokens = t1, 0
     return rates
 
 
-def trainer(wl, a, variant: str) -> list[float]:
+def trainer(wl, a) -> list[float]:
     out = tempfile.mkdtemp()
-    warm = None if variant in ("default", "noeval") else 0
-    quiet = variant in ("noeval", "plain")
     cfg = TrainConfig(workload="bytelm", batch_size=a.batch_size, micro_batch_size=a.micro_batch_size, lr=a.lr,
-                      optimizer="lamb", weight_decay=0.1, warmup_samples=warm, compile=True,
-                      budget_samples=a.batch_size * a.steps, log_every_steps=a.window, progress="none",
-                      device="cuda", out=out,
-                      **({"eval_every_samples": 10**12, "checkpoint_every_samples": 0} if quiet else {}))
+                      optimizer="lamb", weight_decay=0.1, compile=True, budget_samples=a.batch_size * a.steps,
+                      log_every_steps=a.window, progress="none", device="cuda", out=out,
+                      eval_every_samples=a.eval_every * a.batch_size if a.eval_every else 10**12,
+                      checkpoint_every_samples=0)
     train(cfg, workload=wl)
     return [r["tokens_per_s"] for r in read_metrics(f"{out}/metrics.jsonl") if r.get("kind") == "train"]
 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--steps", type=int, default=160)
+    p.add_argument("--steps", type=int, default=100)
+    p.add_argument("--pairs", type=int, default=4)
     p.add_argument("--window", type=int, default=10)
-    p.add_argument("--discard", type=int, default=10, help="steps excluded from the steady state (compilation)")
+    p.add_argument("--discard", type=int, default=10, help="steps left out of the steady state (compilation)")
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--micro-batch-size", type=int, default=32)
     p.add_argument("--lr", type=float, default=2e-3)
-    p.add_argument("--variants", default="default,nowarmup,noeval,plain")
+    p.add_argument("--eval-every", type=int, default=0, help="trainer evaluates every N steps (0: only at the start)")
     a = p.parse_args()
     if not torch.cuda.is_available():
         raise SystemExit("this benchmark needs a CUDA GPU")
     wl = load_workload("bytelm", size="gpt2-small")
-    runs = {"bare": bare(wl, a)}
-    print("bare", [f"{r/1e3:.0f}k" for r in runs["bare"]], flush=True)
-    for v in a.variants.split(","):
-        runs[v] = trainer(wl, a, v)
-        print(v, [f"{r/1e3:.0f}k" for r in runs[v]], flush=True)
     first = a.discard // a.window
+    blocks = []
+    for i in range(a.pairs):
+        order = ("bare", "trainer") if i % 2 == 0 else ("trainer", "bare")
+        runs = {name: (bare if name == "bare" else trainer)(wl, a) for name in order}
+        blocks.append(runs)
+        for name in ("bare", "trainer"):
+            print(f"block {i} {name:7s}", " ".join(f"{r/1e3:.0f}k" for r in runs[name]), flush=True)
     print(f"\ndevice: {torch.cuda.get_device_name()}  torch {torch.__version__}; batch {a.batch_size} x 1024 tokens, "
-          f"micro {a.micro_batch_size}, fused LAMB, bf16, compile; windows of {a.window} steps, the first {a.discard} discarded")
-    print("| steps | " + " | ".join(runs) + " |")
-    print("|---|" + "---|" * len(runs))
-    n = min(len(r) for r in runs.values())
-    for i in range(n):
-        print(f"| {i*a.window+1}-{(i+1)*a.window} | " + " | ".join(f"{r[i]/1e3:.0f}k" for r in runs.values()) + " |")
-    b = statistics.median(runs["bare"][first:])
-    for name, r in runs.items():
-        m = statistics.median(r[first:])
-        print(f"{name}: steady median {m/1e3:.0f}k tokens/s ({100*(m/b-1):+.1f}% vs bare)")
+          f"micro {a.micro_batch_size}, fused LAMB, bf16, compile; windows of {a.window} steps; "
+          f"steps 1-{a.discard} (compilation) discarded from the steady state")
+    n = min(len(r) for b in blocks for r in b.values())
+    print("| steps | bare tokens/s (median of blocks) | trainer tokens/s | trainer / bare − 1 (median of blocks) |")
+    print("|---|---|---|---|")
+    for w in range(n):
+        bs = [b["bare"][w] for b in blocks]
+        ts = [b["trainer"][w] for b in blocks]
+        rs = [b["trainer"][w] / b["bare"][w] - 1 for b in blocks]
+        print(f"| {w*a.window+1}-{(w+1)*a.window} | {statistics.median(bs)/1e3:.0f}k | {statistics.median(ts)/1e3:.0f}k | "
+              f"{100*statistics.median(rs):+.1f}% |")
+    ratios = [statistics.median(b["trainer"][first:]) / statistics.median(b["bare"][first:]) - 1 for b in blocks]
+    print("steady-state trainer / bare − 1 per block: " + ", ".join(f"{100*r:+.2f}%" for r in ratios))
+    print(f"steady-state overhead: median {100*statistics.median(ratios):+.2f}% over {len(ratios)} blocks")
 
 
 if __name__ == "__main__":
