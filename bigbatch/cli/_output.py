@@ -20,6 +20,9 @@ def check_output_file(flag: str, path: Path) -> Path:
     if path.is_dir():
         raise ValueError(f"{flag} {path} is a directory; give a file path")
     parent = path.parent
+    existing = next((p for p in (parent, *parent.parents) if p.exists()), None)
+    if existing is not None and not existing.is_dir():
+        raise ValueError(f"{flag} {path}: {existing} is a file, not a directory")
     try:
         parent.mkdir(parents=True, exist_ok=True)
     except OSError as e:
