@@ -5,7 +5,6 @@ import inspect
 import os
 import re
 from dataclasses import dataclass
-from pathlib import Path
 
 import pytest
 import typer
@@ -119,7 +118,6 @@ def test_optimizer_arg_and_shortcuts(tmp_path):
 def test_adaptive_arg_help_names_real_controller_keys():
     from bigbatch.adaptive import CONTROLLERS
 
-    (flag,) = [f for f in flags_for(TrainConfig) if f.field == "adaptive_args"]
     helps = {p.name: p.help for p in _command("train").params}
     text = helps["adaptive_args"]
     assert "max_batch_size" not in text and "max_batch=" in text

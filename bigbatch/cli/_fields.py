@@ -36,8 +36,8 @@ from typing import Any, Callable, Iterator, Mapping, Optional, Sequence
 import typer
 
 __all__ = [
-    "Flag", "flags_for", "field_docs", "build_command", "apply_flags", "load_config",
-    "flag_message", "flag_errors",
+    "Flag", "flags_for", "field_docs", "build_command", "parse_flag", "apply_flags", "load_config",
+    "config_option", "flag_message", "flag_errors",
 ]
 
 _PACKAGE_DIR = Path(__file__).resolve().parents[1]
