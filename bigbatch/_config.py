@@ -1,6 +1,7 @@
-"""Reading the tool's config dataclasses (TrainConfig, StudyConfig) from dicts and TOML files.
+"""The helpers every config dataclass of the tool shares (TrainConfig, StudyConfig, ScaleConfig).
 
-One place for the two checks every config file needs: unknown keys are named (with the valid
+:class:`ConfigMixin` gives a config dataclass ``to_dict``/``from_dict``/``from_toml``/``replace``
+once, with the two checks every config file needs: unknown keys are named (with the valid
 ones), and a file that is not TOML becomes a one-line ``ValueError`` naming the file.
 """
 
@@ -11,9 +12,10 @@ import tomllib
 from pathlib import Path
 from typing import Any, TypeVar
 
-__all__ = ["config_from_dict", "read_toml"]
+__all__ = ["ConfigMixin", "config_from_dict", "read_toml"]
 
 T = TypeVar("T")
+C = TypeVar("C", bound="ConfigMixin")
 
 
 def config_from_dict(cls: type[T], d: dict[str, Any], what: str) -> T:
@@ -32,3 +34,31 @@ def read_toml(path: str | Path) -> dict[str, Any]:
             return tomllib.load(f)
     except tomllib.TOMLDecodeError as e:
         raise ValueError(f"--config {path} is not valid TOML: {e}") from None
+
+
+class ConfigMixin:
+    """``to_dict``/``from_dict``/``from_toml``/``replace`` for a config dataclass.
+
+    The config's name in error messages is the class name without ``Config``, lower-cased
+    (``TrainConfig`` → "train"). Empty ``__slots__`` keeps ``slots=True`` subclasses slotted.
+    """
+
+    __slots__ = ()
+
+    def to_dict(self) -> dict[str, Any]:
+        """Every field, recursively copied (``dataclasses.asdict``)."""
+        return dataclasses.asdict(self)  # type: ignore[call-overload]
+
+    @classmethod
+    def from_dict(cls: type[C], d: dict[str, Any]) -> C:
+        """The config with the fields in ``d``; an unknown key is a ``ValueError`` listing the valid ones."""
+        return config_from_dict(cls, d, cls.__name__.removesuffix("Config").lower())
+
+    @classmethod
+    def from_toml(cls: type[C], path: str | Path) -> C:
+        """The config read from a TOML file whose top-level keys are field names."""
+        return cls.from_dict(read_toml(path))
+
+    def replace(self: C, **changes: Any) -> C:
+        """A copy with ``changes`` applied (``dataclasses.replace``)."""
+        return dataclasses.replace(self, **changes)  # type: ignore[type-var]

@@ -66,12 +66,12 @@ def test_recipe_file_with_flag_override(capsys, tmp_path):
 @pytest.mark.parametrize(
     "extra, field",
     [
-        (["--lr", "-0.1"], "lr must be > 0"),
+        (["--lr", "-0.1"], "error: --lr must be > 0"),
         (["--lr", "0.1", "--rule", "lgew"], "unknown rule 'lgew'"),
         (["--lr", "0.1", "--schedule", "cosin", "--budget-epochs", "9"], "unknown schedule 'cosin'"),
         (["--lr", "0.1", "--optimizer", "adamw", "--betas", "0.9,1.2"], "beta2) must be in [0.0, 1.0)"),
         (["--lr", "0.1", "--schedule", "multistep", "--milestones", "60,30"], "milestones must be strictly increasing"),
-        (["--lr", "0.1", "--warmup-epochs", "20", "--budget-epochs", "10"], "warmup_epochs must be <= budget_epochs"),
+        (["--lr", "0.1", "--warmup-epochs", "20", "--budget-epochs", "10"], "--warmup-epochs must be <= --budget-epochs"),
         ([], "--lr required"),
     ],
 )
@@ -84,7 +84,7 @@ def test_bad_input_is_one_line_exit_2(capsys, extra, field):
 
 def test_bad_batch_sizes(capsys):
     code, _, err = run(capsys, "scale", "--from-batch", "0", "--to-batch", "512", "--lr", "0.1")
-    assert code == 2 and "batch_size must be a positive integer" in err
+    assert code == 2 and "--from-batch must be a positive integer" in err
     code, _, err = run(capsys, "scale", "--from-batch", "256", "--lr", "0.1")
     assert code == 2 and "--to-batch is required" in err
     code, _, err = run(capsys, "scale", "--recipe", "/nonexistent/r.toml", "--to-batch", "4")

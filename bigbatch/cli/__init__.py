@@ -10,20 +10,56 @@ from __future__ import annotations
 import importlib
 import os
 import sys
-from typing import Optional
+from typing import Any, Optional
 
 import typer
+from typer.core import TyperGroup
 
 from bigbatch import __version__
 
 __all__ = ["app", "main", "UsageError"]
 
+#: Subcommands in the order `bigbatch --help` lists them, with the line it shows there (the
+#: first line of the command's docstring; a test keeps the two equal). A command's module is
+#: imported when the command runs: building `train`'s and `scale`'s flags imports torch, which
+#: `bigbatch --help` and the other commands need not wait for. Every name must have a module
+#: (a missing one is an ImportError, never a silently absent command).
+_SUBCOMMANDS: dict[str, str] = {
+    "study": "Measure the critical batch size: steps/samples to a target vs batch size, fit, plots, report.html.",
+    "train": "Train one workload at one batch size; writes metrics.jsonl, checkpoints and summary.json to --out.",
+    "scale": "Rescale a recipe to another batch size: LR, warmup, betas/eps, EMA, with the reason for each.",
+    "noise": "Plot and summarise the gradient noise scale B_simple logged by a training run.",
+    "average": "Average model weights: `bigbatch average a.pt b.pt -o avg.pt` or `bigbatch average --last 5 RUN_DIR -o avg.pt`.",
+}
+
+
+class _Commands(TyperGroup):
+    """The ``bigbatch`` group: lists ``_SUBCOMMANDS`` and builds each one when it is used."""
+
+    def list_commands(self, ctx: Any) -> list[str]:
+        return list(_SUBCOMMANDS)
+
+    def get_command(self, ctx: Any, cmd_name: str) -> Any:
+        if cmd_name in _SUBCOMMANDS and cmd_name not in self.commands:
+            self.commands[cmd_name] = _build(cmd_name)
+        return self.commands.get(cmd_name)
+
+    def format_commands(self, ctx: Any, formatter: Any) -> None:
+        with formatter.section("Commands"):
+            formatter.write_dl(list(_SUBCOMMANDS.items()))
+
+
 app = typer.Typer(
+    cls=_Commands,
     name="bigbatch",
     help="Large-batch training for PyTorch: optimizers, scaling rules, noise scale, studies.",
     no_args_is_help=True,
     add_completion=False,
     pretty_exceptions_enable=False,
+    # Plain click help: rich's option table truncates long flag names at 80 columns
+    # (`--eval-every-samp…`); click's layout puts a long name on its own line and wraps the help.
+    rich_markup_mode=None,
+    context_settings={"max_content_width": 120},
 )
 
 
@@ -46,13 +82,11 @@ def _root(
     """bigbatch: take a recipe tuned at one batch size to a much larger one, and measure how far to go."""
 
 
-# Subcommand modules, in the order `bigbatch --help` lists them.
-_SUBCOMMANDS = ("study", "train", "scale", "noise", "average", "bench")
-
-for _name in _SUBCOMMANDS:
-    _spec = importlib.util.find_spec(f"bigbatch.cli.{_name}")
-    if _spec is not None:
-        importlib.import_module(f"bigbatch.cli.{_name}").register(app)
+def _build(name: str) -> Any:
+    """The click command of subcommand ``name``, from ``bigbatch.cli.<name>.register``."""
+    sub = typer.Typer(add_completion=False, pretty_exceptions_enable=False, rich_markup_mode=None)
+    importlib.import_module(f"bigbatch.cli.{name}").register(sub)
+    return typer.main.get_command(sub)
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -15,6 +15,8 @@ from typing import Any, Optional
 
 import typer
 
+from bigbatch.cli._output import check_output_file, writing
+
 __all__ = ["register", "noise_command", "load_noise_records", "summarize", "plot_noise"]
 
 
@@ -119,6 +121,9 @@ def noise_command(
     if rows < 1:
         raise ValueError(f"--rows must be >= 1, got {rows}")
     recs = load_noise_records(run_dir)
+    png = out or run_dir / "noise.png"
+    if plot:  # before the table, so that an unwritable path is the only thing printed
+        check_output_file("--out", png)
     summ = summarize(recs)
     key = summ["key"]
     picks = sorted({round(i * (len(recs) - 1) / max(1, rows - 1)) for i in range(min(rows, len(recs)))})
@@ -139,7 +144,8 @@ def noise_command(
             verdict = "below" if ratio < 0.5 else "above" if ratio > 2 else "near"
             typer.echo(f"batch size {summ['batch_size']} is {ratio:.2g}x B_simple: {verdict} the critical batch size")
     if plot:
-        path = plot_noise(recs, out or run_dir / "noise.png", title=f"{run_dir.name}: gradient noise scale")
+        with writing("--out", png):
+            path = plot_noise(recs, png, title=f"{run_dir.name}: gradient noise scale")
         typer.echo(f"plot: {path}")
 
 

@@ -1,20 +1,63 @@
 """``bigbatch scale``: move a recipe to another batch size and say why each number changed.
 
-Every recipe flag mirrors a :class:`bigbatch.scaling.Recipe` field (``--from-batch`` is
-``batch_size``); ``--to-batch`` is the target. ``--json`` prints ``{"old", "new", "reasons",
-...}``; ``--out`` writes the new recipe as TOML; ``--plot`` draws both LR curves on one axis.
+The flags are generated from two dataclasses: every field of :class:`bigbatch.scaling.Recipe`
+(the recipe being moved; ``--from-batch`` is its ``batch_size``) and every field of
+:class:`ScaleConfig` (what to do with it: ``--to-batch``, ``--rule``, ``--recipe FILE``,
+``--json``, ``--out``, ``--plot``). ``--json`` prints ``{"old", "new", "reasons", ...}``;
+``--out`` writes the new recipe as TOML; ``--plot`` draws both LR curves on one axis.
 """
 
 from __future__ import annotations
 
 import json
 import math
+from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any, Optional
 
 import typer
 
-__all__ = ["register", "scale_command", "recipe_from_options", "format_table", "plot_schedules"]
+from bigbatch._checks import check_choice, check_int_positive
+from bigbatch._config import ConfigMixin
+from bigbatch.cli._fields import Flag, build_command, flag_errors, flags_for
+from bigbatch.cli._output import check_output_file, writing
+from bigbatch.recipe import Recipe
+
+__all__ = [
+    "register", "scale_command", "scale_flags", "ScaleConfig", "recipe_from_options", "format_table", "plot_schedules",
+]
+
+#: Flags spelled other than ``--field-name`` (the recipe's batch size is where it comes from).
+FLAG_NAMES: dict[str, tuple[str, ...]] = {"batch_size": ("--from-batch",)}
+
+
+@dataclass(kw_only=True, slots=True)
+class ScaleConfig(ConfigMixin):
+    """What ``bigbatch scale`` does with the recipe its other flags (the Recipe fields) describe."""
+
+    to_batch: int | None = None
+    """Batch size to move the recipe to (required)."""
+    rule: str | None = None
+    """Scaling rule: linear, sqrt, legw, adam-sqrt, none (default: the optimizer's)."""
+    recipe: str | None = None
+    """TOML file with Recipe fields (top-level keys or a [recipe] table); flags override it."""
+    json: bool = False
+    """Print JSON: {old, new, reasons, ...} instead of the table."""
+    out: str | None = None
+    """Write the new recipe to this TOML file."""
+    plot: str | None = None
+    """Draw the old and new LR curves to this PNG."""
+
+    def resolve(self) -> "ScaleConfig":
+        """Check every field; a bad value raises ``ValueError`` naming the field. Returns ``self``."""
+        from bigbatch.scaling import RULES
+
+        if self.to_batch is None:
+            raise ValueError("to_batch is required (the batch size to move the recipe to)")
+        check_int_positive("to_batch", self.to_batch)
+        if self.rule is not None:
+            check_choice("rule", self.rule, RULES)
+        return self
 
 
 def _floats(flag: str, text: str) -> tuple[float, ...]:
@@ -26,16 +69,13 @@ def _floats(flag: str, text: str) -> tuple[float, ...]:
 
 def recipe_from_options(recipe: Optional[Path], options: dict[str, Any]):
     """A Recipe from an optional TOML file overlaid with the flags given (None = not given)."""
-    from bigbatch.scaling import Recipe
-
     given = {k: v for k, v in options.items() if v is not None}
-    if "betas" in given:
-        b = _floats("--betas", given["betas"])
-        if len(b) != 2:
-            raise ValueError(f"--betas must be two numbers like 0.9,0.999, got {given['betas']!r}")
-        given["betas"] = b
-    if "milestones" in given:
+    if isinstance(given.get("betas"), str):
+        given["betas"] = _floats("--betas", given["betas"])
+    if isinstance(given.get("milestones"), str):
         given["milestones"] = _floats("--milestones", given["milestones"])
+    if "betas" in given and len(given["betas"]) != 2:
+        raise ValueError(f"betas must be two numbers like 0.9,0.999, got {given['betas']!r}")
     if recipe is not None:
         if not recipe.is_file():
             raise FileNotFoundError(f"--recipe file not found: {recipe}")
@@ -107,59 +147,28 @@ def plot_schedules(res, path: Path, points: int = 400) -> Path:
     return path
 
 
-def scale_command(
-    to_batch: Optional[int] = typer.Option(None, "--to-batch", help="Batch size to move the recipe to."),
-    from_batch: Optional[int] = typer.Option(None, "--from-batch", help="Batch size the recipe was tuned at (Recipe.batch_size)."),
-    lr: Optional[float] = typer.Option(None, help="Peak learning rate at --from-batch."),
-    optimizer: Optional[str] = typer.Option(None, help="sgd, lars, adam, adamw, lamb, merit (decides the default rule)."),
-    rule: Optional[str] = typer.Option(None, help="linear, sqrt, legw, adam-sqrt, none (default: per optimizer)."),
-    momentum: Optional[float] = typer.Option(None, help="Momentum (sgd, lars)."),
-    betas: Optional[str] = typer.Option(None, help="Adam betas, e.g. 0.9,0.999."),
-    eps: Optional[float] = typer.Option(None, help="Adam epsilon."),
-    weight_decay: Optional[float] = typer.Option(None, help="Weight decay."),
-    dataset_size: Optional[int] = typer.Option(None, help="Samples per epoch (to show lengths in samples)."),
-    warmup_epochs: Optional[float] = typer.Option(None, help="Warmup length in epochs."),
-    warmup: Optional[str] = typer.Option(None, help="Warmup shape: linear, exponential, none."),
-    warmup_start_factor: Optional[float] = typer.Option(None, help="LR at warmup start as a fraction of the peak."),
-    budget_epochs: Optional[float] = typer.Option(None, help="Training length in epochs."),
-    schedule: Optional[str] = typer.Option(None, help="constant, poly, exp, multistep, cosine, wsd, power."),
-    poly_power: Optional[float] = typer.Option(None, help="Power of the poly decay."),
-    exp_gamma: Optional[float] = typer.Option(None, help="LR factor per epoch of the exp decay."),
-    milestones: Optional[str] = typer.Option(None, help="multistep milestones in epochs, e.g. 30,60,80."),
-    gamma: Optional[float] = typer.Option(None, help="multistep factor at each milestone."),
-    min_lr_ratio: Optional[float] = typer.Option(None, help="LR floor as a fraction of the peak."),
-    decay_fraction: Optional[float] = typer.Option(None, help="wsd/power: final decay fraction of the budget."),
-    wsd_decay_shape: Optional[str] = typer.Option(None, help="wsd/power final decay: linear, cosine, sqrt."),
-    power_a: Optional[float] = typer.Option(None, help="power schedule: a in min(lr, a*n^b)."),
-    power_b: Optional[float] = typer.Option(None, help="power schedule: b in min(lr, a*n^b)."),
-    ema_decay: Optional[float] = typer.Option(None, help="Per-step model-EMA decay at --from-batch."),
-    recipe: Optional[Path] = typer.Option(None, help="TOML file with Recipe fields; flags override it."),
-    as_json: bool = typer.Option(False, "--json", help="Print JSON: {old, new, reasons, ...}."),
-    out: Optional[Path] = typer.Option(None, help="Write the new recipe to this TOML file."),
-    plot: Optional[Path] = typer.Option(None, help="Draw the old and new LR curves to this PNG."),
-) -> None:
-    """Rescale a recipe to another batch size: LR, warmup, betas/eps, EMA, with the reason for each."""
-    from bigbatch._checks import check_int_positive
+def scale_flags() -> list[Flag]:
+    """The flags of ``bigbatch scale``: one per ScaleConfig field, then one per Recipe field."""
+    return flags_for(ScaleConfig) + flags_for(Recipe, decls=FLAG_NAMES)
+
+
+def _run(given: dict[str, Any]) -> None:
     from bigbatch.scaling import rescale
 
-    if to_batch is None:
-        raise ValueError("--to-batch is required (the batch size to move the recipe to)")
-    check_int_positive("--to-batch", to_batch)
-    options = dict(
-        batch_size=from_batch, lr=lr, optimizer=optimizer, momentum=momentum, betas=betas, eps=eps,
-        weight_decay=weight_decay, dataset_size=dataset_size, warmup_epochs=warmup_epochs, warmup=warmup,
-        warmup_start_factor=warmup_start_factor, budget_epochs=budget_epochs, schedule=schedule,
-        poly_power=poly_power, exp_gamma=exp_gamma,
-        milestones=milestones, gamma=gamma, min_lr_ratio=min_lr_ratio, decay_fraction=decay_fraction,
-        wsd_decay_shape=wsd_decay_shape, power_a=power_a, power_b=power_b, ema_decay=ema_decay,
-    )
-    res = rescale(recipe_from_options(recipe, options), to_batch, rule)
+    own = {f.name for f in fields(ScaleConfig)}
+    with flag_errors(_FLAGS):
+        cfg = ScaleConfig().replace(**{k: v for k, v in given.items() if k in own}).resolve()
+        out = None if cfg.out is None else check_output_file("--out", Path(cfg.out))
+        plot = None if cfg.plot is None else check_output_file("--plot", Path(cfg.plot))
+        recipe = None if cfg.recipe is None else Path(cfg.recipe)
+        res = rescale(recipe_from_options(recipe, {k: v for k, v in given.items() if k not in own}), cfg.to_batch, cfg.rule)
     if out is not None:
-        out.parent.mkdir(parents=True, exist_ok=True)
-        out.write_text(res.recipe.to_toml())
+        with writing("--out", out):
+            out.write_text(res.recipe.to_toml())
     if plot is not None:
-        plot_schedules(res, plot)
-    if as_json:
+        with writing("--plot", plot):
+            plot_schedules(res, plot)
+    if cfg.json:
         typer.echo(json.dumps(res.to_dict(), indent=2))
         return
     typer.echo(format_table(res))
@@ -169,5 +178,11 @@ def scale_command(
         typer.echo(f"plot:       {plot}")
 
 
+_FLAGS = scale_flags()
+scale_command = build_command(_FLAGS, _run, doc=(
+    "Rescale a recipe to another batch size: LR, warmup, betas/eps, EMA, with the reason for each."))
+
+
 def register(app: typer.Typer) -> None:
+    """Add ``bigbatch scale`` to ``app``."""
     app.command("scale")(scale_command)

@@ -1,102 +1,118 @@
-"""``bigbatch train``: one training run of a workload; every flag mirrors a TrainConfig field."""
+"""``bigbatch train``: one training run of a workload; its flags are generated from TrainConfig.
+
+Every field of :class:`bigbatch.train.TrainConfig` is a flag (``bigbatch/cli/_fields.py`` says
+how); ``--fsdp/--ddp`` and ``-w`` are renamed spellings. Flags that are not fields:
+
+* ``--config FILE``: a TOML file of TrainConfig fields, which the flags override;
+* ``--corpus PATH`` (repeatable) and ``--packing METHOD``: the bytelm workload's ``corpus`` and
+  ``packing`` arguments, kept as flags for convenience; they set ``workload_args`` exactly as
+  ``-w corpus=...`` / ``-w packing=...`` would.
+"""
 
 from __future__ import annotations
 
-import dataclasses
+import inspect
 import os
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 import typer
 
-__all__ = ["register", "train_command", "config_from_options"]
+from bigbatch.cli._fields import Flag, build_command, config_option, flag_errors, flags_for, load_config
+from bigbatch.train.config import TrainConfig
+
+__all__ = ["register", "train_command", "train_flags", "make_train_command", "config_from_options", "WORKLOAD_SHORTCUTS"]
+
+#: Flags spelled other than ``--field-name``.
+FLAG_NAMES: dict[str, tuple[str, ...]] = {
+    "workload_args": ("--workload-arg", "-w"),
+    "fsdp": ("--fsdp/--ddp",),
+}
+
+#: Flags that are not TrainConfig fields but shortcuts for a bytelm ``workload_args`` key.
+WORKLOAD_SHORTCUTS = ("corpus", "packing")
 
 
-def config_from_options(config: Optional[Path], options: dict[str, Any]):
-    """A TrainConfig from an optional TOML file overlaid with the flags the user gave."""
-    from bigbatch.train import TrainConfig
+def _controller_keys() -> str:
+    """``--adaptive-arg`` keys per controller, read from the controllers' signatures."""
+    from bigbatch.adaptive import CONTROLLERS
 
-    cfg = TrainConfig.from_toml(config) if config is not None else TrainConfig()
-    changes = {k: v for k, v in options.items() if v is not None}
-    return dataclasses.replace(cfg, **changes)
+    parts = []
+    for name, cls in CONTROLLERS.items():
+        keys = []
+        for klass in cls.__mro__:
+            init = klass.__dict__.get("__init__")
+            if init is None:
+                continue
+            params = inspect.signature(init).parameters.values()
+            keys += [p.name for p in params if p.name not in ("self", "granularity") and p.name not in keys
+                     and p.kind not in (p.VAR_KEYWORD, p.VAR_POSITIONAL)]
+            if not any(p.kind == p.VAR_KEYWORD for p in params):
+                break
+        parts.append(f"{name}: {', '.join(keys)}")
+    return "Keys: " + "; ".join(parts) + " (e.g. max_batch=4096)."
 
 
-def train_command(
-    workload: Optional[str] = typer.Option(None, help="mnist1d, bytelm, linreg, or module:factory for your own."),
-    workload_arg: Optional[list[str]] = typer.Option(None, "--workload-arg", "-w", help="key=value passed to the workload (repeatable), e.g. model=mlp."),
-    corpus: Optional[list[Path]] = typer.Option(None, help="bytelm: text files or directories to train on (default: the Python standard library)."),
-    batch_size: Optional[int] = typer.Option(None, help="Global batch size (examples)."),
-    micro_batch_size: Optional[int] = typer.Option(None, help="Examples per forward/backward per process (accumulation = batch / (micro × world))."),
-    lr: Optional[float] = typer.Option(None, help="Peak learning rate."),
-    optimizer: Optional[str] = typer.Option(None, help="sgd, adamw, lars, lamb, merit."),
-    momentum: Optional[float] = typer.Option(None, help="Momentum (sgd, lars)."),
-    weight_decay: Optional[float] = typer.Option(None, help="Weight decay."),
-    warmup_samples: Optional[int] = typer.Option(None, help="Linear warmup in samples."),
-    schedule: Optional[str] = typer.Option(None, help="Decay shape after warmup."),
-    rule: Optional[str] = typer.Option(None, help="LR scaling rule from --base-batch-size to the running batch."),
-    base_batch_size: Optional[int] = typer.Option(None, help="Batch size at which --lr was tuned."),
-    budget_samples: Optional[int] = typer.Option(None, help="Training budget in samples."),
-    budget_epochs: Optional[float] = typer.Option(None, help="Training budget in epochs."),
-    eval_every_samples: Optional[int] = typer.Option(None, help="Evaluate every N samples."),
-    checkpoint_every_samples: Optional[int] = typer.Option(None, help="Checkpoint every N samples (0: only at the end)."),
-    keep_checkpoints: Optional[int] = typer.Option(None, help="Periodic checkpoints kept on disk."),
-    log_every_steps: Optional[int] = typer.Option(None, help="Metrics record every N steps."),
-    target: Optional[float] = typer.Option(None, help="Stop when the eval metric reaches this value."),
-    seed: Optional[int] = typer.Option(None, help="Seed for init and data order."),
-    device: Optional[str] = typer.Option(None, help="auto, cpu, cuda, cuda:N."),
-    amp: Optional[bool] = typer.Option(None, "--amp/--no-amp", help="bf16 autocast on CUDA."),
-    compile: Optional[bool] = typer.Option(None, "--compile/--no-compile", help="torch.compile the model."),
-    fsdp: Optional[bool] = typer.Option(None, "--fsdp/--ddp", help="Under torchrun: FSDP2 sharding instead of DDP."),
-    nproc: Optional[int] = typer.Option(None, help="Launch torchrun with N processes on this host."),
-    max_restarts: Optional[int] = typer.Option(None, help="torchrun restarts after a failure (workers resume from the newest checkpoint)."),
-    out: Optional[str] = typer.Option(None, help="Output directory."),
-    resume: Optional[bool] = typer.Option(None, "--resume/--no-resume", help="Continue from the newest checkpoint in --out."),
-    max_steps: Optional[int] = typer.Option(None, help="Stop after N steps in this invocation (resumable)."),
-    noise_scale: Optional[bool] = typer.Option(None, "--noise-scale/--no-noise-scale", help="Measure B_simple while training."),
-    noise_mode: Optional[str] = typer.Option(None, help="Noise-scale source: auto, accumulation, ddp, fsdp, split."),
-    noise_every: Optional[int] = typer.Option(None, help="Measure the noise scale on one step in N."),
-    noise_beta: Optional[float] = typer.Option(None, help="EMA factor of the noise-scale estimators."),
-    ema_horizon_samples: Optional[int] = typer.Option(None, help="Weight EMA with this horizon in samples (evaluated next to the weights)."),
-    packing: Optional[str] = typer.Option(None, help="bytelm: pack documents into rows (bfd or spfhp) without cross-document attention."),
-    adaptive: Optional[str] = typer.Option(None, help="Adaptive batch size: noise, normtest, ramp."),
-    adaptive_arg: Optional[list[str]] = typer.Option(None, "--adaptive-arg", help="key=value for the adaptive controller (repeatable), e.g. max_batch_size=4096."),
-    average_last: Optional[int] = typer.Option(None, help="Average the last N checkpoints at the end."),
-    progress: Optional[str] = typer.Option(None, help="auto, bar, lines, none."),
-    config: Optional[Path] = typer.Option(None, help="TOML file with TrainConfig fields; flags override it."),
-) -> None:
-    """Train one workload at one batch size; writes metrics.jsonl, checkpoints and summary.json to --out."""
-    from bigbatch.train import train
-    from bigbatch.workloads import parse_workload_args
+def train_flags(config_cls: type = TrainConfig) -> list[Flag]:
+    """The flags of ``bigbatch train`` that set fields of ``config_cls``."""
+    return flags_for(config_cls, decls=FLAG_NAMES, extra_help={"adaptive_args": _controller_keys()})
 
-    wargs = parse_workload_args(workload_arg or [])
+
+def config_from_options(config: Optional[Path], options: dict[str, Any], config_cls: type = TrainConfig) -> Any:
+    """A TrainConfig from an optional TOML file overlaid with the given flags (None = not given)."""
+    return load_config(config_cls, config, {k: v for k, v in options.items() if v is not None})
+
+
+def _shortcut_args(corpus: Optional[list[Path]], packing: Optional[str]) -> dict[str, Any]:
+    out: dict[str, Any] = {}
     if corpus:
         for p in corpus:
             if not p.exists():
                 raise ValueError(f"--corpus path does not exist: {p}")
-        wargs["corpus"] = [str(p) for p in corpus]
+        out["corpus"] = [str(p) for p in corpus]
     if packing:
-        wargs["packing"] = packing
-    options = dict(
-        workload=workload, batch_size=batch_size, micro_batch_size=micro_batch_size, lr=lr, optimizer=optimizer,
-        momentum=momentum, weight_decay=weight_decay, warmup_samples=warmup_samples, schedule=schedule, rule=rule,
-        base_batch_size=base_batch_size, budget_samples=budget_samples, budget_epochs=budget_epochs,
-        eval_every_samples=eval_every_samples, checkpoint_every_samples=checkpoint_every_samples,
-        keep_checkpoints=keep_checkpoints, log_every_steps=log_every_steps, target=target, seed=seed, device=device,
-        amp=amp, compile=compile, fsdp=fsdp, nproc=nproc, max_restarts=max_restarts, out=out, resume=resume, max_steps=max_steps, noise_scale=noise_scale,
-        noise_mode=noise_mode, noise_every=noise_every, noise_beta=noise_beta,
-        ema_horizon_samples=ema_horizon_samples, adaptive=adaptive, average_last=average_last, progress=progress,
-    )
-    if lr is not None and not lr > 0:
-        raise ValueError(f"--lr must be > 0, got {lr}")
-    cfg = config_from_options(config, options)
-    if wargs:
-        cfg = dataclasses.replace(cfg, workload_args={**cfg.workload_args, **wargs})
-    if adaptive_arg:
-        cfg = dataclasses.replace(cfg, adaptive_args={**cfg.adaptive_args, **parse_workload_args(adaptive_arg)})
+        out["packing"] = packing
+    return out
+
+
+def make_train_command(config_cls: type = TrainConfig, run: Callable[[Any], None] | None = None) -> Callable[..., None]:
+    """The ``bigbatch train`` callback for ``config_cls`` (a TrainConfig or a subclass).
+
+    ``run(cfg)`` does the work (default: launch or train, then print where the results are).
+    """
+    flags = train_flags(config_cls)
+    run = run or _train_and_report
+
+    def body(given: dict[str, Any], *, corpus: Optional[list[Path]], packing: Optional[str], config: Optional[Path]) -> None:
+        cfg = load_config(config_cls, config, given)
+        wargs = _shortcut_args(corpus, packing)
+        if wargs:
+            cfg = cfg.replace(workload_args={**cfg.workload_args, **wargs})
+        with flag_errors(flags):
+            run(cfg)
+
+    extra = [
+        inspect.Parameter("corpus", inspect.Parameter.KEYWORD_ONLY, annotation=Optional[list[Path]], default=typer.Option(
+            None, help="bytelm: text file or directory to train on (repeatable; default: the Python standard "
+                       "library); the workload's corpus argument.")),
+        inspect.Parameter("packing", inspect.Parameter.KEYWORD_ONLY, annotation=Optional[str], default=typer.Option(
+            None, help="bytelm: pack documents into rows (bfd or spfhp) without cross-document attention. "
+                       "Same as -w packing=METHOD.")),
+        config_option("TrainConfig"),
+    ]
+    return build_command(flags, body, extra=extra, doc=(
+        "Train one workload at one batch size; writes metrics.jsonl, checkpoints and summary.json to --out."))
+
+
+def _train_and_report(cfg: Any) -> None:
+    from bigbatch.train import train
+
+    if cfg.lr is not None and not cfg.lr > 0:
+        raise ValueError(f"lr must be > 0, got {cfg.lr}")
     if cfg.nproc < 1:
-        raise ValueError(f"--nproc must be >= 1, got {cfg.nproc}")
+        raise ValueError(f"nproc must be >= 1, got {cfg.nproc}")
     if cfg.max_restarts < 0:
-        raise ValueError(f"--max-restarts must be >= 0, got {cfg.max_restarts}")
+        raise ValueError(f"max_restarts must be >= 0, got {cfg.max_restarts}")
     if cfg.nproc > 1 and "LOCAL_RANK" not in os.environ:
         raise typer.Exit(_launch_torchrun(cfg.nproc, cfg.max_restarts))
     result = train(cfg)
@@ -115,6 +131,9 @@ def train_command(
     typer.echo(f"summary:     {outdir / 'summary.json'}")
     if s["diverged"]:
         raise typer.Exit(1)
+
+
+train_command = make_train_command()
 
 
 def _rank() -> int:
@@ -153,5 +172,6 @@ def _launch_torchrun(nproc: int, max_restarts: int) -> int:
 
 
 def register(app: typer.Typer) -> None:
+    """Add ``bigbatch train`` to ``app``."""
     app.command("train")(train_command)
 

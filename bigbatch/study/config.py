@@ -1,10 +1,8 @@
-"""Configuration of a critical-batch-size study: one dataclass, every CLI flag mirrors a field."""
+"""Configuration of a critical-batch-size study: one dataclass; ``bigbatch study``'s flags are generated from it."""
 
 from __future__ import annotations
 
-import dataclasses
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 from bigbatch._checks import (
@@ -13,7 +11,7 @@ from bigbatch._checks import (
     check_int_positive,
     check_positive,
 )
-from bigbatch._config import config_from_dict, read_toml
+from bigbatch._config import ConfigMixin
 
 __all__ = ["StudyConfig", "RULES"]
 
@@ -22,7 +20,7 @@ RULES = ("linear", "sqrt", "none", "legw", "adam-sqrt")
 
 
 @dataclass(kw_only=True, slots=True)
-class StudyConfig:
+class StudyConfig(ConfigMixin):
     """A sweep over batch sizes × learning-rate multipliers × seeds (Shallue et al. 2018).
 
     The defaults are tuned so that ``bigbatch study`` with no arguments runs on two CPU cores
@@ -33,7 +31,7 @@ class StudyConfig:
     workload: str = "mnist1d"
     """Built-in workload name (mnist1d, bytelm, linreg) or ``module:factory``."""
     workload_args: dict[str, Any] = field(default_factory=dict)
-    """Keyword arguments for the workload factory (``--workload-arg key=value``)."""
+    """Keyword arguments for the workload factory, e.g. model=mlp."""
     batch_sizes: list[int] | None = None
     """Batch sizes to measure (global, in examples); default: ``base_batch_size·2^i``, i = 0..7."""
     lr: float | None = None
@@ -86,8 +84,13 @@ class StudyConfig:
     progress: str = "auto"
     """Progress display: auto (bar on a terminal, lines otherwise), bar, lines, none."""
 
-    def validate(self) -> "StudyConfig":
-        """Check every field; raise ``ValueError`` naming the field and its allowed range."""
+    def resolve(self) -> "StudyConfig":
+        """Check every field and normalise the lists (sorted, no repeats); return ``self``.
+
+        A bad value raises ``ValueError`` naming the field and its allowed range. Defaults
+        that depend on the workload (``None`` fields) are filled per study by
+        ``bigbatch.study.resolve_study``, which needs the loaded workload.
+        """
         if self.batch_sizes is not None:
             if not self.batch_sizes:
                 raise ValueError("batch_sizes must name at least one batch size")
@@ -131,16 +134,6 @@ class StudyConfig:
         check_choice("progress", self.progress, ("auto", "bar", "lines", "none"))
         return self
 
-    def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
-
-    @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> "StudyConfig":
-        return config_from_dict(cls, d, "study")
-
-    @classmethod
-    def from_toml(cls, path: str | Path) -> "StudyConfig":
-        return cls.from_dict(read_toml(path))
-
-    def replace(self, **changes: Any) -> "StudyConfig":
-        return dataclasses.replace(self, **changes)
+    def validate(self) -> "StudyConfig":
+        """The older name of :meth:`resolve`."""
+        return self.resolve()

@@ -1,6 +1,19 @@
 """The reference trainer (a client of the core): one loop for CPU, one GPU and torchrun DDP."""
 
+from typing import Any
+
 from bigbatch.train.config import TrainConfig
-from bigbatch.train.loop import BatchPlan, TrainResult, plan_batch, train
 
 __all__ = ["TrainConfig", "TrainResult", "BatchPlan", "plan_batch", "train"]
+
+_FROM_LOOP = ("TrainResult", "BatchPlan", "plan_batch", "train")
+
+
+def __getattr__(name: str) -> Any:
+    # The loop imports torch (seconds); TrainConfig alone must not, so that the CLI can build
+    # `bigbatch train`'s flags from it without slowing down every other command.
+    if name in _FROM_LOOP:
+        from bigbatch.train import loop
+
+        return getattr(loop, name)
+    raise AttributeError(f"module 'bigbatch.train' has no attribute {name!r}")

@@ -1,25 +1,27 @@
-"""Configuration of one training run: one dataclass, every CLI flag mirrors a field."""
+"""Configuration of one training run: one dataclass; ``bigbatch train``'s flags are generated from it.
+
+A new field (with its docstring, which becomes the flag's help) is a new ``--flag``; see
+``bigbatch/cli/_fields.py`` for how names, types and defaults map to flags.
+"""
 
 from __future__ import annotations
 
-import dataclasses
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
-from bigbatch._config import config_from_dict, read_toml
+from bigbatch._config import ConfigMixin
 
 __all__ = ["TrainConfig"]
 
 
 @dataclass(kw_only=True, slots=True)
-class TrainConfig:
+class TrainConfig(ConfigMixin):
     """One training run. ``None`` means "the workload's default"."""
 
     workload: str = "mnist1d"
     """Built-in workload name (mnist1d, bytelm, linreg) or ``module:factory``."""
     workload_args: dict[str, Any] = field(default_factory=dict)
-    """Keyword arguments for the workload factory (``--workload-arg key=value``)."""
+    """Keyword arguments for the workload factory, e.g. model=mlp."""
     batch_size: int | None = None
     """Global batch size in examples = micro-batch × accumulation steps × world size."""
     micro_batch_size: int | None = None
@@ -87,24 +89,10 @@ class TrainConfig:
     adaptive: str | None = None
     """Adaptive batch size controller: noise, normtest or ramp."""
     adaptive_args: dict[str, Any] = field(default_factory=dict)
-    """Keyword arguments of the adaptive controller (min/max batch, growth, ...)."""
+    """Keyword arguments of the adaptive controller."""
     ema_horizon_samples: int | None = None
     """Keep an EMA of the weights with this horizon in samples (decay per step ρ^B; Busbridge et al. 2023) and evaluate it too."""
     average_last: int = 0
     """Keep the last N checkpoints and evaluate their average at the end (0: off)."""
     progress: str = "auto"
     """Progress display: auto (bar on a terminal, lines otherwise), bar, lines, none."""
-
-    def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
-
-    @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> "TrainConfig":
-        return config_from_dict(cls, d, "train")
-
-    @classmethod
-    def from_toml(cls, path: str | Path) -> "TrainConfig":
-        return cls.from_dict(read_toml(path))
-
-    def replace(self, **changes: Any) -> "TrainConfig":
-        return dataclasses.replace(self, **changes)
