@@ -79,6 +79,17 @@ def test_without_throughput_steps_and_samples_only(capsys, study):
     assert row[1:3] == ["500", "1e+05"]  # S = 200(1 + 300/200), E = 6e4(1 + 200/300) = B·S
 
 
+def test_single_target_without_a_recorded_target(capsys, tmp_path):
+    d = tmp_path / "old"
+    d.mkdir()
+    data = results()
+    del data["target"]
+    (d / "results.json").write_text(json.dumps(data))
+    code, out, err = run(capsys, "--study", d, "--write-schedule", tmp_path / "s.txt")
+    assert code == 0, err
+    assert "target loss ?: B_noise = B_crit = 800" in out and "schedule: 0:800" in out
+
+
 def test_throughput_from_run(capsys, study, tmp_path):
     runs = tmp_path / "run"
     runs.mkdir()

@@ -167,6 +167,7 @@ def test_plan_study_targets_and_json_shape(tmp_path):
         ('{"workload": "x"}', "neither b_crit nor by_target"),
         (json.dumps(single(s_min=-3.0)), "s_min must be a finite number > 0"),
         (json.dumps(single(by_target=[])), "by_target must be a non-empty list"),
+        (json.dumps(single(by_target=[{"b_crit": 8.0, "s_min": 1.0, "e_min": 8.0}])), "by_target[0].target must be a number"),
     ],
 )
 def test_corrupt_results(tmp_path, content, message):

@@ -37,6 +37,7 @@ def _g(x: float | None, unit: str = "") -> str:
 
 def format_plan(res) -> str:
     """The plan as text: header, fit, knee, candidate table, marks, other targets, notes."""
+    from bigbatch.plan.study import target_text
     from bigbatch.plan.tradeoff import format_duration
 
     st, sel = res.study, res.selected
@@ -45,7 +46,7 @@ def format_plan(res) -> str:
     lines = [f"study: {st.source}" + (f" ({st.workload})" if st.workload else "")]
     iv = f"  [{f.b_crit_interval[0]:.4g}, {f.b_crit_interval[1]:.4g}]" if f.b_crit_interval else ""
     lines.append(
-        f"target {metric} {f.target:g}: B_noise = B_crit = {f.b_noise:.4g}{iv}   S_min = {f.s_min:.4g} steps   "
+        f"target {metric} {target_text(f.target)}: B_noise = B_crit = {f.b_noise:.4g}{iv}   S_min = {f.s_min:.4g} steps   "
         f"E_min = {f.e_min:.4g} samples" + (f"   B_simple = {f.b_simple:.4g}" if f.b_simple else "")
     )
     k = sel.knee
@@ -80,11 +81,11 @@ def format_plan(res) -> str:
         if p is sel:
             continue
         lines.append(
-            f"other target {p.fit.target:g}: B_noise = {p.fit.b_noise:.4g}, S_min = {p.fit.s_min:.4g}, "
-            f"E_min = {p.fit.e_min:.4g} (--target {p.fit.target:g} for its table)"
+            f"other target {target_text(p.fit.target)}: B_noise = {p.fit.b_noise:.4g}, S_min = {p.fit.s_min:.4g}, "
+            f"E_min = {p.fit.e_min:.4g} (--target {target_text(p.fit.target)} for its table)"
         )
     for u in res.undetermined:
-        lines.append(f"target {u.target if u.target is not None else '?'}: B_crit undetermined ({u.reason}); no plan")
+        lines.append(f"target {target_text(u.target)}: B_crit undetermined ({u.reason}); no plan")
     if res.schedule is not None:
         lines.append(f"schedule: {res.schedule.text()}")
         lines += [f"note: {n}" for n in res.schedule.notes]
@@ -100,6 +101,8 @@ def plot_frontier(res, path: Path, points: int = 300) -> Path:
     import matplotlib.pyplot as plt
     import numpy as np
 
+    from bigbatch.plan.study import target_text
+
     sel = res.selected
     fig, ax = plt.subplots(figsize=(7, 5))
     for p in res.plans:
@@ -109,7 +112,7 @@ def plot_frontier(res, path: Path, points: int = 300) -> Path:
         e = f.e_min * (1 + bs / f.b_noise)
         main = p is sel
         ax.plot(e, s, "-" if main else ":", color="C0" if main else "0.6", lw=2 if main else 1,
-                label=f"target {f.target:g}: B_noise {f.b_noise:.3g}")
+                label=f"target {target_text(f.target)}: B_noise {f.b_noise:.3g}")
     f = sel.fit
     seen = {}
     for c in sel.candidates:

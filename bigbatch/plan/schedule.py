@@ -21,7 +21,7 @@ from typing import Any, Sequence
 
 from bigbatch._checks import check_int_positive, check_positive
 from bigbatch.adaptive.schedule import format_batch_schedule
-from bigbatch.plan.study import StudyFits, TargetFit
+from bigbatch.plan.study import StudyFits, TargetFit, target_text
 from bigbatch.plan.tradeoff import samples_at
 
 __all__ = ["DerivedSchedule", "derive_schedule", "round_batch"]
@@ -58,7 +58,7 @@ class DerivedSchedule:
                  f" (factor {self.factor:g}, granularity {self.granularity})"]
         for st in self.stages:
             lines.append(
-                f"# target {st['target']:g}: B_crit {st['b_crit']:.4g} -> batch {st['batch']} "
+                f"# target {target_text(st['target'])}: B_crit {st['b_crit']:.4g} -> batch {st['batch']} "
                 f"from {st['from_samples']} samples; reached at ~{st['reached_at']:.4g} samples (E(B) of its fit)"
             )
         lines += [f"# note: {n}" for n in self.notes]
@@ -101,7 +101,7 @@ def derive_schedule(fits: StudyFits | Sequence[TargetFit], *, factor: float = 1.
         want = round_batch(factor * f.b_noise, granularity)
         if batch is not None and want <= batch:
             notes.append(
-                f"target {f.target:g}: factor x B_crit rounds to {want}, not above the current batch {batch}; "
+                f"target {target_text(f.target)}: factor x B_crit rounds to {want}, not above the current batch {batch}; "
                 "kept the current batch (the schedule only grows)"
             )
         elif batch is None or want > batch:
@@ -110,7 +110,7 @@ def derive_schedule(fits: StudyFits | Sequence[TargetFit], *, factor: float = 1.
                 at = _ceil(stages[-1]["reached_at"])
                 if at <= start:
                     notes.append(
-                        f"target {stages[-1]['target']:g}: its fit says it is reached at {at} samples, not after the "
+                        f"target {target_text(stages[-1]['target'])}: its fit says it is reached at {at} samples, not after the "
                         f"previous threshold {start} (fits disagree across targets); the batch grows at {start + 1}"
                     )
                 start = max(start + 1, at)

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Mapping
 
-__all__ = ["TargetFit", "StudyFits", "read_study", "fits_from_results"]
+__all__ = ["TargetFit", "StudyFits", "read_study", "fits_from_results", "target_text"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -77,8 +77,15 @@ class StudyFits:
 
     def ordered(self) -> list[TargetFit]:
         """Determined targets from the easiest to the hardest (the order the loss passes them)."""
-        ok = [f for f in self.fits if f.determined and f.target is not None]
-        return sorted(ok, key=lambda f: f.target, reverse=not self.higher_is_better)
+        ok = [f for f in self.fits if f.determined]
+        if any(f.target is None for f in ok):  # only a single-target file may omit it: nothing to order
+            return ok
+        return sorted(ok, key=lambda f: f.target, reverse=not self.higher_is_better)  # type: ignore[arg-type, return-value]
+
+
+def target_text(target: float | None) -> str:
+    """A target for messages: ``0.5``, or ``?`` when the study did not record it."""
+    return "?" if target is None else f"{target:g}"
 
 
 def _number(x: Any) -> float | None:
@@ -123,6 +130,10 @@ def fits_from_results(results: Mapping[str, Any], source: str = "results.json") 
         if not isinstance(by_target, list) or not by_target:
             raise ValueError(f"{source}: by_target must be a non-empty list of per-target fits")
         fits = tuple(_fit(e, f"{source}: by_target[{i}]", None) for i, e in enumerate(by_target))
+        for i, f in enumerate(fits):
+            # The targets order the schedule and name the tables: each entry must say which it is.
+            if f.target is None:
+                raise ValueError(f"{source}: by_target[{i}].target must be a number, got {by_target[i].get('target')!r}")
     else:
         if "b_crit" not in results:
             raise ValueError(f"{source} has neither b_crit nor by_target: not the results of `bigbatch study`")
