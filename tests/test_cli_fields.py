@@ -14,6 +14,7 @@ from bigbatch.cli import _SUBCOMMANDS, app, main
 from bigbatch.cli._fields import field_docs, flag_message, flags_for
 from bigbatch.cli.scale import ScaleConfig
 from bigbatch.cli.train import make_train_command
+from bigbatch.plan import PlanConfig
 from bigbatch.recipe import Recipe
 from bigbatch.study.config import StudyConfig
 from bigbatch.train.config import TrainConfig
@@ -23,10 +24,11 @@ EXCEPTIONS = {
     "train": {"--corpus", "--packing", "--config"},  # bytelm workload_args shortcuts; the TOML file
     "study": {"--config"},
     "scale": set(),
+    "plan": set(),
 }
 #: Fields whose flag is not ``--field-name`` (``x_args`` dicts are ``--x-arg``).
 RENAMED = {"fsdp": "--fsdp", "batch_size@scale": "--from-batch"}
-CONFIGS = {"train": (TrainConfig,), "study": (StudyConfig,), "scale": (ScaleConfig, Recipe)}
+CONFIGS = {"train": (TrainConfig,), "study": (StudyConfig,), "scale": (ScaleConfig, Recipe), "plan": (PlanConfig,)}
 
 
 def _command(name):
@@ -41,7 +43,7 @@ def _expected_flag(cmd, field):
     return "--" + (field[:-1] if field.endswith("_args") else field).replace("_", "-")
 
 
-@pytest.mark.parametrize("cmd", ["train", "study", "scale"])
+@pytest.mark.parametrize("cmd", ["train", "study", "scale", "plan"])
 def test_every_field_has_a_flag_and_every_flag_a_field(cmd):
     params = [p for p in _command(cmd).params if p.name != "help"]
     flags = {p.opts[0]: p.name for p in params}
@@ -172,7 +174,7 @@ def test_study_error_names_the_flag(tmp_path, capsys):
     assert e.value.code == 2 and err.startswith("error: --budget must be") and err.count("\n") == 1
 
 
-@pytest.mark.parametrize("cmd", ["train", "study", "scale"])
+@pytest.mark.parametrize("cmd", ["train", "study", "scale", "plan"])
 def test_help_at_80_columns_shows_every_flag_in_full(cmd, monkeypatch, capsys):
     monkeypatch.setenv("COLUMNS", "80")
     with pytest.raises(SystemExit) as e:

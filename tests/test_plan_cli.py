@@ -111,7 +111,7 @@ def test_throughput_from_run(capsys, study, tmp_path):
         (["--study", "{corrupt}"], "is not valid JSON"),
         (["--study", "{undetermined}"], "2 did"),
         (["--study", "{study}", "--gpus", "2"], "--gpus needs a per-GPU throughput"),
-        (["--study", "{study}", "--throughput", "10", "--gpus", "1,x"], "--gpus must be comma-separated"),
+        (["--study", "{study}", "--throughput", "10", "--gpus", "1,x"], "--gpus must be a comma-separated list"),
         (["--study", "{study}", "--throughput", "10", "--deadline", "soon"], "--deadline must be a duration"),
         (["--study", "{study}", "--throughput", "10", "--gpus", "8", "--micro-batch", "64", "--batch-sizes", "256"],
          "--batch-sizes 256: the per-GPU batch"),

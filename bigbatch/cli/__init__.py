@@ -29,6 +29,7 @@ _SUBCOMMANDS: dict[str, str] = {
     "train": "Train one workload at one batch size; writes metrics.jsonl, checkpoints and summary.json to --out.",
     "scale": "Rescale a recipe to another batch size: LR, warmup, betas/eps, EMA, with the reason for each.",
     "noise": "Plot and summarise the gradient noise scale B_simple logged by a training run.",
+    "plan": "Plan a run from a study: batch size, GPUs, steps, samples, wall time, GPU-hours, schedule.",
     "average": "Average model weights: `bigbatch average a.pt b.pt -o avg.pt` or `bigbatch average --last 5 RUN_DIR -o avg.pt`.",
 }
 

@@ -10,23 +10,12 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Optional
-
 import typer
 
-__all__ = ["register", "plan_command", "format_plan", "plot_frontier"]
+from bigbatch.cli._fields import Flag, build_command, flag_errors, flags_for
+from bigbatch.cli._output import check_output_file, writing
 
-
-def _ints(flag: str, text: Optional[str]) -> list[int] | None:
-    if text is None:
-        return None
-    try:
-        out = [int(x) for x in text.replace(" ", "").split(",") if x != ""]
-    except ValueError:
-        raise ValueError(f"{flag} must be comma-separated positive integers, e.g. 1,2,4,8, got {text!r}") from None
-    if not out or any(x <= 0 for x in out):
-        raise ValueError(f"{flag} must be comma-separated positive integers, e.g. 1,2,4,8, got {text!r}")
-    return out
+__all__ = ["register", "plan_command", "plan_flags", "format_plan", "plot_frontier"]
 
 
 def _g(x: float | None, unit: str = "") -> str:
@@ -141,41 +130,24 @@ def plot_frontier(res, path: Path, points: int = 300) -> Path:
     return path
 
 
-def plan_command(
-    study: Optional[Path] = typer.Option(None, help="Study directory (or its results.json) from `bigbatch study`."),
-    target: Optional[float] = typer.Option(None, help="Target to plan for when the study measured several (default: the hardest)."),
-    batch_sizes: Optional[str] = typer.Option(None, help="Batch sizes to add to the candidates, e.g. 96,192."),
-    span: int = typer.Option(4, help="Octaves either side of B_noise covered by the power-of-two candidates."),
-    gpus: Optional[str] = typer.Option(None, help="GPU counts, e.g. 1,2,4,8 (default 1,2,4,8; needs a throughput)."),
-    micro_batch: Optional[int] = typer.Option(None, help="Per-GPU micro-batch the throughput holds at: B/G must be a multiple (default: the --throughput-from run's, else 1)."),
-    throughput: Optional[float] = typer.Option(None, help="Per-GPU throughput in samples/s."),
-    throughput_from: Optional[Path] = typer.Option(None, help="A `bigbatch train` run dir: median steady samples_per_s / world size."),
-    efficiency: float = typer.Option(1.0, help="Scaling efficiency in (0, 1]."),
-    budget_gpu_hours: Optional[float] = typer.Option(None, help="Mark the fastest candidate within this many GPU-hours."),
-    deadline: Optional[str] = typer.Option(None, help="Mark the cheapest candidate within this wall time (90m, 2h, 3600s)."),
-    write_schedule: Optional[Path] = typer.Option(None, help="Write a batch-size schedule grown through B_crit of each target."),
-    factor: float = typer.Option(1.0, help="Schedule batch = factor x B_crit at each target."),
-    granularity: Optional[int] = typer.Option(None, help="Schedule batches are multiples of this (default micro-batch x max --gpus)."),
-    as_json: bool = typer.Option(False, "--json", help="Print the plan as JSON."),
-    plot: Optional[Path] = typer.Option(None, help="Draw the time-compute frontier to this PNG."),
-) -> None:
-    """Plan a run from a study: batch size, GPUs, steps, samples, wall time, GPU-hours, schedule."""
+def _run(given: dict) -> None:
     from bigbatch.plan import PlanConfig, plan_study
 
-    cfg = PlanConfig(
-        study=study, target=target, batch_sizes=_ints("--batch-sizes", batch_sizes) or [], span=span,
-        gpus=_ints("--gpus", gpus), micro_batch=micro_batch, throughput=throughput, throughput_from=throughput_from,
-        efficiency=efficiency, budget_gpu_hours=budget_gpu_hours, deadline=deadline, write_schedule=write_schedule,
-        factor=factor, granularity=granularity, json=as_json, plot=plot,
-    )
-    if cfg.span < 0 or cfg.span > 16:
-        raise ValueError(f"--span must be in [0, 16], got {cfg.span}")
-    res = plan_study(cfg)
+    with flag_errors(_FLAGS):
+        paths = {"study", "throughput_from", "write_schedule", "plot"}  # Path fields take text on the command line
+        cfg = PlanConfig(**{k: Path(v) if k in paths else v for k, v in given.items()})
+        if cfg.span < 0 or cfg.span > 16:
+            raise ValueError(f"span must be in [0, 16], got {cfg.span}")
+        for name in ("write_schedule", "plot"):
+            if getattr(cfg, name) is not None:
+                check_output_file(flag_name(name), Path(getattr(cfg, name)))
+        res = plan_study(cfg)
     if cfg.write_schedule is not None:
-        cfg.write_schedule.parent.mkdir(parents=True, exist_ok=True)
-        cfg.write_schedule.write_text(res.schedule.file_text(str(cfg.study)))
+        with writing("--write-schedule", Path(cfg.write_schedule)):
+            Path(cfg.write_schedule).write_text(res.schedule.file_text(str(cfg.study)))
     if cfg.plot is not None:
-        plot_frontier(res, cfg.plot)
+        with writing("--plot", Path(cfg.plot)):
+            plot_frontier(res, Path(cfg.plot))
     if cfg.json:
         typer.echo(json.dumps(res.to_dict(), indent=2))
         return
@@ -186,5 +158,23 @@ def plan_command(
         typer.echo(f"plot:          {cfg.plot}")
 
 
+def plan_flags() -> list[Flag]:
+    """The flags of ``bigbatch plan``: one per :class:`bigbatch.plan.PlanConfig` field."""
+    from bigbatch.plan import PlanConfig
+
+    return flags_for(PlanConfig)
+
+
+def flag_name(field: str) -> str:
+    """The flag of a PlanConfig field (``write_schedule`` → ``--write-schedule``)."""
+    return next(f.name for f in _FLAGS if f.field == field)
+
+
+_FLAGS = plan_flags()
+plan_command = build_command(_FLAGS, _run, doc=(
+    "Plan a run from a study: batch size, GPUs, steps, samples, wall time, GPU-hours, schedule."))
+
+
 def register(app: typer.Typer) -> None:
+    """Add ``bigbatch plan`` to ``app``."""
     app.command("plan")(plan_command)
