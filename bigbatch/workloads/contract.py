@@ -22,7 +22,7 @@ from bigbatch.workloads.base import WorkloadDefaults
 __all__ = ["WorkloadContractError", "CheckedWorkload", "check_workload", "check_loss_output"]
 
 _METHODS = ("build_model", "sampler", "fetch", "loss", "count", "evaluate")
-_ATTRS = ("name", "metric_name", "higher_is_better", "dataset_size", "count_unit", "defaults")
+_ATTRS = ("metric_name", "higher_is_better", "dataset_size", "count_unit", "defaults")
 _UNITS = ("examples", "tokens")
 _DOCS = "see docs/workloads.md"
 
