@@ -1,9 +1,11 @@
 """Checkpoint averaging: exactness, layouts, streaming, errors, the CLI."""
 
+import os
 import random
 import subprocess
 import sys
 from collections import OrderedDict
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -74,7 +76,7 @@ def test_trainer_checkpoint_files_and_streaming(tmp_path, monkeypatch):
         paths.append(p)
     direct = average_checkpoints([torch.load(p, weights_only=False)["model"] for p in paths])
 
-    import bigbatch.averaging as averaging
+    import bigbatch.averaging.checkpoints as averaging
 
     live, peak = [0], [0]
     real = averaging.load_model_state
@@ -196,3 +198,156 @@ def test_cli_average(tmp_path):
     assert r.returncode == 2 and r.stderr.startswith("error: n must be <= the 3") and "Traceback" not in r.stderr
     r = _cli(str(tmp_path / "nope.pt"), "-o", str(out))
     assert r.returncode == 2 and "checkpoint not found" in r.stderr
+
+
+# ---- careful reading and writing (issue: crashes and leftovers in `bigbatch average`) ---------
+
+
+def _main(*args):
+    """`bigbatch average ARGS` in this process: (exit code, stdout, stderr) via capsys by the caller."""
+    from bigbatch.cli import main
+
+    with pytest.raises(SystemExit) as e:
+        main(["average", *map(str, args)])
+    return e.value.code
+
+
+def _run_dir(tmp_path, steps=(1, 2, 3)):
+    run = tmp_path / "run"
+    (run / "checkpoints").mkdir(parents=True)
+    sds = {}
+    for step in steps:
+        net = _net(step)
+        torch.save(_trainer_blob(net, step), run / "checkpoints" / f"ckpt_{step:08d}.pt")
+        sds[step] = net.state_dict()
+    return run, sds
+
+
+def _truncate(path, keep=0.5):
+    data = path.read_bytes()
+    path.write_bytes(data[: int(len(data) * keep)])
+
+
+def _leftovers(root):
+    return [p for p in root.rglob("*") if ".tmp" in p.name]
+
+
+def test_cli_out_is_a_directory_or_under_a_file(tmp_path, capsys):
+    run, _ = _run_dir(tmp_path)
+    (tmp_path / "outdir").mkdir()
+    assert _main("--last", 2, run, "-o", tmp_path / "outdir") == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: --out") and "is a directory" in err and err.count("\n") == 1
+    assert _leftovers(tmp_path) == []  # the .outdir.tmpNNNN file used to stay behind
+    (tmp_path / "afile").write_text("x")
+    assert _main("--last", 2, run, "-o", tmp_path / "afile" / "avg.pt") == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: --out") and "is a file, not a directory" in err and err.count("\n") == 1
+    assert _leftovers(tmp_path) == []
+
+
+@pytest.mark.skipif(not hasattr(os, "geteuid") or os.geteuid() == 0, reason="root writes into read-only directories")
+def test_cli_out_in_read_only_directory(tmp_path, capsys):
+    run, _ = _run_dir(tmp_path)
+    ro = tmp_path / "ro"
+    ro.mkdir()
+    ro.chmod(0o555)
+    try:
+        assert _main("--last", 2, run, "-o", ro / "avg.pt") == 2
+    finally:
+        ro.chmod(0o755)
+    err = capsys.readouterr().err
+    assert err.startswith("error: --out") and "not writable" in err and err.count("\n") == 1
+
+
+def test_cli_out_in_unwritable_directory_simulated(tmp_path, monkeypatch, capsys):
+    """The same check where the tests run as root (which chmod does not stop): os.access says no."""
+    from bigbatch.averaging import checkpoints
+
+    run, _ = _run_dir(tmp_path)
+    ro = tmp_path / "ro"
+    ro.mkdir()
+    real = os.access
+    monkeypatch.setattr(checkpoints.os, "access", lambda p, mode: False if Path(p) == ro else real(p, mode))
+    assert _main("--last", 2, run, "-o", ro / "avg.pt") == 2
+    err = capsys.readouterr().err
+    assert err == f"error: --out {ro / 'avg.pt'}: directory {ro} is not writable\n"
+    assert list(ro.iterdir()) == []
+
+
+def test_failed_write_leaves_no_temporary_file(tmp_path, monkeypatch, capsys):
+    """A write that fails half-way (disk full) removes its temporary file and says so on one line."""
+    import errno
+
+    from bigbatch.averaging import checkpoints
+
+    def full_disk(obj, f):
+        Path(f).write_bytes(b"PK\x03\x04 partial")
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    run, _ = _run_dir(tmp_path)
+    monkeypatch.setattr(checkpoints.torch, "save", full_disk)
+    assert _main("--last", 2, run, "-o", tmp_path / "avg.pt") == 2
+    err = capsys.readouterr().err
+    assert err == f"error: --out {tmp_path / 'avg.pt'} cannot be written: No space left on device\n"
+    assert _leftovers(tmp_path) == [] and not (tmp_path / "avg.pt").exists()
+    with pytest.raises(KeyboardInterrupt):  # an interrupt mid-write cleans up too
+        monkeypatch.setattr(checkpoints.torch, "save", lambda obj, f: (Path(f).write_bytes(b"x"), (_ for _ in ()).throw(KeyboardInterrupt())))
+        checkpoints.save_atomic({"w": torch.zeros(1)}, tmp_path / "b.pt")
+    assert _leftovers(tmp_path) == []
+
+
+def test_cli_truncated_file_named_explicitly_is_an_error(tmp_path, capsys):
+    run, _ = _run_dir(tmp_path)
+    bad = run / "checkpoints" / "ckpt_00000003.pt"
+    _truncate(bad)
+    assert _main(run / "checkpoints" / "ckpt_00000001.pt", bad, "-o", tmp_path / "avg.pt") == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"error: {bad}: truncated") and err.count("\n") == 1
+    assert not (tmp_path / "avg.pt").exists()
+
+
+def test_cli_last_skips_a_truncated_newest_checkpoint(tmp_path, capsys):
+    run, sds = _run_dir(tmp_path, steps=(1, 2, 3, 4))
+    _truncate(run / "checkpoints" / "ckpt_00000004.pt")
+    out = tmp_path / "avg.pt"
+    assert _main("--last", 2, run, "-o", out) == 0
+    cap = capsys.readouterr()
+    assert "skipped" in cap.err and "ckpt_00000004.pt" in cap.err and "truncated" in cap.err
+    assert "ckpt_00000002.pt .. ckpt_00000003.pt" in cap.out
+    got = torch.load(out, weights_only=True)
+    ref = average_checkpoints([sds[2], sds[3]])
+    assert all(torch.equal(got[k], ref[k]) for k in ref)
+    # Not enough readable ones: an error that says which were skipped.
+    assert _main("--last", 4, run, "-o", out) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and "only 3 of its 4 checkpoints can be read" in err and "ckpt_00000004.pt" in err
+
+
+@pytest.mark.parametrize("weights_only", [True, False])
+def test_random_bytes_named_and_not_blamed_on_weights_only(tmp_path, capsys, weights_only):
+    run, _ = _run_dir(tmp_path)
+    junk = tmp_path / "junk_9.pt"
+    junk.write_bytes(bytes(range(256)) * 8)
+    flag = ["--weights-only"] if weights_only else ["--no-weights-only"]
+    assert _main(*flag, run / "checkpoints" / "ckpt_00000001.pt", junk, "-o", tmp_path / "avg.pt") == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"error: {junk}: not a PyTorch checkpoint") and "weights-only" not in err and err.count("\n") == 1
+
+
+def test_load_errors_say_what_is_wrong(tmp_path):
+    from bigbatch.averaging import CheckpointError
+
+    empty = tmp_path / "e_1.pt"
+    empty.write_bytes(b"")
+    with pytest.raises(CheckpointError, match="empty"):
+        load_model_state(empty)
+    legacy = tmp_path / "l_1.pt"
+    torch.save({"w": torch.ones(2)}, legacy, _use_new_zipfile_serialization=False)
+    assert torch.equal(load_model_state(legacy)["w"], torch.ones(2))  # the legacy format still loads
+    cut = tmp_path / "c_1.pt"
+    torch.save({"w": torch.ones(2)}, cut)
+    _truncate(cut, keep=0.9)
+    with pytest.raises(CheckpointError, match="truncated or corrupt") as e:
+        load_model_state(cut)
+    assert e.value.path == cut and "central directory" in e.value.reason

@@ -3,7 +3,7 @@
 A workload is what a user implements to study their own model: it builds the model, turns
 sample indices into a batch, computes the *summed* loss and its normaliser (examples or
 tokens), and evaluates a metric. Keeping the loss a sum with an explicit count is what lets
-the trainer make k accumulated micro-batches equal one big batch exactly (DESIGN.md §2).
+the trainer make k accumulated micro-batches equal one big batch exactly (docs/workloads.md).
 """
 
 from __future__ import annotations

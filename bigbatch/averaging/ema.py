@@ -1,13 +1,10 @@
-"""Checkpoint averaging and a weight EMA whose decay is defined per sample.
+"""A weight EMA whose decay is defined per sample.
 
-* ``average_checkpoints``: the uniform average of the last N checkpoints (Popel & Bojar 2018,
-  "Training Tips for the Transformer Model", §4.10: averaging the last checkpoints is a cheap
-  ensemble that smooths the noise of large-learning-rate training). Streams: one checkpoint is
-  loaded at a time next to the running average.
-* ``EMA``: θ̄ ← ρ_B θ̄ + (1 - ρ_B) θ with ρ_B = ρ^B for a step of B samples — the EMA scaling rule
-  of Busbridge et al. 2023, "How to Scale Your EMA", Definition 1.1 (ρ̂ = ρ^κ when the batch is
-  scaled by κ). Stating the decay per sample (or as a horizon in samples) makes the averaging
-  window independent of the batch size, as every time constant in bigbatch is (DESIGN.md §2).
+θ̄ ← ρ_B θ̄ + (1 - ρ_B) θ with ρ_B = ρ^B for a step of B samples — the EMA scaling rule of
+Busbridge et al. 2023, "How to Scale Your EMA", Definition 1.1 (ρ̂ = ρ^κ when the batch is
+scaled by κ). Stating the decay per sample (or as a horizon in samples) makes the averaging
+window independent of the batch size, as every time constant in bigbatch is (time is counted
+in samples, not steps).
 
 Core module: torch, numpy and the standard library only.
 """
@@ -16,216 +13,16 @@ from __future__ import annotations
 
 import contextlib
 import math
-import pickle
-import re
 from collections import OrderedDict
-from pathlib import Path
 from typing import Any, Iterable, Iterator, Mapping
 
 import torch
 from torch import nn
 
 from bigbatch._checks import check_choice, check_in_range, check_int_positive, check_positive
+from bigbatch.averaging._common import acc_dtype
 
-__all__ = ["average_checkpoints", "last_checkpoints", "load_model_state", "extract_state_dict", "EMA"]
-
-_STEP = re.compile(r"(?:^|[_.-])(\d+)\.pt$")
-#: Where model weights live inside common checkpoint layouts, tried in this order.
-_MODEL_KEYS = ("model", "state_dict", "model_state_dict", "module")
-
-
-# ---- loading -----------------------------------------------------------------------------
-
-
-def _numpy_safe_globals() -> list[Any]:
-    """Types a trainer checkpoint's numpy RNG state needs under ``weights_only=True``.
-
-    ``np.random.get_state()`` is a tuple holding a uint32 ndarray; these are data
-    constructors only (torch's own error message recommends allow-listing them).
-    """
-    try:
-        import numpy as np
-        from numpy._core.multiarray import _reconstruct  # numpy >= 2
-    except ImportError:  # pragma: no cover - numpy 1.x
-        import numpy as np
-        from numpy.core.multiarray import _reconstruct  # type: ignore[no-redef]
-    found: list[Any] = [_reconstruct, np.ndarray, np.dtype]
-    dtypes = getattr(np, "dtypes", None)
-    if dtypes is not None:
-        found += [getattr(dtypes, n) for n in ("UInt32DType", "Int64DType", "Float64DType") if hasattr(dtypes, n)]
-    return found
-
-
-def load_model_state(path: str | Path, *, key: str | None = None, weights_only: bool = True) -> "OrderedDict[str, Any]":
-    """The model weights stored in ``path`` (see ``extract_state_dict`` for the layouts).
-
-    Loads with ``mmap=True`` so that the parts of a trainer checkpoint that are not model
-    weights (optimizer moments, ...) are never read into memory. ``weights_only=False`` runs
-    arbitrary pickled code: use it only for files you trust.
-    """
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"checkpoint not found: {path}")
-    try:
-        with torch.serialization.safe_globals(_numpy_safe_globals()):
-            try:
-                blob = torch.load(path, map_location="cpu", weights_only=weights_only, mmap=True)
-            except RuntimeError as e:  # legacy (non-zip) files cannot be memory-mapped
-                if "mmap" not in str(e):
-                    raise
-                blob = torch.load(path, map_location="cpu", weights_only=weights_only)
-    except pickle.UnpicklingError as e:
-        first = str(e).strip().splitlines()[-1] if str(e).strip() else ""
-        raise ValueError(
-            f"{path} holds objects that weights_only loading refuses ({first}); "
-            "if you trust the file, load it with weights_only=False (CLI: --no-weights-only)"
-        ) from None
-    return extract_state_dict(blob, key=key, where=str(path))
-
-
-def extract_state_dict(obj: Any, *, key: str | None = None, where: str = "checkpoint") -> "OrderedDict[str, Any]":
-    """The model ``state_dict`` inside ``obj``.
-
-    ``obj`` is a plain ``state_dict`` (a mapping whose values are tensors), or a mapping that
-    holds one under ``key`` — by default the first of ``model`` (bigbatch's trainer, which
-    saves ``{"model": ..., "optimizer": ..., "step": ...}``), ``state_dict`` (Lightning),
-    ``model_state_dict``, ``module``.
-    """
-    if not isinstance(obj, Mapping):
-        raise ValueError(f"{where}: expected a state_dict or a dict holding one, got {type(obj).__name__}")
-    if key is not None:
-        if key not in obj:
-            raise ValueError(f"{where}: key {key!r} not found; top-level keys: {', '.join(map(str, list(obj)[:10]))}")
-        sd = obj[key]
-        if not isinstance(sd, Mapping):
-            raise ValueError(f"{where}: {key!r} is a {type(sd).__name__}, not a state_dict")
-        return OrderedDict(sd)
-    if obj and all(torch.is_tensor(v) for v in obj.values()):
-        return OrderedDict(obj)
-    for k in _MODEL_KEYS:
-        if isinstance(obj.get(k), Mapping):
-            return OrderedDict(obj[k])
-    raise ValueError(
-        f"{where}: no model weights found: not a plain state_dict and none of the keys "
-        f"{', '.join(_MODEL_KEYS)} holds one (top-level keys: {', '.join(map(str, list(obj)[:10]))}); pass key="
-    )
-
-
-def last_checkpoints(directory: str | Path, n: int, *, allow_fewer: bool = False) -> list[Path]:
-    """The ``n`` newest checkpoints in ``directory``, oldest first.
-
-    Files are ``<name>_<step>.pt`` (or ``-``/``.`` before the step, or just ``<step>.pt``;
-    the trainer writes ``ckpt_<step:08d>.pt``) and are ordered by
-    the integer step in the name, not by modification time, which copies change. A run
-    directory with a ``checkpoints/`` subdirectory is accepted too.
-    """
-    n = check_int_positive("n", n)
-    d = Path(directory)
-    if not d.is_dir():
-        raise FileNotFoundError(f"checkpoint directory not found: {d}")
-    if (d / "checkpoints").is_dir():  # a run directory written by bigbatch train
-        d = d / "checkpoints"
-    found = sorted((int(m.group(1)), p.name, p) for p in d.glob("*.pt") if (m := _STEP.search(p.name)) and not p.name.startswith("."))
-    if not found:
-        raise ValueError(f"no checkpoints named *<step>.pt in {d}")
-    if len(found) < n and not allow_fewer:
-        raise ValueError(f"n must be <= the {len(found)} checkpoint(s) in {d}, got {n}")
-    return [p for _, _, p in found[-n:]]
-
-
-# ---- averaging ---------------------------------------------------------------------------
-
-
-def _describe(src: Any, i: int) -> str:
-    return str(src) if isinstance(src, (str, Path)) else f"state_dict #{i}"
-
-
-def _is_averaged(t: Any) -> bool:
-    return torch.is_tensor(t) and (t.is_floating_point() or t.is_complex())
-
-
-def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
-    # bf16/fp16 averages are accumulated in fp32 and cast back once at the end.
-    return torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
-
-
-def average_checkpoints(
-    sources: Iterable[str | Path | Mapping[str, Any]],
-    *,
-    key: str | None = None,
-    weights_only: bool = True,
-) -> "OrderedDict[str, Any]":
-    """The uniform average of the model weights in ``sources`` (paths or state_dicts).
-
-    Floating-point (and complex) tensors are averaged; integer tensors such as BatchNorm's
-    ``num_batches_tracked`` and non-tensor entries are taken from the last source. Keys,
-    shapes and dtypes must agree; the error names the first mismatch. Paths are loaded one
-    at a time into a running mean ``avg += (x - avg) / k`` (``torch.lerp``), so at most two
-    checkpoints are in memory, and N identical checkpoints average to themselves exactly.
-    Returns a plain ``state_dict`` (CPU tensors) for ``model.load_state_dict``.
-    """
-    avg: OrderedDict[str, Any] | None = None
-    out_dtype: dict[str, torch.dtype] = {}
-    first = ""
-    k = 0
-    for i, src in enumerate(sources):
-        where = _describe(src, i)
-        sd = load_model_state(src, key=key, weights_only=weights_only) if isinstance(src, (str, Path)) else extract_state_dict(src, key=key, where=where)
-        k += 1
-        if avg is None:
-            first = where
-            avg = OrderedDict()
-            for name, t in sd.items():
-                if _is_averaged(t):
-                    _check_finite(t, name, where)
-                    out_dtype[name] = t.dtype
-                    avg[name] = t.detach().to("cpu", _acc_dtype(t.dtype), copy=True)
-                else:
-                    avg[name] = t.detach().clone() if torch.is_tensor(t) else t
-            del sd  # hold the running average and one checkpoint, never two
-            continue
-        _check_same_keys(avg, sd, first, where)
-        for name, t in sd.items():
-            ref = avg[name]
-            if torch.is_tensor(ref) != torch.is_tensor(t):
-                raise ValueError(f"{where}: {name!r} is a {type(t).__name__} but a {type(ref).__name__} in {first}")
-            if not torch.is_tensor(t):
-                avg[name] = t
-                continue
-            if tuple(t.shape) != tuple(ref.shape):
-                raise ValueError(f"{where}: {name!r} has shape {tuple(t.shape)} but {tuple(ref.shape)} in {first}")
-            want = out_dtype.get(name, ref.dtype)
-            if t.dtype != want:
-                raise ValueError(f"{where}: {name!r} has dtype {t.dtype} but {want} in {first}")
-            if name in out_dtype:
-                _check_finite(t, name, where)
-                ref.lerp_(t.detach().to("cpu", ref.dtype), 1.0 / k)
-            else:
-                avg[name] = t.detach().clone()  # integer buffers: the last one wins
-        del sd
-    if avg is None:
-        raise ValueError("sources must name at least one checkpoint, got none")
-    for name, dtype in out_dtype.items():
-        avg[name] = avg[name].to(dtype)
-    return avg
-
-
-def _check_same_keys(ref: Mapping[str, Any], sd: Mapping[str, Any], first: str, where: str) -> None:
-    if list(ref) == list(sd) or set(ref) == set(sd):
-        return
-    missing = [n for n in ref if n not in sd]
-    extra = [n for n in sd if n not in ref]
-    if missing:
-        raise ValueError(f"{where}: key {missing[0]!r} of {first} is missing ({len(missing)} missing, {len(extra)} unexpected)")
-    raise ValueError(f"{where}: unexpected key {extra[0]!r} not in {first} ({len(extra)} unexpected)")
-
-
-def _check_finite(t: torch.Tensor, name: str, where: str) -> None:
-    if not bool(torch.isfinite(t).all()):
-        raise ValueError(f"{where}: {name!r} contains NaN or inf; refusing to average it")
-
-
-# ---- EMA ---------------------------------------------------------------------------------
+__all__ = ["EMA"]
 
 
 class EMA:
@@ -292,7 +89,7 @@ class EMA:
         self._meshes: list[Any] = []
         _reshard(model)
         for name, t in self._tracked(model):
-            want = dtype or (_acc_dtype(t.dtype) if t.is_floating_point() else t.dtype)
+            want = dtype or (acc_dtype(t.dtype) if t.is_floating_point() else t.dtype)
             self.shadow[name] = t.detach().to(want if t.is_floating_point() else t.dtype, copy=True)
         self._meshes = _meshes(self.shadow.values())
 
@@ -419,6 +216,7 @@ class EMA:
         }
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        """Restore a ``state_dict()``: same tensor names and shapes; full tensors are re-sharded under FSDP2."""
         shadow = state["shadow"]
         if list(shadow) != list(self.shadow):
             diff = [n for n in self.shadow if n not in shadow] or [n for n in shadow if n not in self.shadow]
