@@ -18,6 +18,7 @@ from typing import Any
 from bigbatch._checks import (
     check_choice, check_in_range, check_int_positive, check_nonnegative, check_positive, closest,
 )
+from bigbatch.optim.factory import optimizer_info
 from bigbatch.schedules import DECAYS, WARMUPS, WSD_DECAY_SHAPES, Schedule
 
 __all__ = ["Recipe"]
@@ -34,7 +35,8 @@ class Recipe:
     lr: float
     """Peak learning rate η."""
     optimizer: str = "sgd"
-    """Optimizer name (sgd, lars, adam, adamw, lamb, merit)."""
+    """Optimizer name: one of ``bigbatch.optim.optimizer_names()`` (sgd, adam, adamw, lars, lamb,
+    merit, and any registered one) or a ``module:Class`` spec; checked at construction."""
     momentum: float | None = None
     """Heavy-ball momentum (sgd, lars); None: the optimizer's default."""
     betas: tuple[float, float] | None = None
@@ -93,6 +95,15 @@ class Recipe:
             object.__setattr__(self, "betas", (float(b[0]), float(b[1])))
         if self.eps is not None:
             check_positive("eps", self.eps)
+        # After the range checks: a value out of range is reported as such whatever the optimizer.
+        info = optimizer_info(self.optimizer)  # unknown name: the error lists the valid ones
+        for key in ("momentum", "betas", "eps"):
+            if getattr(self, key) is not None and not info.takes(key):
+                takes = ", ".join(info.hparams) or "neither momentum nor betas/eps"
+                raise ValueError(
+                    f"{key} is not a hyperparameter of optimizer {self.optimizer!r} "
+                    f"({info.family} family, takes {takes}); leave it unset"
+                )
         check_nonnegative("weight_decay", self.weight_decay)
         if self.dataset_size is not None:
             check_int_positive("dataset_size", self.dataset_size)
