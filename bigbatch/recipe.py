@@ -46,7 +46,7 @@ class Recipe(ScheduleShape):
     betas: tuple[float, float] | None = None
     """Adam-family (β₁, β₂), each in [0, 1); None: the optimizer's default."""
     eps: float | None = None
-    """Adam-family ε; None: the optimizer's default."""
+    """Adam-family ε (or an optimizer's own ``eps``, such as LARS's); None: the optimizer's default."""
     weight_decay: float = 0.0
     """Weight decay (kept by every rule)."""
     dataset_size: int | None = None
@@ -81,7 +81,8 @@ class Recipe(ScheduleShape):
         # After the range checks: a value out of range is reported as such whatever the optimizer.
         info = optimizer_info(self.optimizer)  # unknown name: the error lists the valid ones
         for key in ("momentum", "betas", "eps"):
-            if getattr(self, key) is not None and not info.takes(key):
+            # A key the family does not scale may still be the optimizer's own (LARS's eps).
+            if getattr(self, key) is not None and not info.takes(key) and key not in info.defaults:
                 takes = ", ".join(info.hparams) or "neither momentum nor betas/eps"
                 raise ValueError(
                     f"{key} is not a hyperparameter of optimizer {self.optimizer!r} "

@@ -88,8 +88,9 @@ def test_family_hyperparameters_are_checked():
         create_optimizer("sgd", _model(), lr=0.1, betas=(0.9, 0.99))
     with pytest.raises(ValueError, match="momentum is not a hyperparameter of optimizer 'lamb'"):
         Recipe(batch_size=8, lr=0.1, optimizer="lamb", momentum=0.9)
-    with pytest.raises(ValueError, match="eps is not a hyperparameter of optimizer 'lars'"):
-        Recipe(batch_size=8, lr=0.1, optimizer="lars", eps=1e-8)
+    with pytest.raises(ValueError, match="eps is not a hyperparameter of optimizer 'sgd'"):
+        Recipe(batch_size=8, lr=0.1, optimizer="sgd", eps=1e-8)
+    assert Recipe(batch_size=8, lr=0.1, optimizer="lars", eps=1e-9).eps == 1e-9  # LARS's own (trust-ratio) eps
 
 
 # ---------------------------------------------------------------- an optimizer from outside
