@@ -126,6 +126,10 @@ def test_register_an_info_record_under_a_short_name():
     try:
         assert optimizer_info("signum-test") is info and default_rule("signum-test") == "sqrt"
         assert create_optimizer("signum-test", _model(), lr=0.01).param_groups[0]["momentum"] == 0.5
+        with pytest.raises(ValueError, match="optimizer 'sgd' is already registered.*overwrite=True"):
+            register_optimizer(dataclasses.replace(info, name="sgd"))
+        register_optimizer(info)  # the same record again: no error
+        assert optimizer_info("signum-test") == info
         with pytest.raises(ValueError, match="unknown default_rule 'sqrtt'"):
             register_optimizer(dataclasses.replace(info, name="bad", default_rule="sqrtt"))
     finally:

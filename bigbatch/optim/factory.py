@@ -221,12 +221,13 @@ def _info_from(obj: Any, name: str) -> OptimizerInfo:
     )
 
 
-def register_optimizer(info: OptimizerInfo | str, *, name: str | None = None) -> OptimizerInfo:
+def register_optimizer(info: OptimizerInfo | str, *, name: str | None = None, overwrite: bool = False) -> OptimizerInfo:
     """Add an optimizer to the registry and return its record.
 
     ``info`` is an :class:`OptimizerInfo`, or a ``"module:Class"`` string (read as described in
     the module docstring). ``name`` overrides the key it is registered under (default: the
-    record's name, or the spec string itself).
+    record's name, or the spec string itself). A name that is taken by another record is an
+    error unless ``overwrite=True`` (replacing ``sgd`` by accident would change every run).
     """
     if isinstance(info, str):
         info = _info_from(_import_spec(info), name or info)
@@ -238,6 +239,10 @@ def register_optimizer(info: OptimizerInfo | str, *, name: str | None = None) ->
         from bigbatch.scaling import RULES  # here, not at import: scaling imports this module
 
         check_choice("default_rule", info.default_rule, RULES)
+    old = OPTIMIZERS.get(info.name)
+    if old is not None and old != info and not overwrite:
+        raise ValueError(f"optimizer {info.name!r} is already registered ({old.description or old.build!r}); "
+                         "pass overwrite=True to replace it")
     return _add(info)
 
 
