@@ -1,7 +1,7 @@
 """Optimizer step time on parameter sets shaped like GPT-2 124M and GPT-2 XL 1.5B (CUDA).
 
     python benchmarks/optim_step.py                 # table: ms / step, effective GB/s
-    python benchmarks/optim_step.py --check         # fused vs foreach parity after 100 steps
+    python benchmarks/optim_step.py --check         # fused vs foreach parity after 100 steps (LR x0.1 at 50)
     python benchmarks/optim_step.py --sizes 124m    # one size only
     python benchmarks/optim_step.py --kernels       # device time per kernel of one fused step
 
@@ -163,6 +163,7 @@ def check(sizes: list[str], steps: int = 100) -> int:
         for name, cls, kw in [
             ("LARS", LARS, dict(lr=0.05, momentum=0.9, weight_decay=1e-4)),
             ("LARS nesterov+clip", LARS, dict(lr=0.05, momentum=0.9, weight_decay=1e-4, nesterov=True, clip=True)),
+            ("LARS torch convention", LARS, dict(lr=0.05, momentum=0.9, weight_decay=1e-4, momentum_convention="torch")),
             ("LAMB", LAMB, dict(lr=1e-3, weight_decay=0.01)),
             ("LAMB clip+prenorm", LAMB, dict(lr=1e-3, weight_decay=0.01, trust_clip=(0.01, 10.0), grad_prenorm=1.0)),
             ("MERIT", MERIT, dict(lr=1e-3, weight_decay=0.01)),
@@ -173,7 +174,11 @@ def check(sizes: list[str], steps: int = 100) -> int:
                 oa = cls(groups(pa, wd), **kw, fused=True)
                 ob = cls(groups(pb, wd), **kw, foreach=True)
                 gen = torch.Generator(device="cuda").manual_seed(5)
-                for _ in range(steps):
+                for t in range(steps):
+                    if t == steps // 2:  # an LR drop: where LARS's two momentum conventions part
+                        for o in (oa, ob):
+                            for g in o.param_groups:
+                                g["lr"] *= 0.1
                     for a, b in zip(pa, pb):
                         g = torch.randn(a.shape, device="cuda", generator=gen).mul_(1e-2)
                         a.grad, b.grad = g, g.clone()

@@ -18,7 +18,8 @@ from typing import Any
 from bigbatch._checks import (
     check_choice, check_in_range, check_int_positive, check_nonnegative, check_positive, closest,
 )
-from bigbatch.schedules import DECAYS, WARMUPS, WSD_DECAY_SHAPES, Schedule
+from bigbatch.optim.factory import optimizer_info
+from bigbatch.schedules import DECAYS, SHAPE_FIELDS, Schedule, ScheduleShape
 
 __all__ = ["Recipe"]
 
@@ -26,54 +27,38 @@ _NEEDS_BUDGET = ("poly", "cosine", "wsd")
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
-class Recipe:
-    """The batch-size-dependent part of a training recipe; lengths in epochs."""
+class Recipe(ScheduleShape):
+    """The batch-size-dependent part of a training recipe; lengths in epochs.
+
+    The schedule's shape fields (warmup, warmup_start_factor, poly_power, exp_gamma, gamma,
+    min_lr_ratio, decay_fraction, wsd_decay_shape, power_a, power_b) are
+    :class:`bigbatch.schedules.ScheduleShape`'s, shared with :class:`~bigbatch.schedules.Schedule`."""
 
     batch_size: int
     """Global batch size (examples per optimizer step) at which the recipe is tuned."""
     lr: float
     """Peak learning rate η."""
     optimizer: str = "sgd"
-    """Optimizer name (sgd, lars, adam, adamw, lamb, merit)."""
+    """Optimizer name: one of ``bigbatch.optim.optimizer_names()`` (sgd, adam, adamw, lars, lamb,
+    merit, and any registered one) or a ``module:Class`` spec; checked at construction."""
     momentum: float | None = None
     """Heavy-ball momentum (sgd, lars); None: the optimizer's default."""
     betas: tuple[float, float] | None = None
     """Adam-family (β₁, β₂), each in [0, 1); None: the optimizer's default."""
     eps: float | None = None
-    """Adam-family ε; None: the optimizer's default."""
+    """Adam-family ε (or an optimizer's own ``eps``, such as LARS's); None: the optimizer's default."""
     weight_decay: float = 0.0
     """Weight decay (kept by every rule)."""
     dataset_size: int | None = None
     """Samples per epoch; needed to place the epoch lengths in samples."""
     warmup_epochs: float = 0.0
     """Warmup length in epochs."""
-    warmup: str = "linear"
-    """Warmup shape: linear, exponential, none."""
-    warmup_start_factor: float | None = None
-    """LR at the start of warmup as a fraction of the peak; None: 0 (linear), 0.01 (exponential).
-    Goyal et al. 2017 (§2.2) start at the small-batch LR, i.e. 1/k under the linear rule."""
     budget_epochs: float | None = None
     """Training length in epochs (needed by poly, cosine, wsd)."""
     schedule: str = "constant"
     """Decay shape after warmup: constant, poly, exp, multistep, cosine, wsd, power."""
-    poly_power: float = 1.0
-    """Power of the ``poly`` decay."""
-    exp_gamma: float = 0.97
-    """LR factor per epoch of the ``exp`` decay."""
     milestones: tuple[float, ...] = ()
     """``multistep`` milestones in epochs (increasing)."""
-    gamma: float = 0.1
-    """``multistep`` factor at each milestone."""
-    min_lr_ratio: float = 0.0
-    """Floor of poly / cosine / wsd / power's final decay, as a fraction of ``lr``."""
-    decay_fraction: float = 0.1
-    """``wsd`` / ``power``: fraction of the budget spent in the final decay."""
-    wsd_decay_shape: str = "linear"
-    """Final-decay shape of ``wsd`` / ``power``: linear, cosine, sqrt."""
-    power_a: float = 4.0
-    """``power`` schedule coefficient a in min(lr, a·n^b), n in samples."""
-    power_b: float = -0.51
-    """``power`` schedule exponent b."""
     ema_decay: float | None = None
     """Per-step decay ρ of a model EMA, in [0, 1); None: no EMA."""
 
@@ -93,13 +78,22 @@ class Recipe:
             object.__setattr__(self, "betas", (float(b[0]), float(b[1])))
         if self.eps is not None:
             check_positive("eps", self.eps)
+        # After the range checks: a value out of range is reported as such whatever the optimizer.
+        info = optimizer_info(self.optimizer)  # unknown name: the error lists the valid ones
+        for key in ("momentum", "betas", "eps"):
+            # A key the family does not scale may still be the optimizer's own (LARS's eps).
+            if getattr(self, key) is not None and not info.takes(key) and key not in info.defaults:
+                takes = ", ".join(info.hparams) or "neither momentum nor betas/eps"
+                raise ValueError(
+                    f"{key} is not a hyperparameter of optimizer {self.optimizer!r} "
+                    f"({info.family} family, takes {takes}); leave it unset"
+                )
         check_nonnegative("weight_decay", self.weight_decay)
         if self.dataset_size is not None:
             check_int_positive("dataset_size", self.dataset_size)
         check_nonnegative("warmup_epochs", self.warmup_epochs)
-        check_choice("warmup shape", self.warmup, WARMUPS)
         check_choice("schedule", self.schedule, DECAYS)
-        check_choice("wsd_decay_shape", self.wsd_decay_shape, WSD_DECAY_SHAPES)
+        self._check_shape()
         if self.budget_epochs is not None:
             check_positive("budget_epochs", self.budget_epochs)
             if self.warmup_epochs > self.budget_epochs:
@@ -111,19 +105,16 @@ class Recipe:
         if self.ema_decay is not None:
             check_in_range("ema_decay", self.ema_decay, 0.0, 1.0)
         object.__setattr__(self, "milestones", tuple(float(m) for m in self.milestones))
-        # The remaining shape parameters are validated by Schedule (same names, same ranges).
+        # The lengths (milestones against the budget, ...) are validated by Schedule, in samples.
         self._schedule(1.0)
 
     # -- schedule ------------------------------------------------------------------------
     def _schedule(self, epoch_samples: float) -> Schedule:
         e = float(epoch_samples)
         return Schedule(
-            peak_lr=self.lr, decay=self.schedule, warmup=self.warmup, warmup_samples=self.warmup_epochs * e,
-            warmup_start_factor=self.warmup_start_factor,
+            peak_lr=self.lr, decay=self.schedule, warmup_samples=self.warmup_epochs * e,
             total_samples=None if self.budget_epochs is None else self.budget_epochs * e, epoch_samples=e,
-            poly_power=self.poly_power, exp_gamma=self.exp_gamma, milestones=tuple(m * e for m in self.milestones),
-            gamma=self.gamma, min_lr_ratio=self.min_lr_ratio, decay_fraction=self.decay_fraction,
-            wsd_decay_shape=self.wsd_decay_shape, power_a=self.power_a, power_b=self.power_b,
+            milestones=tuple(m * e for m in self.milestones), **self.shape(),
         )
 
     def to_schedule(self) -> Schedule:
@@ -173,7 +164,9 @@ class Recipe:
         )
 
     def to_dict(self) -> dict[str, Any]:
-        d = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+        # Own fields first (batch_size, lr, optimizer, ...), then the schedule's shape fields.
+        own = [f.name for f in dataclasses.fields(self) if f.name not in SHAPE_FIELDS]
+        d = {k: getattr(self, k) for k in (*own, *SHAPE_FIELDS)}
         d["betas"] = None if self.betas is None else list(self.betas)
         d["milestones"] = list(self.milestones)
         return d

@@ -33,11 +33,12 @@ from dataclasses import dataclass
 from typing import Any
 
 from bigbatch._checks import check_choice, check_int_positive, check_positive
+from bigbatch.optim.factory import OPTIMIZERS, optimizer_info
 from bigbatch.recipe import _NEEDS_BUDGET, Recipe
 
 __all__ = [
-    "RULES", "FAMILIES", "Recipe", "Change", "Rescaled", "ScalingPlan",
-    "rescale", "default_rule", "lr_factor",
+    "RULES", "Recipe", "Change", "Rescaled", "ScalingPlan",
+    "rescale", "default_rule", "family", "lr_factor",
 ]
 
 RULES: dict[str, str] = {
@@ -49,11 +50,10 @@ RULES: dict[str, str] = {
 }
 """Rule name → the paper it comes from."""
 
-FAMILIES: dict[str, str] = {"sgd": "sgd", "lars": "sgd", "adam": "adam", "adamw": "adam", "lamb": "adam", "merit": "adam"}
-"""Optimizer → family; the family decides the default rule and the default betas/eps."""
 
-_DEFAULT_RULE = {"sgd": "linear", "lars": "legw", "adam": "adam-sqrt", "adamw": "adam-sqrt", "lamb": "sqrt", "merit": "sqrt"}
-_ADAM_DEFAULTS = {"adam": ((0.9, 0.999), 1e-8), "adamw": ((0.9, 0.999), 1e-8), "lamb": ((0.9, 0.999), 1e-6), "merit": ((0.9, 0.999), 1e-6)}
+def family(optimizer: str) -> str:
+    """The optimizer's family (``"sgd"``, ``"adam"`` or ``"other"``), from the optimizer registry."""
+    return optimizer_info(optimizer).family
 
 
 # -- rules ---------------------------------------------------------------------------------
@@ -110,12 +110,16 @@ def _fmt(v: Any) -> str:
 
 
 def default_rule(optimizer: str) -> str:
-    """The rule used when none is given: sgd → linear, lars → legw, adam/adamw → adam-sqrt, lamb/merit → sqrt."""
-    if optimizer not in _DEFAULT_RULE:
+    """The rule used when none is given, from the optimizer registry (sgd → linear, lars → legw,
+    adam/adamw → adam-sqrt, lamb/merit → sqrt). An unknown optimizer: ``ValueError`` listing the
+    valid ones; one registered without a default rule: ``ValueError`` asking for a rule."""
+    info = optimizer_info(optimizer)
+    if info.default_rule is None:
         raise ValueError(
-            f"no default scaling rule for optimizer {optimizer!r} (known: {', '.join(_DEFAULT_RULE)}); pass a rule"
+            f"optimizer {optimizer!r} ({info.family} family) has no default scaling rule; "
+            f"pass rule= one of {', '.join(RULES)}"
         )
-    return _DEFAULT_RULE[optimizer]
+    return info.default_rule
 
 
 def lr_factor(rule: str, k: float) -> float:
@@ -181,14 +185,15 @@ def rescale(recipe: Recipe, batch_size: int, rule: str | None = None) -> Rescale
         changes.append(Change("warmup_epochs", recipe.warmup_epochs, recipe.warmup_epochs, f"same epochs: {src}"))
 
     if rule == "adam-sqrt":
-        fam = FAMILIES.get(recipe.optimizer)
-        if fam != "adam":
-            raise ValueError(f"rule 'adam-sqrt' needs an Adam-family optimizer (adam, adamw, lamb, merit), got {recipe.optimizer!r}")
+        info = optimizer_info(recipe.optimizer)
+        if info.family != "adam":
+            adams = ", ".join(n for n, i in OPTIMIZERS.items() if i.family == "adam")
+            raise ValueError(f"rule 'adam-sqrt' needs an Adam-family optimizer ({adams}), got {recipe.optimizer!r}")
         betas, eps = recipe.betas, recipe.eps
-        dflt_b, dflt_e = _ADAM_DEFAULTS.get(recipe.optimizer, ((0.9, 0.999), 1e-8))
+        dflt_b, dflt_e = info.default("betas") or (0.9, 0.999), info.default("eps") or 1e-8
         if betas is None:
-            betas = dflt_b
-            notes.append(f"betas not set: {recipe.optimizer} default {dflt_b} assumed")
+            betas = tuple(dflt_b)
+            notes.append(f"betas not set: {recipe.optimizer} default {tuple(dflt_b)} assumed")
         if eps is None:
             eps = dflt_e
             notes.append(f"eps not set: {recipe.optimizer} default {dflt_e:g} assumed")

@@ -43,7 +43,7 @@ import torch
 
 from bigbatch._checks import check_choice, check_in_range, check_nonnegative, check_positive
 
-__all__ = ["WARMUPS", "DECAYS", "WSD_DECAY_SHAPES", "Schedule", "SampleLR"]
+__all__ = ["WARMUPS", "DECAYS", "WSD_DECAY_SHAPES", "ScheduleShape", "Schedule", "SampleLR"]
 
 WARMUPS = ("linear", "exponential", "none")
 DECAYS = ("constant", "poly", "exp", "multistep", "cosine", "wsd", "power")
@@ -54,51 +54,83 @@ _DEFAULT_EXP_WARMUP_START = 0.01  # a geometric ramp cannot start at 0
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
-class Schedule:
-    """Warmup then decay; call it with the samples seen to get the learning rate."""
+class ScheduleShape:
+    """The unit-free shape of a warmup + decay schedule, shared by :class:`Schedule` (lengths in
+    samples) and :class:`bigbatch.scaling.Recipe` (lengths in epochs): each field is declared,
+    documented and range-checked here once."""
+
+    warmup: str = "linear"
+    """Warmup shape: linear, exponential or none."""
+    warmup_start_factor: float | None = None
+    """LR at the start of warmup as a fraction of the warmup target; None: 0 (linear), 0.01
+    (exponential). Goyal et al. 2017 (§2.2) start at the small-batch LR, i.e. 1/k under the
+    linear rule."""
+    poly_power: float = 1.0
+    """Power p of the ``poly`` decay."""
+    exp_gamma: float = 0.97
+    """LR factor per epoch of the ``exp`` decay."""
+    gamma: float = 0.1
+    """``multistep``: factor applied at each milestone."""
+    min_lr_ratio: float = 0.0
+    """Floor of poly, cosine, wsd and power's final decay, as a fraction of the peak LR."""
+    decay_fraction: float = 0.1
+    """``wsd`` / ``power``: fraction of the run spent in the final decay."""
+    wsd_decay_shape: str = "linear"
+    """Shape of the final decay of ``wsd`` / ``power``: linear, cosine or sqrt (1 - sqrt)."""
+    power_a: float = 4.0
+    """``power``: coefficient a of ``min(lr, a · n^b)``, n in samples (Shen et al. 2024 use a = 4
+    times the batch size)."""
+    power_b: float = -0.51
+    """``power``: exponent b of ``a · n^b`` (Shen et al. 2024: -0.51)."""
+
+    def _check_shape(self) -> None:
+        """Range checks of the shape fields (called by the subclasses' ``__post_init__``)."""
+        check_choice("warmup shape", self.warmup, WARMUPS)
+        check_choice("wsd_decay_shape", self.wsd_decay_shape, WSD_DECAY_SHAPES)
+        if self.warmup_start_factor is not None:
+            lo_open = self.warmup == "exponential"
+            check_in_range("warmup_start_factor", self.warmup_start_factor, 0.0, 1.0, lo_inclusive=not lo_open, hi_inclusive=True)
+        check_positive("poly_power", self.poly_power)
+        check_in_range("exp_gamma", self.exp_gamma, 0.0, 1.0, lo_inclusive=False, hi_inclusive=True)
+        check_in_range("gamma", self.gamma, 0.0, 1.0, lo_inclusive=False, hi_inclusive=True)
+        check_in_range("min_lr_ratio", self.min_lr_ratio, 0.0, 1.0, hi_inclusive=True)
+        check_in_range("decay_fraction", self.decay_fraction, 0.0, 1.0, hi_inclusive=True)
+        check_positive("power_a", self.power_a)
+        check_in_range("power_b", self.power_b, -math.inf, 0.0, lo_inclusive=False)
+
+    def shape(self) -> dict[str, Any]:
+        """The shape fields as keyword arguments (for building a :class:`Schedule` from a recipe)."""
+        return {f.name: getattr(self, f.name) for f in fields(ScheduleShape)}
+
+
+SHAPE_FIELDS: tuple[str, ...] = tuple(f.name for f in fields(ScheduleShape))
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class Schedule(ScheduleShape):
+    """Warmup then decay; call it with the samples seen to get the learning rate.
+
+    Lengths are in samples; the shape fields (warmup, poly_power, ...) are
+    :class:`ScheduleShape`'s."""
 
     peak_lr: float
     """Peak learning rate η (after warmup)."""
     decay: str = "constant"
     """Shape after warmup: constant, poly, exp, multistep, cosine, wsd, power."""
-    warmup: str = "linear"
-    """Warmup shape: linear, exponential or none."""
     warmup_samples: float = 0.0
     """Warmup length in samples (0: no warmup)."""
-    warmup_start_factor: float | None = None
-    """LR at 0 samples as a fraction of the warmup target; default 0 (linear), 0.01 (exponential)."""
     total_samples: float | None = None
     """Length of the run in samples; needed by poly, cosine and wsd (and power's final decay)."""
     epoch_samples: float | None = None
     """Samples per epoch; needed by ``exp`` (its γ is per epoch)."""
-    poly_power: float = 1.0
-    """Power p of the polynomial decay."""
-    exp_gamma: float = 0.97
-    """Multiplicative LR factor per epoch for ``exp``."""
     milestones: tuple[float, ...] = ()
     """``multistep``: samples at which the LR is multiplied by ``gamma`` (increasing)."""
-    gamma: float = 0.1
-    """``multistep``: factor applied at each milestone."""
-    min_lr_ratio: float = 0.0
-    """Floor of poly, cosine, wsd and power's final decay, as a fraction of ``peak_lr``."""
-    decay_fraction: float = 0.1
-    """``wsd`` / ``power``: fraction of ``total_samples`` spent in the final decay."""
-    wsd_decay_shape: str = "linear"
-    """Shape of the final decay of ``wsd`` / ``power``: linear, cosine or sqrt (1 - sqrt)."""
-    power_a: float = 4.0
-    """``power``: coefficient a of ``a · n^b`` (Shen et al. 2024 use a = 4 times the batch size)."""
-    power_b: float = -0.51
-    """``power``: exponent b of ``a · n^b`` (Shen et al. 2024: -0.51)."""
 
     def __post_init__(self) -> None:
         check_positive("peak_lr", self.peak_lr)
         check_choice("decay shape", self.decay, DECAYS)
-        check_choice("warmup shape", self.warmup, WARMUPS)
-        check_choice("wsd_decay_shape", self.wsd_decay_shape, WSD_DECAY_SHAPES)
+        self._check_shape()
         check_nonnegative("warmup_samples", self.warmup_samples)
-        if self.warmup_start_factor is not None:
-            lo_open = self.warmup == "exponential"
-            check_in_range("warmup_start_factor", self.warmup_start_factor, 0.0, 1.0, lo_inclusive=not lo_open, hi_inclusive=True)
         if self.total_samples is not None:
             check_positive("total_samples", self.total_samples)
             if self.warmup_samples > self.total_samples:
@@ -111,13 +143,6 @@ class Schedule:
             check_positive("epoch_samples", self.epoch_samples)
         elif self.decay == "exp":
             raise ValueError("epoch_samples must be set (> 0) for the 'exp' decay (its gamma is per epoch)")
-        check_positive("poly_power", self.poly_power)
-        check_in_range("exp_gamma", self.exp_gamma, 0.0, 1.0, lo_inclusive=False, hi_inclusive=True)
-        check_in_range("gamma", self.gamma, 0.0, 1.0, lo_inclusive=False, hi_inclusive=True)
-        check_in_range("min_lr_ratio", self.min_lr_ratio, 0.0, 1.0, hi_inclusive=True)
-        check_in_range("decay_fraction", self.decay_fraction, 0.0, 1.0, hi_inclusive=True)
-        check_positive("power_a", self.power_a)
-        check_in_range("power_b", self.power_b, -math.inf, 0.0, lo_inclusive=False)
         ms = tuple(float(check_nonnegative("milestones", m)) for m in self.milestones)
         if any(b <= a for a, b in zip(ms, ms[1:])):
             raise ValueError(f"milestones must be strictly increasing, got {list(self.milestones)}")
@@ -186,7 +211,9 @@ class Schedule:
         return floor + (lr - floor) * g if lr > floor else lr
 
     def to_dict(self) -> dict[str, Any]:
-        return {f.name: getattr(self, f.name) for f in fields(self)}
+        # Own fields first (peak_lr, decay, lengths), then the shape: the order a reader expects.
+        own = [f.name for f in fields(self) if f.name not in SHAPE_FIELDS]
+        return {k: getattr(self, k) for k in (*own, *SHAPE_FIELDS)}
 
 
 class SampleLR(torch.optim.lr_scheduler.LRScheduler):

@@ -14,6 +14,7 @@ CASES = [
     (LARS, dict(lr=0.1, momentum=0.9, weight_decay=1e-4, trust_coefficient=0.01)),
     (LARS, dict(lr=0.1, momentum=0.9, weight_decay=1e-4, nesterov=True, clip=True)),
     (LARS, dict(lr=0.1, momentum=0.0, weight_decay=0.0)),
+    (LARS, dict(lr=0.1, momentum=0.9, weight_decay=1e-4, trust_coefficient=0.01, momentum_convention="torch")),
     (LAMB, dict(lr=1e-2, weight_decay=0.01)),
     (LAMB, dict(lr=1e-2, weight_decay=0.01, bias_correction=False, trust_clip=(0.01, 5.0), grad_prenorm=1.0)),
     (MERIT, dict(lr=1e-2, weight_decay=0.01)),
@@ -34,9 +35,13 @@ def _groups(ps):
                                                           "weight_decay": 0.0}]
 
 
-def _run(pa, pb, oa, ob, steps, seed=3, zero_grad_idx=5):
+def _run(pa, pb, oa, ob, steps, seed=3, zero_grad_idx=5, lr_drop_at=None):
     gen = torch.Generator(device="cuda").manual_seed(seed)
-    for _ in range(steps):
+    for t in range(steps):
+        if t == lr_drop_at:
+            for o in (oa, ob):
+                for g in o.param_groups:
+                    g["lr"] *= 0.1
         for i, (a, b) in enumerate(zip(pa, pb)):
             g = torch.randn(a.shape, device="cuda", generator=gen).to(a.dtype)
             if i == zero_grad_idx:
@@ -68,6 +73,17 @@ def test_fused_bf16_master_weights_match_reference(cls):
     for a, b in zip(pa, pb):
         assert a.dtype == torch.bfloat16
         assert _rel(oa.state[a]["master"], ob.state[b]["master"]) <= 1e-5
+
+
+@pytest.mark.parametrize("convention", ["paper", "torch"])
+def test_fused_lars_momentum_conventions_across_an_lr_drop(convention):
+    # The conventions differ only after an LR change: the fused kernel must follow foreach there.
+    kw = dict(lr=0.7, momentum=0.9, weight_decay=1e-4, trust_coefficient=0.01, momentum_convention=convention)
+    pa, pb = _params(), _params()
+    oa, ob = LARS(_groups(pa), **kw, fused=True), LARS(_groups(pb), **kw, foreach=True)
+    _run(pa, pb, oa, ob, 40, lr_drop_at=20)
+    for a, b in zip(pa, pb):
+        assert _rel(a, b) <= 1e-6
 
 
 @pytest.mark.parametrize("cls, kw", CASES[::2])

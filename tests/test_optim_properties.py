@@ -8,10 +8,10 @@ import torch
 import torch._dynamo.testing
 from torch import nn
 
-from bigbatch.optim import LAMB, LARS, MERIT, OPTIMIZERS, create_optimizer, param_groups
+from bigbatch.optim import LAMB, LARS, MERIT, OPTIMIZERS, create_optimizer, optimizer_info, param_groups
 
 NAMES = sorted(OPTIMIZERS)
-LR = {"sgd": 0.05, "adamw": 0.01, "lars": 0.2, "lamb": 0.02, "merit": 0.02}
+LR = {"sgd": 0.05, "adam": 0.01, "adamw": 0.01, "lars": 0.2, "lamb": 0.02, "merit": 0.02}
 
 
 def _model(seed=0, dtype=torch.float32):
@@ -31,7 +31,7 @@ def _loss(model, x, y):
 
 
 def _make(name, model, **kw):
-    extra = {"momentum": 0.9} if name in ("sgd", "lars") else {}
+    extra = {"momentum": 0.9} if optimizer_info(name).takes("momentum") else {}
     if name == "lars":
         extra["trust_coefficient"] = 0.05  # a 16-unit toy net needs larger layer steps than ResNet
     return create_optimizer(name, model, lr=LR[name], weight_decay=1e-4, **extra, **kw)

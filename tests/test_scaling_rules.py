@@ -95,8 +95,13 @@ def test_default_rule_per_family_and_said():
     res = rescale(Recipe(batch_size=32, lr=0.1, optimizer="lars", warmup_epochs=0.5), 128)
     assert res.rule == "legw" and any("default for optimizer 'lars'" in n for n in res.notes)
     assert res.recipe.lr == pytest.approx(0.2) and res.recipe.warmup_epochs == pytest.approx(2.0)
-    with pytest.raises(ValueError, match="no default scaling rule"):
-        rescale(Recipe(batch_size=32, lr=0.1, optimizer="rmsprop"), 64)
+    # Issue 16: an unknown optimizer is refused when the recipe is made, naming the valid ones.
+    with pytest.raises(ValueError, match=r"unknown optimizer 'rmsprop'.*valid: sgd, adam, adamw, lars, lamb, merit"):
+        Recipe(batch_size=32, lr=0.1, optimizer="rmsprop")
+    # A known optimizer without a default rule (Adagrad: neither momentum nor betas) asks for one.
+    with pytest.raises(ValueError, match="no default scaling rule.*pass rule="):
+        rescale(Recipe(batch_size=32, lr=0.1, optimizer="torch.optim:Adagrad"), 64)
+    assert rescale(Recipe(batch_size=32, lr=0.1, optimizer="torch.optim:Adagrad"), 128, "sqrt").recipe.lr == pytest.approx(0.2)
 
 
 def test_every_change_has_a_reason_with_its_source():

@@ -204,3 +204,38 @@ def test_sample_lr_rejects_nan_samples():
     with pytest.raises(ValueError, match="samples must be a number"):
         sched.step(samples=float("nan"))
     assert sched.samples == 0.0
+
+
+# -- one shape dataclass for Recipe (epochs) and Schedule (samples) -------------------------------
+def test_recipe_and_schedule_share_one_shape_declaration():
+    import dataclasses
+
+    from bigbatch.schedules import SHAPE_FIELDS, ScheduleShape
+    from bigbatch.scaling import Recipe
+
+    assert issubclass(Recipe, ScheduleShape) and issubclass(Schedule, ScheduleShape)
+    for cls in (Recipe, Schedule):
+        own = {f.name for f in dataclasses.fields(cls)} - set(SHAPE_FIELDS)
+        # No field of the shape is declared again, under this or another name.
+        assert not own & {"warmup", "poly_power", "exp_gamma", "gamma", "min_lr_ratio", "decay_fraction",
+                          "wsd_decay_shape", "power_a", "power_b", "warmup_start_factor"}
+    shape = dict(warmup="exponential", warmup_start_factor=0.05, poly_power=2.0, exp_gamma=0.9, gamma=0.5,
+                 min_lr_ratio=0.1, decay_fraction=0.2, wsd_decay_shape="sqrt", power_a=3.0, power_b=-0.4)
+    r = Recipe(batch_size=64, lr=0.1, dataset_size=1000, warmup_epochs=1, budget_epochs=10, schedule="wsd", **shape)
+    sched = r.to_schedule()
+    assert sched.shape() == r.shape() == shape
+    assert (sched.warmup_samples, sched.total_samples) == (1000.0, 10000.0)
+    assert list(r.to_dict())[:3] == ["batch_size", "lr", "optimizer"]  # own fields first, then the shape
+    assert Recipe.from_dict(r.to_dict()) == r
+
+
+@pytest.mark.parametrize("kw, match", [(dict(poly_power=0.0), "poly_power must be > 0"),
+                                       (dict(wsd_decay_shape="cos"), "did you mean cosine"),
+                                       (dict(warmup="exp"), "unknown warmup shape 'exp'")])
+def test_a_bad_shape_field_gives_the_same_error_from_recipe_and_schedule(kw, match):
+    from bigbatch.scaling import Recipe
+
+    with pytest.raises(ValueError, match=match):
+        Recipe(batch_size=64, lr=0.1, **kw)
+    with pytest.raises(ValueError, match=match):
+        Schedule(peak_lr=0.1, **kw)

@@ -23,6 +23,7 @@ from __future__ import annotations
 import itertools
 import os
 import warnings
+from dataclasses import dataclass, field
 from typing import Any, Callable, Iterable
 
 import torch
@@ -31,7 +32,7 @@ from torch import Tensor
 from bigbatch._checks import check_choice, check_nonnegative, check_positive
 from bigbatch.optim._common import all_finite, is_dtensor, local
 
-__all__ = ["TrustRatioOptimizer", "fused_available", "fused_refusal"]
+__all__ = ["FusedCache", "TrustRatioOptimizer", "fused_available", "fused_refusal"]
 
 _FLOAT_DTYPES = (torch.float64, torch.float32, torch.bfloat16, torch.float16)
 _LOW = (torch.bfloat16, torch.float16)
@@ -82,11 +83,32 @@ def fused_available(params: Iterable[Tensor]) -> bool:
     return fused_refusal(params) is None
 
 
-class TrustRatioOptimizer(torch.optim.Optimizer):
-    """Base class: subclasses define ``_state_keys``, ``_init_state`` and ``_update`` (reference math)."""
+@dataclass(slots=True)
+class FusedCache:
+    """The fused path's bookkeeping for one optimizer, handed to ``bigbatch.optim._fused``.
 
-    _state_keys: tuple[str, ...] = ()
-    _algorithm: str = ""
+    Kept here (not in ``_fused``, which imports Triton) so that the optimizer owns it and the
+    fused module reads only public names: ``algorithm``, ``state_keys``, ``init_state``,
+    ``grad_prenorm``, ``nonfinite`` and this record.
+    """
+
+    packs: dict[Any, Any] = field(default_factory=dict)
+    """Flat-buffer packs and the step plan; cleared whenever the state is swapped."""
+    flag: Tensor | None = None
+    """Device int32[1]: nonzero when this step saw a non-finite gradient."""
+    skipped: Tensor | None = None
+    """Device float32 counter of skipped steps (no host sync)."""
+
+
+class TrustRatioOptimizer(torch.optim.Optimizer):
+    """Base class: subclasses set ``algorithm`` and ``state_keys`` and define ``_update`` (reference math)."""
+
+    state_keys: tuple[str, ...] = ()
+    """Names of the per-parameter state tensors shaped like the parameter (moments, buffers)."""
+    algorithm: str = ""
+    """Which fused kernel runs this optimizer (``"lars"``, ``"lamb"``, ``"merit"``)."""
+    grad_prenorm: float | None = None
+    """Global gradient-norm bound applied before the update (LAMB's option), or None."""
 
     def __init__(
         self,
@@ -107,8 +129,7 @@ class TrustRatioOptimizer(torch.optim.Optimizer):
         super().__init__(params, defaults)
         self.nonfinite = nonfinite
         self._skipped_host = 0
-        self._fused_skipped: Tensor | None = None  # device counter of the fused path (no sync)
-        self._fused_packs: dict[Any, Any] = {}
+        self._fused = FusedCache()
         for group in self.param_groups:
             for p in group["params"]:
                 if p.dtype not in _FLOAT_DTYPES:
@@ -126,15 +147,16 @@ class TrustRatioOptimizer(torch.optim.Optimizer):
     @property
     def skipped_steps(self) -> int:
         """Steps skipped because of a non-finite gradient (``nonfinite="skip"``); reading it syncs."""
-        dev = 0 if self._fused_skipped is None else int(self._fused_skipped.item())
+        dev = 0 if self._fused.skipped is None else int(self._fused.skipped.item())
         return self._skipped_host + dev
 
     # ---- state ---------------------------------------------------------------------------
-    def _state_for(self, p: Tensor, group: dict) -> dict:
+    def init_state(self, p: Tensor, group: dict) -> dict:
+        """``p``'s state entry, created on first use (step counter, ``state_keys`` tensors, master copy)."""
         st = self.state[p]
         if not st:
             st["step"] = torch.tensor(0.0, dtype=torch.float32)
-            for k in self._state_keys:
+            for k in self.state_keys:
                 st[k] = torch.zeros_like(p, dtype=_state_dtype(p), memory_format=torch.preserve_format)
             if group["master_weights"] and p.dtype in _LOW:
                 st["master"] = p.detach().float().clone()
@@ -158,7 +180,7 @@ class TrustRatioOptimizer(torch.optim.Optimizer):
             for k, v in saved.items():
                 if k != "step" and torch.is_tensor(v) and v.is_floating_point():
                     self.state[p][k] = v.detach().to(device=p.device, dtype=_state_dtype(p), copy=True)
-        self._fused_packs.clear()  # fused flat buffers must be rebuilt from the loaded state
+        self._fused.packs.clear()  # fused flat buffers must be rebuilt from the loaded state
 
     def state_dict(self) -> dict[str, Any]:
         sd = super().state_dict()
@@ -191,7 +213,7 @@ class TrustRatioOptimizer(torch.optim.Optimizer):
             from bigbatch.optim._fused import fused_step
 
             ref_grads = [p.grad for _, ps in ref_groups for p in ps]
-            flag = fused_step(self, fused_groups, run_reference=bool(ref_groups), ref_grads=ref_grads)
+            flag = fused_step(self, self._fused, fused_groups, run_reference=bool(ref_groups), ref_grads=ref_grads)
             if ref_groups:
                 self._reference_step(ref_groups, skip=flag)
             return loss
@@ -214,11 +236,11 @@ class TrustRatioOptimizer(torch.optim.Optimizer):
                 )
             self._skipped_host += 1
             return
-        if self._fused_packs:  # state tensors may change identity below: fused packs must re-read them
-            self._fused_packs.clear()
+        if self._fused.packs:  # state tensors may change identity below: fused packs must re-read them
+            self._fused.packs.clear()
         prenorm = self._grad_scale(grads)
         for group, params in groups:
-            states = [self._state_for(p, group) for p in params]
+            states = [self.init_state(p, group) for p in params]
             for st in states:
                 if st["step"].device.type != "cpu":  # e.g. after a fused step; keep host scalars here
                     st["step"] = st["step"].detach().cpu()

@@ -35,8 +35,31 @@ def _as_predicate(rule: Rule, what: str) -> Callable[[str, Tensor], bool]:
     return lambda name, p: any(fnmatch.fnmatchcase(name, pat) or pat in name.split(".") for pat in patterns)
 
 
+def _named(model: Any, patterns: bool) -> list[tuple[str, Tensor]]:
+    """``(name, tensor)`` pairs of a module, of named parameters, or of plain tensors (named by index)."""
+    if isinstance(model, nn.Module):
+        return list(model.named_parameters())
+    if isinstance(model, Tensor) or isinstance(model, (str, bytes)) or not hasattr(model, "__iter__"):
+        raise ValueError(
+            "model must be an nn.Module, an iterable of (name, tensor) pairs (named_parameters()) or of "
+            f"tensors, got {type(model).__name__}"
+        )
+    items = list(model)
+    if all(isinstance(x, Tensor) for x in items):
+        if patterns:
+            raise ValueError("name patterns need names: pass the model or model.named_parameters(), not bare tensors")
+        return [(str(i), p) for i, p in enumerate(items)]
+    if all(isinstance(x, tuple) and len(x) == 2 and isinstance(x[0], str) and isinstance(x[1], Tensor) for x in items):
+        return items
+    bad = next((x for x in items if not isinstance(x, (Tensor, tuple))), items[0])
+    raise ValueError(
+        "model must be an nn.Module, an iterable of (name, tensor) pairs or of tensors (not a mix); "
+        f"got an element of type {type(bad).__name__}"
+    )
+
+
 def param_groups(
-    model: nn.Module,
+    model: nn.Module | Iterable[Tensor] | Iterable[tuple[str, Tensor]],
     weight_decay: float,
     *,
     no_decay: Rule = None,
@@ -46,13 +69,14 @@ def param_groups(
     """Split ``model``'s trainable parameters into groups by (weight decay, adaptation).
 
     Args:
-        model: the module whose ``named_parameters()`` are grouped.
+        model: the module whose ``named_parameters()`` are grouped, or those pairs themselves, or
+            plain tensors (named ``"0"``, ``"1"``, ... by position; name patterns then refused).
         weight_decay: decay (≥ 0) for the decayed group; the excluded ones get 0.
         no_decay: which parameters get no weight decay: a predicate ``(name, param) -> bool`` or
             name patterns (fnmatch, or an exact dotted component such as ``"bias"``).
             Default: tensors with ≤ 1 dimension.
         no_adapt: which parameters get ``adapt=False`` (trust ratio 1); same forms and default.
-        exclude: sets both ``no_decay`` and ``no_adapt`` (DESIGN.md's spelling).
+        exclude: sets both ``no_decay`` and ``no_adapt`` (one name for both).
 
     Returns:
         Non-empty groups ``{"params", "weight_decay", "adapt", "names"}`` in a stable order.
@@ -64,7 +88,8 @@ def param_groups(
         no_decay = no_adapt = exclude
     nd, na = _as_predicate(no_decay, "no_decay"), _as_predicate(no_adapt, "no_adapt")
     buckets: dict[tuple[bool, bool], dict[str, Any]] = {}
-    for name, p in model.named_parameters():
+    uses_patterns = any(r is not None and not callable(r) for r in (no_decay, no_adapt))
+    for name, p in _named(model, uses_patterns):
         if not p.requires_grad:
             continue
         key = (not nd(name, p), not na(name, p))

@@ -9,7 +9,8 @@ Per tensor ``w`` with gradient ``g`` at step ``t`` (Alg. 2, lines 5-9)::
     ratio = φ(‖w‖) / ‖u‖              (1 if ‖w‖ or ‖u‖ is 0; φ = id or clamp to [γ_l, γ_u])
     w ← w − lr · ratio · u
 
-``adapt=False`` forces ratio = 1 (AdamW without the lr in the decay term, i.e. Adam + λw).
+``adapt=False`` forces ratio = 1: ``w ← w − lr·m̂/(√v̂+ε) − lr·λw``, which is exactly
+``torch.optim.AdamW`` (decoupled decay, the lr in the decay term; equal to rounding, tested).
 ``grad_prenorm=c`` first scales every gradient by ``c / max(‖g‖_global, c)``.
 """
 
@@ -94,8 +95,8 @@ class LAMB(TrustRatioOptimizer):
         nonfinite: ``"raise"`` or ``"skip"`` on nan/inf gradients (see ``bigbatch.optim._base``).
     """
 
-    _state_keys = ("exp_avg", "exp_avg_sq")
-    _algorithm = "lamb"
+    state_keys = ("exp_avg", "exp_avg_sq")
+    algorithm = "lamb"
 
     def __init__(
         self,

@@ -84,8 +84,8 @@ class MERIT(TrustRatioOptimizer):
         :class:`bigbatch.optim.LAMB`.
     """
 
-    _state_keys = ("exp_avg", "exp_avg_sq")
-    _algorithm = "merit"
+    state_keys = ("exp_avg", "exp_avg_sq")
+    algorithm = "merit"
 
     def __init__(
         self,

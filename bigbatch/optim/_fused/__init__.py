@@ -84,7 +84,7 @@ class _Pack:
         for p in locs:
             if not p.is_contiguous():
                 raise ValueError("the fused path needs contiguous parameters; pass fused=False")
-        self.algo = opt._algorithm
+        self.algo = opt.algorithm
         self.params = params
         self.sharded = is_dtensor(params[0])
         self.pg = shard_group(params[0])  # all-reduce group (None: nothing to reduce)
@@ -104,8 +104,8 @@ class _Pack:
         self.g_table: Tensor | None = None
         self.g_aligned = False
 
-        states = [opt._state_for(p, group) for p in params]
-        keys = opt._state_keys
+        states = [opt.init_state(p, group) for p in params]
+        keys = opt.state_keys
         self.bufs = {k: torch.zeros(total, dtype=torch.float32, device=dev) for k in keys}
         has_master = "master" in states[0]
         self.master = torch.zeros(total, dtype=torch.float32, device=dev) if has_master else None
@@ -254,10 +254,12 @@ class _Pack:
                 BLOCK=self.block, num_warps=self.warps,
             )
         elif self.algo == "lars":
+            lr = float(group["lr"])
+            lr_in, lr_out = (lr, 1.0) if group.get("momentum_convention", "paper") == "paper" else (1.0, lr)
             K.lars_kernel[(self.ch_tid.numel(),)](
                 self.p_table, self.g_table, self.bufs["momentum_buffer"], master, self.off, self.numel,
                 self.ch_tid, self.ch_start, self.acc, flag,
-                float(group["lr"]), group["momentum"], group["weight_decay"], group["trust_coefficient"], group["eps"],
+                lr, lr_in, lr_out, group["momentum"], group["weight_decay"], group["trust_coefficient"], group["eps"],
                 PASS=pass_, ADAPT=group["adapt"], CLIP=group["clip"], NESTEROV=group["nesterov"],
                 HAS_MOM=group["momentum"] != 0, HAS_MASTER=self.master is not None, PDT=self.pdt, VEC=vec,
                 BLOCK=self.block, num_warps=self.warps,
@@ -282,10 +284,10 @@ class _Pack:
                 )
 
 
-def _plan(opt: Any, fused_groups: list) -> list[tuple[dict, _Pack]]:
-    """The packs of this step, cached in ``opt._fused_packs`` (cleared whenever the state is swapped)."""
+def _plan(opt: Any, cache: Any, fused_groups: list) -> list[tuple[dict, _Pack]]:
+    """The packs of this step, cached in ``cache.packs`` (the optimizer clears it whenever the state is swapped)."""
     sig = tuple(id(p) for _, ps in fused_groups for p in ps)
-    plan = opt._fused_packs.get("plan")
+    plan = cache.packs.get("plan")
     if plan is not None and plan[0] == sig and all(pk.p_key == pk.param_key() for _, pk in plan[1]):
         return plan[1]
     index = {id(g): i for i, g in enumerate(opt.param_groups)}
@@ -296,29 +298,34 @@ def _plan(opt: Any, fused_groups: list) -> list[tuple[dict, _Pack]]:
             by_kind.setdefault((p.dtype, id(shard_group(p))), []).append(p)
         for ps in by_kind.values():
             key = (index[id(group)], ps[0].dtype, tuple(id(p) for p in ps))
-            pack = opt._fused_packs.get(key)
+            pack = cache.packs.get(key)
             if pack is None or pack.p_key != pack.param_key():
                 pack = _Pack(opt, group, ps)
-                opt._fused_packs[key] = pack
+                cache.packs[key] = pack
             out.append((group, pack))
-    opt._fused_packs["plan"] = (sig, out)
+    cache.packs["plan"] = (sig, out)
     return out
 
 
-def fused_step(opt: Any, fused_groups: list, run_reference: bool, ref_grads: list[Tensor] | None = None) -> Tensor:
-    """One fused step over ``fused_groups``; returns the device flag (nonzero: step skipped)."""
+def fused_step(opt: Any, cache: Any, fused_groups: list, run_reference: bool,
+               ref_grads: list[Tensor] | None = None) -> Tensor:
+    """One fused step over ``fused_groups``; returns the device flag (nonzero: step skipped).
+
+    ``opt`` is read through public names only (``algorithm``, ``state_keys``, ``init_state``,
+    ``grad_prenorm``, ``nonfinite``, ``param_groups``); ``cache`` is its
+    :class:`bigbatch.optim._base.FusedCache`."""
     dev = local(fused_groups[0][1][0]).device
-    if opt._fused_skipped is None or opt._fused_skipped.device != dev:
-        opt._fused_flag = torch.zeros(1, dtype=torch.int32, device=dev)
-        opt._fused_skipped = torch.zeros((), dtype=torch.float32, device=dev)
-    flag = opt._fused_flag
+    if cache.skipped is None or cache.skipped.device != dev:
+        cache.flag = torch.zeros(1, dtype=torch.int32, device=dev)
+        cache.skipped = torch.zeros((), dtype=torch.float32, device=dev)
+    flag = cache.flag
     flag.zero_()
     if ref_grads:  # non-fused groups in the same optimizer: one verdict for the whole step
         flag.copy_((~all_finite(ref_grads)).to(torch.int32).to(dev).reshape(1))
-    packs = _plan(opt, fused_groups)
+    packs = _plan(opt, cache, fused_groups)
     keep = [pack.set_grads() for _, pack in packs]  # alive until the kernels have been queued
     gscale = None
-    if getattr(opt, "grad_prenorm", None) is not None:
+    if opt.grad_prenorm is not None:
         c = opt.grad_prenorm
         all_grads = [p.grad for _, pack in packs for p in pack.params]
         gscale = (c / torch.clamp(tensor_norms(all_grads).square().sum().sqrt(), min=c)).reshape(1).to(dev)
@@ -342,9 +349,9 @@ def fused_step(opt: Any, fused_groups: list, run_reference: bool, ref_grads: lis
     skipped = (flag != 0).to(torch.float32)
     for _, pack in packs:
         pack.steps.add_(1.0 - skipped)
-    opt._fused_skipped.add_(skipped[0])
+    cache.skipped.add_(skipped[0])
     if opt.nonfinite == "raise" and bool(flag.item()):
-        opt._fused_skipped.sub_(1.0)
+        cache.skipped.sub_(1.0)
         raise FloatingPointError(
             f"{type(opt).__name__}: non-finite (nan/inf) gradient; the step was not applied and the "
             "optimizer state is unchanged (pass nonfinite='skip' to skip such steps)"

@@ -177,7 +177,7 @@ def lamb_kernel(P, G, M, V, MASTER, OFF, NUMEL, BC, CH_TID, CH_START, ACC, FLAG,
 # ------------------------------------------------------------------------------------ LARS
 @triton.jit
 def lars_kernel(P, G, BUF, MASTER, OFF, NUMEL, CH_TID, CH_START, ACC, FLAG,
-                lr, momentum, wd, eta, eps,
+                lr, lr_in, lr_out, momentum, wd, eta, eps,
                 PASS: tl.constexpr, ADAPT: tl.constexpr, CLIP: tl.constexpr, NESTEROV: tl.constexpr,
                 HAS_MOM: tl.constexpr, HAS_MASTER: tl.constexpr, PDT: tl.constexpr, VEC: tl.constexpr,
                 BLOCK: tl.constexpr):
@@ -193,7 +193,9 @@ def lars_kernel(P, G, BUF, MASTER, OFF, NUMEL, CH_TID, CH_START, ACC, FLAG,
             ratio = tl.where(ok, eta * wn / tl.where(ok, gn + wd * wn + eps, 1.0), 1.0)
             if CLIP:
                 ratio = tl.minimum(ratio / lr, 1.0)
-        d = lr * ratio * (g + wd * w)
+        # Momentum convention: "paper" has (lr_in, lr_out) = (lr, 1), the LR inside the buffer;
+        # "torch" has (1, lr), the LR applied to the buffer. Multiplying by 1.0 is exact.
+        d = lr_in * ratio * (g + wd * w)
         if HAS_MOM:
             b = momentum * tl.load(BUF + off + idx, mask=mask, other=0.0) + d
             tl.store(BUF + off + idx, b, mask=mask)
@@ -201,7 +203,7 @@ def lars_kernel(P, G, BUF, MASTER, OFF, NUMEL, CH_TID, CH_START, ACC, FLAG,
                 d = d + momentum * b
             else:
                 d = b
-        _store_w(pp, MASTER, off, idx, mask, w - d, HAS_MASTER)
+        _store_w(pp, MASTER, off, idx, mask, w - lr_out * d, HAS_MASTER)
 
 
 # ----------------------------------------------------------------------------------- MERIT
