@@ -2,7 +2,7 @@
 
 Core modules (``bigbatch.optim``, ``schedules``, ``scaling``, ``noise``, ``adaptive``,
 ``averaging``, ``data``) depend on torch and numpy only; the trainer, the study and the CLI
-are clients of the core. See DESIGN.md for the architecture and the math.
+are clients of the core. docs/design.md describes the layers, the units and where each algorithm lives.
 """
 
 __version__ = "0.1.0"

@@ -1,4 +1,4 @@
-"""The :class:`Recipe`: the batch-size-dependent part of a training recipe (DESIGN.md §4).
+"""The :class:`Recipe`: the batch-size-dependent part of a training recipe (docs/design.md, "Units and rules").
 
 Lengths are in epochs of ``dataset_size`` samples, so the LR schedule it describes is a
 function of samples seen and does not depend on the batch size. Fields can be read from

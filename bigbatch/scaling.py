@@ -1,4 +1,4 @@
-"""Scaling rules: move a training recipe tuned at batch ``B`` to batch ``kB`` (DESIGN.md §4).
+"""Scaling rules: move a training recipe tuned at batch ``B`` to batch ``kB`` (docs/design.md, "Units and rules").
 
 A :class:`Recipe` is a frozen record of the hyperparameters that depend on the batch size.
 :func:`rescale` returns the recipe for a new batch size together with the reason for every

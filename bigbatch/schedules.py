@@ -1,4 +1,4 @@
-"""Learning-rate schedules as pure functions of *samples seen* (DESIGN.md §2, §5).
+"""Learning-rate schedules as pure functions of *samples seen* (docs/design.md, "Units and rules").
 
 A schedule is a warmup followed by a decay shape. Time is measured in samples (or tokens,
 or epochs × dataset size), never in optimizer steps, so the same schedule gives the same

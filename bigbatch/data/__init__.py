@@ -1,5 +1,5 @@
 """Data utilities for large-batch training: token-budget batching, length filtering, and
-sequence packing without cross-contamination (DESIGN.md §9). Core: torch and numpy only."""
+sequence packing without cross-contamination. Core: torch and numpy only."""
 
 from bigbatch.data.batching import (
     LengthFilter,
