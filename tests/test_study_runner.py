@@ -4,6 +4,7 @@ import json
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -90,8 +91,9 @@ def test_interrupted_study_resumes_without_recomputing(tmp_path, monkeypatch):
     assert partial["complete"] is False and partial["cells_done"] == 3
     finished = sorted(p.parent for p in (tmp_path / "cells").glob("*/result.json"))
     assert [str(p) for p in finished] == sorted(calls)
+    run_dir = lambda p: Path(json.loads((p / "result.json").read_text())["train"]["out"])  # noqa: E731
     before = {p: ((p / "result.json").stat().st_mtime_ns, (p / "result.json").read_bytes(),
-                  (p / "summary.json").stat().st_mtime_ns) for p in finished}
+                  (run_dir(p) / "summary.json").stat().st_mtime_ns) for p in finished}
     assert not list(tmp_path.rglob(".*.tmp*")), "a temporary file was left behind"
 
     rerun = []
@@ -105,7 +107,7 @@ def test_interrupted_study_resumes_without_recomputing(tmp_path, monkeypatch):
     for p, (mtime, content, smtime) in before.items():
         assert (p / "result.json").stat().st_mtime_ns == mtime
         assert (p / "result.json").read_bytes() == content
-        assert (p / "summary.json").stat().st_mtime_ns == smtime  # not re-trained
+        assert (run_dir(p) / "summary.json").stat().st_mtime_ns == smtime  # not re-trained
     assert res["complete"] and res["cells_done"] == 8
 
     # A third run trains nothing and reproduces the same results.

@@ -15,12 +15,13 @@ from __future__ import annotations
 import json
 import math
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
 from typing import Any, Callable
 
-from bigbatch.study.cells import IGNORED_FOR_RESUME, Cell, read_result, run_cell
+from bigbatch.study.cells import IGNORED_FOR_RESUME, Cell, attempt_dir, new_attempt, read_result, run_cell, write_result
 from bigbatch.study.config import StudyConfig
 from bigbatch.study.progress import StudyProgress
 
@@ -184,14 +185,17 @@ def run_study(cfg: StudyConfig, *, run_cell_fn: Callable[..., dict[str, Any]] | 
     records: dict[str, dict[str, Any]] = {}
     cell_device = "cuda" if gpus and jobs > 1 else device
 
-    def prepare(new_cells: list[Cell]) -> list[tuple[Cell, Path]]:
-        """The cells among ``new_cells`` still to run; finished ones go straight into ``records``."""
-        pending: list[tuple[Cell, Path]] = []
+    def prepare(new_cells: list[Cell]) -> list[tuple[Cell, Path, str]]:
+        """The cells among ``new_cells`` still to run (with the attempt token each starts under);
+        finished ones go straight into ``records``."""
+        pending: list[tuple[Cell, Path, str]] = []
         for cell in new_cells:
             cell_dir = out / "cells" / cell.name
+            attempt = new_attempt()
             spec = {
                 "cell": {"batch_size": cell.batch_size, "lr_multiplier": cell.lr_multiplier, "seed": cell.seed},
-                "train": _train_config(cfg, resolved, cell, cell_dir, cell_device),
+                "attempt": attempt,
+                "train": _train_config(cfg, resolved, cell, attempt_dir(cell_dir, attempt), cell_device),
             }
             done = read_result(cell_dir)
             if done is not None:
@@ -203,8 +207,12 @@ def run_study(cfg: StudyConfig, *, run_cell_fn: Callable[..., dict[str, Any]] | 
                 records[cell.name] = done
                 continue
             cell_dir.mkdir(parents=True, exist_ok=True)
+            # Earlier attempts were killed before they finished: their files are of no use, and the
+            # new attempt trains in its own directory whatever is left of them.
+            for old in cell_dir.glob("run-*"):
+                shutil.rmtree(old, ignore_errors=True)
             write_json_atomic(spec, cell_dir / "cell.json")
-            pending.append((cell, cell_dir))
+            pending.append((cell, cell_dir, attempt))
         return pending
 
     pending = prepare(cells)
@@ -224,14 +232,16 @@ def run_study(cfg: StudyConfig, *, run_cell_fn: Callable[..., dict[str, Any]] | 
         write_outputs(results, out)
         return StudyOutcome(results, out=str(out))
 
-    def run(pending: list[tuple[Cell, Path]]) -> None:
+    def run(pending: list[tuple[Cell, Path, str]]) -> None:
         if jobs > 1:
             _run_parallel(pending, jobs, gpus, out, progress, finished)
         else:
             runner = run_cell_fn or run_cell
-            for cell, cell_dir in pending:
+            for cell, cell_dir, attempt in pending:
                 progress.cell_started(cell)
-                finished(runner(cell_dir, workload))
+                record = runner(cell_dir, workload)
+                write_result(cell_dir, record, attempt)
+                finished(record)
 
     try:
         run(pending)
@@ -263,7 +273,7 @@ def run_study(cfg: StudyConfig, *, run_cell_fn: Callable[..., dict[str, Any]] | 
 
 
 def _run_parallel(
-    pending: list[tuple[Cell, Path]],
+    pending: list[tuple[Cell, Path, str]],
     jobs: int,
     gpus: list[str],
     out: Path,
@@ -274,6 +284,10 @@ def _run_parallel(
 
     On GPUs each worker owns one device through ``CUDA_VISIBLE_DEVICES``; on a CPU the cores
     are shared out (small models run best on one thread each, several cells side by side).
+    Workers die with this process, however it ends (worker.py: a parent-death signal on Linux,
+    and everywhere a pipe whose write end only this process holds: its end of file, when this
+    process is gone, stops the worker). The records they answer are written here, and only for
+    the attempt this study started (cells.write_result).
     """
     import queue as queue_mod
     import threading
@@ -281,7 +295,8 @@ def _run_parallel(
     todo = list(pending)
     answers: queue_mod.Queue = queue_mod.Queue()
     workers: list[tuple[subprocess.Popen, Any]] = []
-    busy: dict[int, tuple[Cell, Path]] = {}
+    busy: dict[int, tuple[Cell, Path, str]] = {}
+    lifelines: list[int] = []  # write ends of the pipes the workers watch; closed once they have exited
     threads = max(1, (os.cpu_count() or 1) // jobs)
     n = min(jobs, len(todo))
     clean = False
@@ -292,8 +307,8 @@ def _run_parallel(
         answers.put((slot, None))
 
     def send(slot: int) -> None:
-        cell, cell_dir = todo.pop(0)
-        busy[slot] = (cell, cell_dir)
+        cell, cell_dir, attempt = todo.pop(0)
+        busy[slot] = (cell, cell_dir, attempt)
         progress.cell_started(cell)
         workers[slot][0].stdin.write(f"{cell_dir}\n")
         workers[slot][0].stdin.flush()
@@ -306,10 +321,20 @@ def _run_parallel(
             else:
                 env["OMP_NUM_THREADS"] = env["BIGBATCH_THREADS"] = str(threads)
             log = open(out / f"worker{slot}.log", "a")
-            proc = subprocess.Popen(
-                [sys.executable, "-m", "bigbatch.study.worker"],
-                env=env, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=log, text=True, bufsize=1,
-            )
+            # os.pipe() is not inherited: the write end stays here alone, the read end goes to
+            # this worker only (pass_fds), so no other child keeps it open after we die.
+            watch_r, watch_w = os.pipe()
+            lifelines.append(watch_w)
+            env["BIGBATCH_PARENT_PID"] = str(os.getpid())
+            env["BIGBATCH_PARENT_FD"] = str(watch_r)
+            try:
+                proc = subprocess.Popen(
+                    [sys.executable, "-m", "bigbatch.study.worker"],
+                    env=env, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=log, text=True, bufsize=1,
+                    pass_fds=(watch_r,),
+                )
+            finally:
+                os.close(watch_r)
             workers.append((proc, log))
             threading.Thread(target=reader, args=(slot, proc), daemon=True).start()
             send(slot)
@@ -318,12 +343,13 @@ def _run_parallel(
                 slot, answer = answers.get(timeout=0.5)  # a timeout keeps Ctrl-C responsive
             except queue_mod.Empty:
                 continue
-            cell, cell_dir = busy.pop(slot)
+            cell, cell_dir, attempt = busy.pop(slot)
             if answer is None:
                 raise RuntimeError(f"study worker {slot} exited while running {cell.name}; see {out / f'worker{slot}.log'}")
-            record = read_result(cell_dir) if answer["ok"] else None
+            record = answer.get("record") if answer["ok"] else None
             if record is None:
-                raise ValueError(f"cell {cell.name} failed: {answer.get('error', 'no result.json')}; log: {out / f'worker{slot}.log'}")
+                raise ValueError(f"cell {cell.name} failed: {answer.get('error', 'no result')}; log: {out / f'worker{slot}.log'}")
+            write_result(cell_dir, record, attempt)
             finished(record)
             if todo:
                 send(slot)
@@ -342,6 +368,8 @@ def _run_parallel(
                 proc.kill()
                 proc.wait()
             log.close()
+        for fd in lifelines:
+            os.close(fd)
 
 
 def load_results(out: str | Path) -> dict[str, Any]:
