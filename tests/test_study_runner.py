@@ -51,10 +51,11 @@ def test_outputs_and_results_schema(tmp_path):
         assert {"batch_size", "lr_multiplier", "seed", "reached_target", "steps_to_target", "samples_to_target"} <= set(c)
         if c["reached_target"]:
             assert c["samples_to_target"] == c["steps_to_target"] * c["batch_size"]
-    assert data["b_crit"] is not None and data["b_crit"] > 0
-    lo, hi = data["b_crit_interval"]
-    assert lo <= hi
-    assert data["e_min"] == pytest.approx(data["b_crit"] * data["s_min"])
+    # Rule "none" keeps the LR fixed, so the steps stop falling at once (17, 10, 10, 14 at B = 1…8):
+    # the raw fit puts B_crit near 0.4, below every measured batch size. That is no measurement,
+    # so no number is given, with the reason (the determined case: test_study_undetermined.py).
+    assert data["b_crit"] is None and data["b_crit_interval"] is None and data["s_min"] is None
+    assert "outside the measured batch sizes" in data["b_crit_undetermined"]
     # Best LR per batch size: the reached multiplier with the fewest steps.
     for row in data["batch_sizes"]:
         mine = [c for c in data["cells"] if c["batch_size"] == row["batch_size"] and c["reached_target"]]

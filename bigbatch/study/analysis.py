@@ -16,9 +16,17 @@ from __future__ import annotations
 import statistics
 from typing import Any
 
-from bigbatch.study.fit import bootstrap_critical_batch, fit_critical_batch, regime, regime_bounds, steps_model
+from bigbatch.study.fit import (
+    CriticalBatchFit,
+    bootstrap_critical_batch,
+    fit_critical_batch,
+    regime,
+    regime_bounds,
+    steps_model,
+    undetermined_reason,
+)
 
-__all__ = ["analyze", "best_per_batch", "lr_extensions"]
+__all__ = ["analyze", "best_per_batch", "lr_extensions", "fit_rows"]
 
 
 def best_per_batch(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -83,6 +91,35 @@ def lr_extensions(records: list[dict[str, Any]], lr_grid: list[float], lr_extend
     return out
 
 
+def fit_rows(rows: list[dict[str, Any]], cfg: Any, *, bootstrap_seed: int = 0) -> tuple[dict[str, Any], CriticalBatchFit | None]:
+    """The McCandlish fit to the best-LR rows, with its bootstrap interval, as results keys.
+
+    Returns the keys (``b_crit``, ``b_crit_interval``, ``b_crit_undetermined``, ``s_min``,
+    ``e_min``, ``b_noise``, ``fit_rmse_log``, ``fit_points``) and the fit itself. Where the
+    measurements do not determine B_crit (fit.undetermined_reason) every fitted number is
+    ``None``, the fit returned is ``None`` and ``b_crit_undetermined`` says why.
+    """
+    xs = [row["batch_size"] for row in rows if row["reached"] for _ in row["steps_per_seed"]]
+    ys = [s for row in rows if row["reached"] for s in row["steps_per_seed"]]
+    fit = interval = None
+    if len(set(xs)) >= 3:
+        fit = fit_critical_batch(xs, ys)
+        interval = bootstrap_critical_batch(xs, ys, resamples=cfg.bootstrap, confidence=cfg.confidence, seed=bootstrap_seed)
+    reason = undetermined_reason(xs, fit, interval)
+    if reason is not None:
+        fit = interval = None
+    return {
+        "b_crit": fit.b_crit if fit else None,
+        "b_crit_interval": list(interval) if interval else None,
+        "b_crit_undetermined": reason,
+        "s_min": fit.s_min if fit else None,
+        "e_min": fit.e_min if fit else None,
+        "b_noise": fit.b_noise if fit else None,
+        "fit_rmse_log": fit.rmse_log if fit else None,
+        "fit_points": len(xs),
+    }, fit
+
+
 def analyze(
     records: list[dict[str, Any]],
     cfg: Any,
@@ -98,23 +135,9 @@ def analyze(
         row["lr_extensions"] = _outside(row["lr_multipliers_tried"], cfg.lr_grid)
     records = [{**r, "lr_extension": bool(_outside([r["lr_multiplier"]], cfg.lr_grid))} for r in records]
     notes: list[str] = []
-    xs = [row["batch_size"] for row in rows if row["reached"] for _ in row["steps_per_seed"]]
-    ys = [s for row in rows if row["reached"] for s in row["steps_per_seed"]]
-    reached_b = sorted({row["batch_size"] for row in rows if row["reached"]})
-    fit = None
-    interval = None
-    if len(reached_b) >= 3:
-        fit = fit_critical_batch(xs, ys)
-        interval = bootstrap_critical_batch(xs, ys, resamples=cfg.bootstrap, confidence=cfg.confidence, seed=bootstrap_seed)
-        if fit.at_edge:
-            notes.append(
-                "the fitted B_crit lies at the edge of the search range: the measured curve shows no bend "
-                "(extend --batch-sizes past the saturation, or below it)"
-            )
-        elif fit.b_noise > max(reached_b) or fit.b_noise < min(reached_b):
-            notes.append("the fitted B_crit lies outside the measured batch sizes: it is an extrapolation")
-    else:
-        notes.append(f"B_crit needs at least 3 batch sizes that reached the target; {len(reached_b)} did")
+    curve, fit = fit_rows(rows, cfg, bootstrap_seed=bootstrap_seed)
+    if curve["b_crit_undetermined"]:
+        notes.append(f"B_crit undetermined: {curve['b_crit_undetermined']}")
     for row in rows:
         row["regime"] = regime(row["batch_size"], fit.b_noise) if fit else None
         row["steps_fit"] = float(steps_model(row["batch_size"], fit.s_min, fit.b_noise)) if fit else None
@@ -152,18 +175,19 @@ def analyze(
         "metric_name": resolved["metric_name"],
         "higher_is_better": resolved["higher_is_better"],
         "target": resolved["target"],
-        "b_crit": fit.b_crit if fit else None,
-        "b_crit_interval": list(interval) if interval else None,
+        "b_crit": curve["b_crit"],
+        "b_crit_interval": curve["b_crit_interval"],
+        "b_crit_undetermined": curve["b_crit_undetermined"],
         "confidence": cfg.confidence,
         "b_simple": b_simple,
         "b_simple_cells": len(b_simple_values),
         "b_simple_source": b_simple_source,
         "b_simple_run_median": statistics.median(whole_run) if whole_run else None,
-        "s_min": fit.s_min if fit else None,
-        "e_min": fit.e_min if fit else None,
-        "b_noise": fit.b_noise if fit else None,
-        "fit_rmse_log": fit.rmse_log if fit else None,
-        "fit_points": len(xs),
+        "s_min": curve["s_min"],
+        "e_min": curve["e_min"],
+        "b_noise": curve["b_noise"],
+        "fit_rmse_log": curve["fit_rmse_log"],
+        "fit_points": curve["fit_points"],
         "regime_bounds": {"perfect_scaling_up_to": lo_b, "maximal_data_parallelism_from": hi_b},
         "batch_sizes": rows,
         "cells": records,

@@ -48,6 +48,12 @@ def _save(fig: Any, path: Path) -> None:
         _plt().close(fig)
 
 
+def _wrap(text: str, width: int) -> str:
+    import textwrap
+
+    return "\n".join(textwrap.wrap(text, width))
+
+
 def _readable_log_y(ax: Any) -> None:
     """Label 1-2-5 ticks with plain numbers: a curve spanning one decade otherwise gets one label."""
     from matplotlib.ticker import FuncFormatter, LogLocator, NullFormatter
@@ -135,6 +141,11 @@ def _curve_plot(res: dict[str, Any], key: str, path: Path) -> None:
     if not py:
         ax.set_ylim(0.5, 2.0)
         ax.text(0.5, 0.5, "no batch size reached the target", transform=ax.transAxes, ha="center", fontsize=12)
+    elif res.get("b_crit_undetermined"):
+        # No curve is drawn where the fit is not determined; say so on the plot itself.
+        ax.text(0.98, 0.02, "B_crit undetermined: " + _wrap(res["b_crit_undetermined"], 60), transform=ax.transAxes,
+                ha="right", va="bottom", fontsize=7.5, color="#8a4b00",
+                bbox=dict(boxstyle="round", fc="white", ec="#e0c080", alpha=0.9))
     ax.set_yscale("log")
     _readable_log_y(ax)
     _log2_axis(ax, bs)

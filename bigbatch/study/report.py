@@ -25,7 +25,11 @@ def _fmt(v: Any, digits: int = 4) -> str:
 
 def _headline(res: dict[str, Any]) -> str:
     if res.get("b_crit") is None:
-        return "<p><b>B_crit:</b> not fitted (see notes).</p>"
+        why = res.get("b_crit_undetermined") or "not fitted (see notes)"
+        bs = res.get("b_simple")
+        simple = f" The noise monitor measured B_simple = {bs:.0f} ({res.get('b_simple_source') or 'run median'})." if bs else ""
+        return (f"<p class='big'>Critical batch size: <b>undetermined</b></p>"
+                f"<p>The measurements do not determine B_crit, so no number is given: {html.escape(why)}.{simple}</p>")
     iv = res.get("b_crit_interval")
     ivs = f" ({res['confidence']:.0%} bootstrap interval {iv[0]:.0f}–{iv[1]:.0f})" if iv else ""
     bs = res.get("b_simple")
