@@ -18,12 +18,13 @@ parallel.
 from __future__ import annotations
 
 import json
+import math
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-__all__ = ["Cell", "run_cell", "read_result", "write_result", "new_attempt", "attempt_dir", "RESULT_FIELDS", "IGNORED_FOR_RESUME"]
+__all__ = ["Cell", "run_cell", "read_result", "write_result", "new_attempt", "attempt_dir", "RESULT_FIELDS", "IGNORED_FOR_RESUME", "target_crossings"]
 
 #: What a cell's result.json carries from the trainer's summary.json.
 RESULT_FIELDS = (
@@ -104,6 +105,37 @@ def write_result(cell_dir: str | Path, record: dict[str, Any], attempt: str) -> 
             f"{cell_dir}: result of attempt {record.get('attempt')!r} is not the attempt {attempt!r} this study started"
         )
     write_json_atomic(record, Path(cell_dir) / "result.json")
+
+
+def target_crossings(
+    metrics: list[dict[str, Any]], targets: list[float], metric_name: str, higher_is_better: bool
+) -> list[dict[str, Any]]:
+    """For each target, when a run's evaluations first reached it, from its ``metrics.jsonl`` records.
+
+    One entry per target, in the order given: ``target``, ``reached_target``,
+    ``steps_to_target``, ``samples_to_target`` (of the first evaluation at or past it), and
+    ``b_simple_at_target`` — the noise monitor's last finite reading logged at or before that
+    step, as the trainer itself reports for its one target.
+    """
+    better = (lambda a, b: a >= b) if higher_is_better else (lambda a, b: a <= b)
+    evals = [r for r in metrics if r.get("kind") == "eval" and r.get(metric_name) is not None]
+    readings = []
+    for r in metrics:
+        if r.get("kind") == "train":
+            b = r.get("b_simple_samples", r.get("b_simple"))
+            if isinstance(b, (int, float)) and math.isfinite(b) and b > 0:
+                readings.append((r["step"], float(b)))
+    out = []
+    for t in targets:
+        hit = next((r for r in evals if better(r[metric_name], t)), None)
+        entry: dict[str, Any] = {"target": t, "reached_target": hit is not None, "steps_to_target": None,
+                                 "samples_to_target": None, "b_simple_at_target": None}
+        if hit is not None:
+            before = [b for step, b in readings if step <= hit["step"]]
+            entry.update(steps_to_target=hit["step"], samples_to_target=hit["samples"],
+                         b_simple_at_target=before[-1] if before else None)
+        out.append(entry)
+    return out
 
 
 def read_result(cell_dir: str | Path) -> dict[str, Any] | None:

@@ -8,7 +8,7 @@ import os
 from pathlib import Path
 from typing import Any
 
-from bigbatch.study.plots import PLOTS, make_plots
+from bigbatch.study.plots import PLOTS, PLOTS_BY_TARGET, make_plots
 
 __all__ = ["write_outputs", "render_html"]
 
@@ -50,6 +50,27 @@ def _headline(res: dict[str, Any]) -> str:
     )
 
 
+def _by_target_table(res: dict[str, Any]) -> str:
+    """One row per target: B_crit with its interval (or why it is undetermined) and B_simple."""
+    direction = "≥" if res["higher_is_better"] else "≤"
+    rows = ["<h2>By target</h2><p>Each cell ran to the hardest target and recorded when it first reached "
+            "each; the best LR is chosen per target. The sections below describe the hardest target.</p>"
+            "<table><tr><th>target</th><th>B_crit</th><th>interval</th><th>S_min</th><th>E_min</th>"
+            "<th>B_simple at target</th><th>cells reached</th></tr>"]
+    for e in res["by_target"]:
+        if e["b_crit"] is None:
+            bc = f"<span class='note'>undetermined: {html.escape(e['b_crit_undetermined'] or '')}</span>"
+            iv = "—"
+        else:
+            bc = f"{e['b_crit']:.0f}"
+            iv = f"{e['b_crit_interval'][0]:.0f}–{e['b_crit_interval'][1]:.0f}" if e["b_crit_interval"] else "—"
+        rows.append(f"<tr><td>{html.escape(res['metric_name'])} {direction} {e['target']:g}</td><td>{bc}</td><td>{iv}</td>"
+                    f"<td>{_fmt(e['s_min'])}</td><td>{_fmt(e['e_min'])}</td><td>{_fmt(e['b_simple'])}</td>"
+                    f"<td>{e['cells_reached']}</td></tr>")
+    rows.append("</table>")
+    return "".join(rows)
+
+
 def render_html(res: dict[str, Any], pngs: dict[str, Path]) -> str:
     """The report page as one HTML string (no external resources)."""
     r = res["resolved"]
@@ -70,7 +91,9 @@ def render_html(res: dict[str, Any], pngs: dict[str, Path]) -> str:
     ]
     if res["notes"]:
         parts.append("<ul>" + "".join(f"<li class='note'>{html.escape(n)}</li>" for n in res["notes"]) + "</ul>")
-    for name, caption in PLOTS.items():
+    if res.get("by_target"):
+        parts.append(_by_target_table(res))
+    for name, caption in {**PLOTS_BY_TARGET, **PLOTS}.items():
         if name in pngs and pngs[name].exists():
             data = base64.b64encode(pngs[name].read_bytes()).decode("ascii")
             parts.append(f"<h2>{caption}</h2><img alt='{caption}' src='data:image/png;base64,{data}'>")

@@ -21,7 +21,16 @@ import sys
 from pathlib import Path
 from typing import Any, Callable
 
-from bigbatch.study.cells import IGNORED_FOR_RESUME, Cell, attempt_dir, new_attempt, read_result, run_cell, write_result
+from bigbatch.study.cells import (
+    IGNORED_FOR_RESUME,
+    Cell,
+    attempt_dir,
+    new_attempt,
+    read_result,
+    run_cell,
+    target_crossings,
+    write_result,
+)
 from bigbatch.study.config import StudyConfig
 from bigbatch.study.progress import StudyProgress
 
@@ -75,12 +84,30 @@ def resolve_study(cfg: StudyConfig, workload: Any) -> dict[str, Any]:
         "workload_name": getattr(workload, "name", cfg.workload),
     }
     r["eval_every_samples"] = int(pick("eval_every_samples", max(1, r["budget"] // 200)))
+    r["targets"] = None
+    if cfg.targets is not None:
+        r["targets"] = _resolve_targets(cfg, r["higher_is_better"])
+        r["target"] = r["targets"][-1]  # cells run to the hardest
     if r["target"] is None:
         raise ValueError(f"--target is required: workload {cfg.workload!r} has no default target")
     if not math.isfinite(float(r["target"])):
         raise ValueError(f"target must be a finite number, got {r['target']}")
     r["batch_sizes"] = sorted(set(int(b) for b in r["batch_sizes"]))
     return r
+
+
+def _resolve_targets(cfg: StudyConfig, higher_is_better: bool) -> list[float]:
+    """``cfg.targets`` checked and ordered from the easiest to the hardest."""
+    if cfg.target is not None:
+        raise ValueError("target and targets were both given (--target, --targets): give one")
+    vals = []
+    for t in cfg.targets or []:
+        if isinstance(t, bool) or not isinstance(t, (int, float)) or not math.isfinite(t):
+            raise ValueError(f"targets must be finite numbers, got {t!r}")
+        vals.append(float(t))
+    if not vals:
+        raise ValueError("targets must name at least one target")
+    return sorted(set(vals), reverse=not higher_is_better)
 
 
 def plan_cells(cfg: StudyConfig, resolved: dict[str, Any]) -> list[Cell]:
@@ -185,6 +212,20 @@ def run_study(cfg: StudyConfig, *, run_cell_fn: Callable[..., dict[str, Any]] | 
     records: dict[str, dict[str, Any]] = {}
     cell_device = "cuda" if gpus and jobs > 1 else device
 
+    def with_targets(record: dict[str, Any]) -> dict[str, Any]:
+        """The record with ``by_target``: when its run first reached each target (from metrics.jsonl).
+
+        Computed here rather than kept from an earlier invocation, so a finished cell serves a
+        study whose easier targets changed (its run stopped at the same hardest target).
+        """
+        if resolved["targets"]:
+            from bigbatch.train.metrics import read_metrics
+
+            metrics = read_metrics(Path(record["train"]["out"]) / "metrics.jsonl")
+            record = {**record, "by_target": target_crossings(
+                metrics, resolved["targets"], resolved["metric_name"], resolved["higher_is_better"])}
+        return record
+
     def prepare(new_cells: list[Cell]) -> list[tuple[Cell, Path, str]]:
         """The cells among ``new_cells`` still to run (with the attempt token each starts under);
         finished ones go straight into ``records``."""
@@ -204,7 +245,7 @@ def run_study(cfg: StudyConfig, *, run_cell_fn: Callable[..., dict[str, Any]] | 
                     raise ValueError(
                         f"{cell_dir} was run with different settings: {diff}; use another --out to study new settings"
                     )
-                records[cell.name] = done
+                records[cell.name] = with_targets(done)
                 continue
             cell_dir.mkdir(parents=True, exist_ok=True)
             # Earlier attempts were killed before they finished: their files are of no use, and the
@@ -221,7 +262,10 @@ def run_study(cfg: StudyConfig, *, run_cell_fn: Callable[..., dict[str, Any]] | 
     progress = StudyProgress(cfg.progress, total=len(cells), done=len(records), jobs=jobs,
                              title=resolved["workload_name"], open_ended=may_extend)
 
-    def finished(record: dict[str, Any]) -> None:
+    def finished(cell_dir: Path, record: dict[str, Any], attempt: str) -> None:
+        """A cell this invocation ran: check it is this attempt's, write result.json, count it."""
+        record = with_targets(record)
+        write_result(cell_dir, record, attempt)
         records[record["name"]] = record
         progress.cell_done(record, resolved["metric_name"])
 
@@ -239,9 +283,7 @@ def run_study(cfg: StudyConfig, *, run_cell_fn: Callable[..., dict[str, Any]] | 
             runner = run_cell_fn or run_cell
             for cell, cell_dir, attempt in pending:
                 progress.cell_started(cell)
-                record = runner(cell_dir, workload)
-                write_result(cell_dir, record, attempt)
-                finished(record)
+                finished(cell_dir, runner(cell_dir, workload), attempt)
 
     try:
         run(pending)
@@ -278,7 +320,7 @@ def _run_parallel(
     gpus: list[str],
     out: Path,
     progress: StudyProgress,
-    finished: Callable[[dict[str, Any]], None],
+    finished: Callable[[Path, dict[str, Any], str], None],
 ) -> None:
     """``jobs`` worker processes (worker.py), each fed one cell at a time.
 
@@ -349,8 +391,7 @@ def _run_parallel(
             record = answer.get("record") if answer["ok"] else None
             if record is None:
                 raise ValueError(f"cell {cell.name} failed: {answer.get('error', 'no result')}; log: {out / f'worker{slot}.log'}")
-            write_result(cell_dir, record, attempt)
-            finished(record)
+            finished(cell_dir, record, attempt)
             if todo:
                 send(slot)
         clean = True
