@@ -1,6 +1,7 @@
 """Several targets in one sweep: crossings from metrics.jsonl, per-target analysis, runner, resume."""
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -155,3 +156,16 @@ def test_single_target_keeps_todays_keys(tmp_path):
 def test_targets_validation(tmp_path, kw, match):
     with pytest.raises(ValueError, match=match):
         run_study(tiny(tmp_path, **kw))
+
+
+def test_a_finished_cell_without_its_metrics_is_refused_not_counted_as_unreached(tmp_path):
+    run_study(tiny(tmp_path, targets=None, target=0.05, batch_sizes=[2, 4]))
+    cell = tmp_path / "cells" / "B2_lr1_s0"
+    run_dir = json.loads((cell / "result.json").read_text())["train"]["out"]
+    (Path(run_dir) / "metrics.jsonl").unlink()
+    with pytest.raises(ValueError, match="B2_lr1_s0: .*metrics.jsonl holds no evaluations, needed for --targets"):
+        run_study(tiny(tmp_path, batch_sizes=[2, 4]))
+    # The same cells serve a multi-target study whose hardest target is the old single one.
+    (cell / "result.json").unlink()
+    res = run_study(tiny(tmp_path, batch_sizes=[2, 4]))
+    assert res["complete"] and [e["cells_reached"] for e in res["by_target"]] == [2, 2, 2]

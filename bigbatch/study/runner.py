@@ -221,7 +221,12 @@ def run_study(cfg: StudyConfig, *, run_cell_fn: Callable[..., dict[str, Any]] | 
         if resolved["targets"]:
             from bigbatch.train.metrics import read_metrics
 
-            metrics = read_metrics(Path(record["train"]["out"]) / "metrics.jsonl")
+            path = Path(record["train"]["out"]) / "metrics.jsonl"
+            metrics = read_metrics(path)
+            if not any(m.get("kind") == "eval" for m in metrics):
+                # Without its evaluations a finished cell would count as reaching no target at all.
+                raise ValueError(f"cell {record['name']}: {path} holds no evaluations, needed for --targets; "
+                                 f"delete {Path(record['train']['out']).parent / 'result.json'} to run the cell again")
             record = {**record, "by_target": target_crossings(
                 metrics, resolved["targets"], resolved["metric_name"], resolved["higher_is_better"])}
         return record
