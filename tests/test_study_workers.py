@@ -146,3 +146,15 @@ def test_cells_run_in_their_attempt_directory_and_only_the_driver_writes_results
         record = json.loads((cell_dir / "result.json").read_text())
         assert Path(record["train"]["out"]) == cell_dir / f"run-{record['attempt']}"
         assert (cell_dir / f"run-{record['attempt']}" / "summary.json").exists()
+
+
+def test_a_second_study_on_the_same_directory_is_refused(tmp_path):
+    """Two drivers on one --out would train the same cells into each other's files."""
+    from bigbatch.study.runner import study_lock
+
+    out = tmp_path / "s"
+    (out / "cells").mkdir(parents=True)
+    with study_lock(out):
+        with pytest.raises(ValueError, match=r"another bigbatch study \(pid \d+\) is running in --out"):
+            run_study(same_config(out, jobs=1, budget_steps=5))
+    assert run_study(same_config(out, jobs=1, budget_steps=5))["complete"]  # released: the next one runs

@@ -12,6 +12,7 @@ interrupt propagates; every file in the directory is then either complete or abs
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -19,7 +20,7 @@ import shutil
 import subprocess
 import sys
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 from bigbatch.study.cells import (
     IGNORED_FOR_RESUME,
@@ -186,19 +187,59 @@ def run_study(cfg: StudyConfig, *, run_cell_fn: Callable[..., dict[str, Any]] | 
     """Run (or continue) the study configured by ``cfg`` and write its report; see module doc.
 
     ``run_cell_fn`` replaces the in-process cell runner when ``jobs == 1`` (tests use it to
-    interrupt a study).
+    interrupt a study). One study at a time per ``out``: a second one started on the same
+    directory while the first runs is refused (``ValueError``), as the two would train the
+    same cells.
     """
-    from bigbatch.study.analysis import analyze, lr_extensions
-    from bigbatch.study.report import write_outputs
-    from bigbatch.train.checkpoint import write_json_atomic
-    from bigbatch.workloads import load_workload
-
     cfg = cfg.replace().validate()
     out = Path(cfg.out)
     try:
         (out / "cells").mkdir(parents=True, exist_ok=True)
     except OSError as e:
         raise ValueError(f"--out {out} is not a writable directory: {e.strerror or e}") from None
+    with study_lock(out):
+        return _run_study(cfg, out, run_cell_fn)
+
+
+@contextlib.contextmanager
+def study_lock(out: Path) -> Iterator[None]:
+    """Hold ``out/.study.lock`` (an advisory ``flock``) for the duration; ``ValueError`` if another holds it.
+
+    The kernel releases the lock when its holder dies however it dies, so a killed study never
+    blocks the next one; the descriptor is not inherited by worker processes. Where ``fcntl``
+    does not exist (Windows) there is no lock.
+    """
+    try:
+        import fcntl
+    except ImportError:  # pragma: no cover - not POSIX
+        yield
+        return
+    path = out / ".study.lock"
+    with open(path, "a+") as f:
+        try:
+            fcntl.flock(f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            f.seek(0)
+            holder = f.read().strip() or "?"
+            raise ValueError(f"another bigbatch study (pid {holder}) is running in --out {out}; "
+                             f"wait for it to finish or stop it first") from None
+        f.seek(0)
+        f.truncate()
+        f.write(str(os.getpid()))
+        f.flush()
+        try:
+            yield
+        finally:
+            fcntl.flock(f.fileno(), fcntl.LOCK_UN)
+
+
+def _run_study(cfg: StudyConfig, out: Path, run_cell_fn: Callable[..., dict[str, Any]] | None) -> StudyOutcome:
+    """``run_study`` once ``out`` exists and is locked."""
+    from bigbatch.study.analysis import analyze, lr_extensions
+    from bigbatch.study.report import write_outputs
+    from bigbatch.train.checkpoint import write_json_atomic
+    from bigbatch.workloads import load_workload
+
     workload = load_workload(cfg.workload, **cfg.workload_args)
     resolved = resolve_study(cfg, workload)
     device = _resolve_device(cfg.device)
