@@ -47,8 +47,18 @@ def _run(given: dict[str, Any], *, config: Optional[Path]) -> None:
         iv = res["b_crit_interval"]
         ivs = f" ({res['confidence']:.0%} interval {iv[0]:.0f}–{iv[1]:.0f})" if iv else ""
         typer.echo(f"B_crit = {res['b_crit']:.0f}{ivs}; S_min = {res['s_min']:.0f} steps, E_min = {res['e_min']:.4g} samples")
+    elif res.get("b_crit_undetermined"):
+        typer.echo(f"B_crit: undetermined ({res['b_crit_undetermined']})")
     else:
         typer.echo("B_crit: not fitted")
+    for e in res.get("by_target") or []:
+        if e.get("b_crit") is not None:
+            iv = e.get("b_crit_interval")
+            ivs = f" (interval {iv[0]:.0f}–{iv[1]:.0f})" if iv else ""
+            bsim = f", B_simple {e['b_simple']:.0f}" if e.get("b_simple") else ""
+            typer.echo(f"  target {e['target']:g}: B_crit {e['b_crit']:.0f}{ivs}{bsim}")
+        else:
+            typer.echo(f"  target {e['target']:g}: B_crit undetermined ({e.get('b_crit_undetermined') or 'not fitted'})")
     bs = res["b_simple"]
     if bs is None:
         typer.echo("B_simple: not measured (no noise-monitor readings in the runs)")
@@ -60,7 +70,7 @@ def _run(given: dict[str, Any], *, config: Optional[Path]) -> None:
     if extended:
         typer.echo(f"lr grid extended where its best was at the edge: {'; '.join(extended)}")
     for note in res["notes"]:
-        if not note.startswith("B_simple"):  # already said on the line above
+        if not note.startswith(("B_simple", "B_crit undetermined")):  # already said above
             typer.echo(f"note: {note}")
     typer.echo(f"report:  {outdir / 'report.html'}")
     typer.echo(f"results: {outdir / 'results.json'}")

@@ -20,6 +20,7 @@ from bigbatch.study.fit import (
     regime_bounds,
     samples_model,
     steps_model,
+    undetermined_reason,
 )
 from bigbatch.study.runner import PRESETS, load_results, plan_cells, resolve_study, run_study
 
@@ -39,4 +40,5 @@ __all__ = [
     "samples_model",
     "regime",
     "regime_bounds",
+    "undetermined_reason",
 ]

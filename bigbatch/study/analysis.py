@@ -16,9 +16,21 @@ from __future__ import annotations
 import statistics
 from typing import Any
 
-from bigbatch.study.fit import bootstrap_critical_batch, fit_critical_batch, regime, regime_bounds, steps_model
+from bigbatch.study.fit import (
+    CriticalBatchFit,
+    bootstrap_critical_batch,
+    fit_critical_batch,
+    regime,
+    regime_bounds,
+    steps_model,
+    undetermined_reason,
+)
 
-__all__ = ["analyze", "best_per_batch", "lr_extensions"]
+__all__ = ["analyze", "best_per_batch", "lr_extensions", "fit_rows", "analyze_targets", "RESOLUTION_GOAL"]
+
+#: Samples-to-target is measured to within one evaluation interval; a note says where that is
+#: coarser than this fraction of the samples-to-target.
+RESOLUTION_GOAL = 0.02
 
 
 def best_per_batch(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -38,7 +50,7 @@ def best_per_batch(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
         row: dict[str, Any] = {"batch_size": b, "lr_multipliers_tried": sorted(by_b[b])}
         if best is None:
             row.update(reached=False, best_lr_multiplier=None, best_lr=None, steps=None, samples=None,
-                       steps_per_seed=[], samples_per_seed=[], seeds=[])
+                       steps_per_seed=[], samples_per_seed=[], resolution_per_seed=[], seeds=[])
         else:
             med, mult, rs = best
             rs = sorted(rs, key=lambda r: r["seed"])
@@ -50,6 +62,7 @@ def best_per_batch(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
                 samples=statistics.median(r["samples_to_target"] for r in rs),
                 steps_per_seed=[r["steps_to_target"] for r in rs],
                 samples_per_seed=[r["samples_to_target"] for r in rs],
+                resolution_per_seed=[_resolution(r, r["samples_to_target"]) for r in rs],
                 seeds=[r["seed"] for r in rs],
                 best_at_grid_edge=len(by_b[b]) > 1 and mult in (min(by_b[b]), max(by_b[b])),
             )
@@ -83,6 +96,83 @@ def lr_extensions(records: list[dict[str, Any]], lr_grid: list[float], lr_extend
     return out
 
 
+def fit_rows(rows: list[dict[str, Any]], cfg: Any, *, bootstrap_seed: int = 0) -> tuple[dict[str, Any], CriticalBatchFit | None]:
+    """The McCandlish fit to the best-LR rows, with its bootstrap interval, as results keys.
+
+    Returns the keys (``b_crit``, ``b_crit_interval``, ``b_crit_undetermined``, ``s_min``,
+    ``e_min``, ``b_noise``, ``fit_rmse_log``, ``fit_points``) and the fit itself. Where the
+    measurements do not determine B_crit (fit.undetermined_reason) every fitted number is
+    ``None``, the fit returned is ``None`` and ``b_crit_undetermined`` says why.
+    """
+    xs = [row["batch_size"] for row in rows if row["reached"] for _ in row["steps_per_seed"]]
+    ys = [s for row in rows if row["reached"] for s in row["steps_per_seed"]]
+    fit = interval = None
+    if len(set(xs)) >= 3:
+        fit = fit_critical_batch(xs, ys)
+        interval = bootstrap_critical_batch(xs, ys, resamples=cfg.bootstrap, confidence=cfg.confidence, seed=bootstrap_seed)
+    reason = undetermined_reason(xs, fit, interval)
+    if reason is not None:
+        fit = interval = None
+    return {
+        "b_crit": fit.b_crit if fit else None,
+        "b_crit_interval": list(interval) if interval else None,
+        "b_crit_undetermined": reason,
+        "s_min": fit.s_min if fit else None,
+        "e_min": fit.e_min if fit else None,
+        "b_noise": fit.b_noise if fit else None,
+        "fit_rmse_log": fit.rmse_log if fit else None,
+        "fit_points": len(xs),
+    }, fit
+
+
+def _resolution(record: dict[str, Any], samples_to_target: Any) -> float | None:
+    """The evaluation interval as a fraction of the samples to target (the crossing lies within it)."""
+    every = (record.get("train") or {}).get("eval_every_samples")
+    if not every or not samples_to_target:
+        return None
+    return float(every) / float(samples_to_target)
+
+
+def _at_target(record: dict[str, Any], target: float) -> dict[str, Any]:
+    """``record`` as if ``target`` were its only target (its ``by_target`` entry for it)."""
+    entry = next((e for e in record.get("by_target") or [] if e["target"] == target), None)
+    if entry is None:  # no crossing information: not counted as reached
+        entry = {"reached_target": False, "steps_to_target": None, "samples_to_target": None, "b_simple_at_target": None}
+    return {**record, **{k: entry[k] for k in ("reached_target", "steps_to_target", "samples_to_target", "b_simple_at_target")}}
+
+
+def _b_simple_at_target(records: list[dict[str, Any]]) -> list[float]:
+    return [r["b_simple_at_target"] for r in records
+            if r.get("reached_target") and r.get("b_simple_at_target") is not None and not r.get("diverged")]
+
+
+def analyze_targets(records: list[dict[str, Any]], targets: list[float], cfg: Any, *, bootstrap_seed: int = 0) -> list[dict[str, Any]]:
+    """``by_target``: per target, the best LR per batch size, the fit, B_crit and B_simple at that target.
+
+    Each cell carries, in ``by_target``, when its run first reached each target; the best LR
+    multiplier is chosen per target (the LR fastest to an easy target need not be the fastest
+    to a hard one).
+    """
+    out = []
+    for t in targets:
+        view = [_at_target(r, t) for r in records]
+        rows = best_per_batch(view)
+        curve, _ = fit_rows(rows, cfg, bootstrap_seed=bootstrap_seed)
+        simple = _b_simple_at_target(view)
+        res = [x for row in rows if row["reached"] for x in row.get("resolution_per_seed", [])]
+        out.append({
+            "target": t,
+            **curve,
+            "b_simple": statistics.median(simple) if simple else None,
+            "b_simple_cells": len(simple),
+            "cells_reached": sum(1 for r in view if r.get("reached_target")),
+            "resolution_max": max(res) if res else None,
+            "batch_sizes": [{k: row.get(k) for k in ("batch_size", "reached", "best_lr_multiplier", "best_lr", "steps", "samples",
+                                                     "steps_per_seed", "samples_per_seed", "resolution_per_seed")} for row in rows],
+        })
+    return out
+
+
 def analyze(
     records: list[dict[str, Any]],
     cfg: Any,
@@ -96,25 +186,12 @@ def analyze(
     lr_extend = getattr(cfg, "lr_extend", 0)
     for row in rows:
         row["lr_extensions"] = _outside(row["lr_multipliers_tried"], cfg.lr_grid)
-    records = [{**r, "lr_extension": bool(_outside([r["lr_multiplier"]], cfg.lr_grid))} for r in records]
+    records = [{**r, "lr_extension": bool(_outside([r["lr_multiplier"]], cfg.lr_grid)),
+                "resolution": _resolution(r, r.get("samples_to_target"))} for r in records]
     notes: list[str] = []
-    xs = [row["batch_size"] for row in rows if row["reached"] for _ in row["steps_per_seed"]]
-    ys = [s for row in rows if row["reached"] for s in row["steps_per_seed"]]
-    reached_b = sorted({row["batch_size"] for row in rows if row["reached"]})
-    fit = None
-    interval = None
-    if len(reached_b) >= 3:
-        fit = fit_critical_batch(xs, ys)
-        interval = bootstrap_critical_batch(xs, ys, resamples=cfg.bootstrap, confidence=cfg.confidence, seed=bootstrap_seed)
-        if fit.at_edge:
-            notes.append(
-                "the fitted B_crit lies at the edge of the search range: the measured curve shows no bend "
-                "(extend --batch-sizes past the saturation, or below it)"
-            )
-        elif fit.b_noise > max(reached_b) or fit.b_noise < min(reached_b):
-            notes.append("the fitted B_crit lies outside the measured batch sizes: it is an extrapolation")
-    else:
-        notes.append(f"B_crit needs at least 3 batch sizes that reached the target; {len(reached_b)} did")
+    curve, fit = fit_rows(rows, cfg, bootstrap_seed=bootstrap_seed)
+    if curve["b_crit_undetermined"]:
+        notes.append(f"B_crit undetermined: {curve['b_crit_undetermined']}")
     for row in rows:
         row["regime"] = regime(row["batch_size"], fit.b_noise) if fit else None
         row["steps_fit"] = float(steps_model(row["batch_size"], fit.s_min, fit.b_noise)) if fit else None
@@ -137,8 +214,7 @@ def analyze(
     # B_simple grows as the loss falls (McCandlish et al. 2018, §3.2 and Fig. 6), and B_crit for a
     # target is compared with the noise scale measured at that target's loss: so the reading when
     # each run reached the target is used, and the median over a whole run where none is there.
-    at_target = [r["b_simple_at_target"] for r in records
-                 if r.get("reached_target") and r.get("b_simple_at_target") is not None and not r.get("diverged")]
+    at_target = _b_simple_at_target(records)
     whole_run = [r["b_simple_median"] for r in records if r.get("b_simple_median") is not None and not r.get("diverged")]
     b_simple_values = at_target or whole_run
     b_simple = statistics.median(b_simple_values) if b_simple_values else None
@@ -146,24 +222,38 @@ def analyze(
     if b_simple is None:
         notes.append("B_simple not available: the trainer's summary.json carries no b_simple_median (noise monitor off or not integrated)")
 
+    targets = resolved.get("targets")
+    by_target = analyze_targets(records, targets, cfg, bootstrap_seed=bootstrap_seed) if targets else None
+    coarse = [(row["batch_size"], x) for row in rows if row["reached"] for x in row["resolution_per_seed"] if x and x > RESOLUTION_GOAL]
+    for entry in by_target or []:
+        coarse += [(row["batch_size"], x) for row in entry["batch_sizes"] if row["reached"]
+                   for x in row["resolution_per_seed"] if x and x > RESOLUTION_GOAL]
+    if coarse:
+        worst = max(coarse, key=lambda bx: bx[1])
+        notes.append(
+            f"samples to target are known only to within one evaluation interval: up to {worst[1]:.0%} of them "
+            f"(at B={worst[0]}), coarser than {RESOLUTION_GOAL:.0%}; lower --eval-every-samples / --eval-every-steps "
+            f"for a finer measurement"
+        )
     lo_b, hi_b = regime_bounds(fit.b_noise) if fit else (None, None)
-    return {
+    results = {
         "workload": resolved["workload_name"],
         "metric_name": resolved["metric_name"],
         "higher_is_better": resolved["higher_is_better"],
         "target": resolved["target"],
-        "b_crit": fit.b_crit if fit else None,
-        "b_crit_interval": list(interval) if interval else None,
+        "b_crit": curve["b_crit"],
+        "b_crit_interval": curve["b_crit_interval"],
+        "b_crit_undetermined": curve["b_crit_undetermined"],
         "confidence": cfg.confidence,
         "b_simple": b_simple,
         "b_simple_cells": len(b_simple_values),
         "b_simple_source": b_simple_source,
         "b_simple_run_median": statistics.median(whole_run) if whole_run else None,
-        "s_min": fit.s_min if fit else None,
-        "e_min": fit.e_min if fit else None,
-        "b_noise": fit.b_noise if fit else None,
-        "fit_rmse_log": fit.rmse_log if fit else None,
-        "fit_points": len(xs),
+        "s_min": curve["s_min"],
+        "e_min": curve["e_min"],
+        "b_noise": curve["b_noise"],
+        "fit_rmse_log": curve["fit_rmse_log"],
+        "fit_points": curve["fit_points"],
         "regime_bounds": {"perfect_scaling_up_to": lo_b, "maximal_data_parallelism_from": hi_b},
         "batch_sizes": rows,
         "cells": records,
@@ -173,3 +263,7 @@ def analyze(
         "resolved": resolved,
         "config": cfg.to_dict(),
     }
+    if by_target is not None:  # the single-target keys above describe the hardest target
+        results["targets"] = list(targets)
+        results["by_target"] = by_target
+    return results

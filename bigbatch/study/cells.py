@@ -1,23 +1,30 @@
 """Cells of a study: one ``bigbatch.train.train`` run per (batch size, LR multiplier, seed).
 
-Each cell lives in ``cells/B<batch>_lr<mult>_s<seed>/``: ``cell.json`` (its TrainConfig,
-written before it starts), the trainer's own files, and ``result.json`` — written atomically
-*after* the run finishes, so its presence is what "finished" means. A killed study leaves
-cells without ``result.json``; the next run starts those from scratch (they are short, and a
-restart cannot overshoot the step budget the way resuming a ``max_steps`` run would).
+Each cell lives in ``cells/B<batch>_lr<mult>_s<seed>/``: ``cell.json`` (its TrainConfig and the
+*attempt* token of the invocation that started it), ``run-<attempt>/`` (the trainer's own files
+for that attempt), and ``result.json``. Only the study driver writes ``result.json``, atomically,
+after a run finishes and only for the attempt it started itself, so its presence is what
+"finished" means. A killed study leaves cells without ``result.json``; the next run starts those
+from scratch under a new attempt token (they are short, and a restart cannot overshoot the step
+budget the way resuming a ``max_steps`` run would). A worker that outlived its driver (it should
+not: worker.py ties its life to the driver's) can therefore only write into its own stale
+``run-<attempt>/`` directory, never into the files of a later run.
 
-``python -m bigbatch.study.worker`` (worker.py) runs the cells it is sent; the study starts one
-per GPU (``CUDA_VISIBLE_DEVICES``) or per CPU slot to run cells in parallel.
+``python -m bigbatch.study.worker`` (worker.py) runs the cells it is sent and answers with their
+records; the study starts one per GPU (``CUDA_VISIBLE_DEVICES``) or per CPU slot to run cells in
+parallel.
 """
 
 from __future__ import annotations
 
 import json
+import math
+import uuid
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-__all__ = ["Cell", "run_cell", "read_result", "RESULT_FIELDS", "IGNORED_FOR_RESUME"]
+__all__ = ["Cell", "run_cell", "read_result", "write_result", "new_attempt", "attempt_dir", "RESULT_FIELDS", "IGNORED_FOR_RESUME", "target_crossings"]
 
 #: What a cell's result.json carries from the trainer's summary.json.
 RESULT_FIELDS = (
@@ -52,23 +59,83 @@ class Cell:
         return f"B{self.batch_size}_lr{self.lr_multiplier:g}_s{self.seed}"
 
 
+def new_attempt() -> str:
+    """A fresh attempt token: names the trainer's directory of one try at a cell."""
+    return uuid.uuid4().hex[:12]
+
+
+def attempt_dir(cell_dir: str | Path, attempt: str) -> Path:
+    """Where the trainer writes its files for ``attempt`` of the cell in ``cell_dir``."""
+    return Path(cell_dir) / f"run-{attempt}"
+
+
 def run_cell(cell_dir: str | Path, workload: Any = None) -> dict[str, Any]:
-    """Train the cell described by ``cell_dir/cell.json``; write and return its result record."""
+    """Train the cell described by ``cell_dir/cell.json`` and return its result record.
+
+    Writes nothing but the trainer's files under the attempt's ``run-<attempt>/``; the caller
+    (the study driver) checks the record's ``attempt`` and writes it with ``write_result``.
+    """
     from bigbatch.train import TrainConfig, train
-    from bigbatch.train.checkpoint import write_json_atomic
 
     cell_dir = Path(cell_dir)
     spec = json.loads((cell_dir / "cell.json").read_text())
     cfg = TrainConfig.from_dict(spec["train"])
     summary = train(cfg, workload).summary
-    record: dict[str, Any] = {**spec["cell"], "name": cell_dir.name}
+    record: dict[str, Any] = {**spec["cell"], "name": cell_dir.name, "attempt": spec.get("attempt")}
     record.update({k: summary.get(k) for k in RESULT_FIELDS})
     # The noise monitor's reading, when the trainer provides it (McCandlish et al. 2018, eq. 2.9).
     record["b_simple_median"] = summary.get("b_simple_median")
     record["b_simple_at_target"] = summary.get("b_simple_at_target")
     record["train"] = spec["train"]
-    write_json_atomic(record, cell_dir / "result.json")
     return record
+
+
+def write_result(cell_dir: str | Path, record: dict[str, Any], attempt: str) -> None:
+    """Write ``record`` as the cell's ``result.json``, if it comes from ``attempt``.
+
+    Called by the study driver only. ``attempt`` is the token the driver wrote into
+    ``cell.json`` when it started the cell; a record from any other attempt (a stray process
+    of an earlier, killed study) is refused with ``RuntimeError`` rather than taken as this
+    run's result.
+    """
+    from bigbatch.train.checkpoint import write_json_atomic
+
+    if record.get("attempt") != attempt:
+        raise RuntimeError(
+            f"{cell_dir}: result of attempt {record.get('attempt')!r} is not the attempt {attempt!r} this study started"
+        )
+    write_json_atomic(record, Path(cell_dir) / "result.json")
+
+
+def target_crossings(
+    metrics: list[dict[str, Any]], targets: list[float], metric_name: str, higher_is_better: bool
+) -> list[dict[str, Any]]:
+    """For each target, when a run's evaluations first reached it, from its ``metrics.jsonl`` records.
+
+    One entry per target, in the order given: ``target``, ``reached_target``,
+    ``steps_to_target``, ``samples_to_target`` (of the first evaluation at or past it), and
+    ``b_simple_at_target`` — the noise monitor's last finite reading logged at or before that
+    step, as the trainer itself reports for its one target.
+    """
+    better = (lambda a, b: a >= b) if higher_is_better else (lambda a, b: a <= b)
+    evals = [r for r in metrics if r.get("kind") == "eval" and r.get(metric_name) is not None]
+    readings = []
+    for r in metrics:
+        if r.get("kind") == "train":
+            b = r.get("b_simple_samples", r.get("b_simple"))
+            if isinstance(b, (int, float)) and math.isfinite(b) and b > 0:
+                readings.append((r["step"], float(b)))
+    out = []
+    for t in targets:
+        hit = next((r for r in evals if better(r[metric_name], t)), None)
+        entry: dict[str, Any] = {"target": t, "reached_target": hit is not None, "steps_to_target": None,
+                                 "samples_to_target": None, "b_simple_at_target": None}
+        if hit is not None:
+            before = [b for step, b in readings if step <= hit["step"]]
+            entry.update(steps_to_target=hit["step"], samples_to_target=hit["samples"],
+                         b_simple_at_target=before[-1] if before else None)
+        out.append(entry)
+    return out
 
 
 def read_result(cell_dir: str | Path) -> dict[str, Any] | None:

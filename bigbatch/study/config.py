@@ -58,6 +58,11 @@ class StudyConfig(ConfigMixin):
     """Linear LR warmup in samples (the same number of samples at every batch size)."""
     target: float | None = None
     """Metric value that counts as "reached" (in the workload's direction)."""
+    targets: list[float] | None = None
+    """Several targets measured in one sweep (instead of ``target``): each cell runs to the
+    hardest (or its budget) and records when it first reached each; results.json then has a
+    ``by_target`` entry per target (best LR, fit, B_crit interval, B_simple at that target),
+    and its single-target keys describe the hardest."""
     seeds: list[int] = field(default_factory=lambda: [0])
     """Seeds run for every (batch size, LR) cell; several give the bootstrap real replicates."""
     budget: int | None = None

@@ -38,6 +38,7 @@ __all__ = [
     "samples_model",
     "regime",
     "regime_bounds",
+    "undetermined_reason",
     "REGIME_SLOPE",
 ]
 
@@ -183,6 +184,56 @@ def bootstrap_critical_batch(
     alpha = (1 - confidence) / 2
     low, high = np.quantile(b_crit, [alpha, 1 - alpha])
     return float(low), float(high)
+
+
+def undetermined_reason(
+    batch_sizes: Sequence[float],
+    fit: CriticalBatchFit | None,
+    interval: tuple[float, float] | None,
+) -> str | None:
+    """Why the measurements do not determine ``B_crit``, or ``None`` when they do.
+
+    ``batch_sizes``: the batch size of every point fitted (one per seed); ``fit`` and
+    ``interval``: what ``fit_critical_batch`` and ``bootstrap_critical_batch`` gave for them.
+
+    A number is only reported when the data pin it down. Not determined:
+
+    * fewer than 3 distinct batch sizes (a two-parameter curve through two points says nothing
+      about its bend);
+    * exactly 3 batch sizes with one measurement each: the fit has one residual degree of
+      freedom, and the bootstrap (which keeps three distinct batch sizes) can only redraw the
+      same three cells — its interval would have zero width by construction;
+    * the fit at the edge of its search range (no bend in the measured curve);
+    * ``S_min`` below one optimizer step (the curve falls as 1/B throughout, so the fit
+      pushes ``B_noise`` up and ``S_min`` to nothing);
+    * ``B_crit`` outside the measured batch sizes (an extrapolation);
+    * a bootstrap interval of zero width: every resample gave the same value, so the
+      measurements do not vary enough to bound it (typically steps-to-target quantised by the
+      evaluation interval, or seeds that agree exactly).
+    """
+    b = np.asarray(batch_sizes, dtype=np.float64).reshape(-1)
+    uniq = np.unique(b)
+    if uniq.size < 3:
+        return f"needs at least 3 batch sizes that reached the target; {uniq.size} did"
+    if uniq.size == 3 and b.size == 3:
+        return ("too few distinct points: 3 batch sizes with one seed each fix the fit's two parameters with "
+                "one point to spare and leave the bootstrap nothing to resample (add batch sizes or seeds)")
+    if fit is None:
+        return "no fit"
+    lo_b, hi_b = float(uniq[0]), float(uniq[-1])
+    if fit.at_edge:
+        return ("the measured steps show no bend (the fit runs to the edge of its search range): "
+                "extend --batch-sizes past the saturation, or below it")
+    if not fit.s_min >= 1.0:
+        return f"S_min = {fit.s_min:.3g} is below one optimizer step: the steps fall as 1/B throughout, no saturation was measured"
+    if not lo_b <= fit.b_crit <= hi_b:
+        return (f"the fit puts B_crit at {fit.b_crit:.4g}, outside the measured batch sizes "
+                f"{lo_b:g}–{hi_b:g}: an extrapolation, not a measurement")
+    if interval is not None and not interval[1] > interval[0] * (1 + 1e-9):
+        return (f"the bootstrap interval has zero width (every resample gave {interval[0]:.4g}): the measurements "
+                f"do not vary enough to bound B_crit (steps to target quantised by the evaluation interval, or "
+                f"seeds that agree exactly)")
+    return None
 
 
 def regime_bounds(b_noise: float) -> tuple[float, float]:

@@ -9,7 +9,7 @@ import numpy as np
 
 from bigbatch.study.fit import regime_bounds, samples_model, steps_model
 
-__all__ = ["make_plots", "PLOTS"]
+__all__ = ["make_plots", "PLOTS", "PLOTS_BY_TARGET"]
 
 #: File name → title, in the order the report shows them.
 PLOTS = {
@@ -17,6 +17,12 @@ PLOTS = {
     "samples.png": "Samples to target vs batch size",
     "pareto.png": "Steps–samples trade-off (Pareto front)",
     "best_lr.png": "Best learning rate vs batch size",
+}
+
+#: The plots of a study with several targets (``--targets``), after those above.
+PLOTS_BY_TARGET = {
+    "b_crit_by_target.png": "B_crit and B_simple at each target",
+    "steps_by_target.png": "Steps to each target vs batch size",
 }
 
 _REGIME_COLORS = ("#e6f4ea", "#fff4e0", "#fde8e8")  # perfect scaling, diminishing, maximal
@@ -46,6 +52,12 @@ def _save(fig: Any, path: Path) -> None:
     finally:
         tmp.unlink(missing_ok=True)  # only left when interrupted mid-write
         _plt().close(fig)
+
+
+def _wrap(text: str, width: int) -> str:
+    import textwrap
+
+    return "\n".join(textwrap.wrap(text, width))
 
 
 def _readable_log_y(ax: Any) -> None:
@@ -135,6 +147,11 @@ def _curve_plot(res: dict[str, Any], key: str, path: Path) -> None:
     if not py:
         ax.set_ylim(0.5, 2.0)
         ax.text(0.5, 0.5, "no batch size reached the target", transform=ax.transAxes, ha="center", fontsize=12)
+    elif res.get("b_crit_undetermined"):
+        # No curve is drawn where the fit is not determined; say so on the plot itself.
+        ax.text(0.98, 0.02, "B_crit undetermined: " + _wrap(res["b_crit_undetermined"], 60), transform=ax.transAxes,
+                ha="right", va="bottom", fontsize=7.5, color="#8a4b00",
+                bbox=dict(boxstyle="round", fc="white", ec="#e0c080", alpha=0.9))
     ax.set_yscale("log")
     _readable_log_y(ax)
     _log2_axis(ax, bs)
@@ -217,6 +234,76 @@ def _lr_plot(res: dict[str, Any], path: Path) -> None:
     _save(fig, path)
 
 
+def _targets_axis(ax: Any, res: dict[str, Any]) -> None:
+    ax.set_xlabel(f"target {res['metric_name']} ({'higher' if res['higher_is_better'] else 'lower'} is harder →)")
+    if not res["higher_is_better"]:
+        ax.invert_xaxis()  # left to right: easy to hard, as training proceeds
+
+
+def _b_crit_by_target_plot(res: dict[str, Any], path: Path) -> None:
+    """B_crit (with its interval) and B_simple against the target: how both grow as training proceeds."""
+    plt = _plt()
+    fig, ax = plt.subplots(figsize=(6.5, 4.5), dpi=110)
+    entries = res["by_target"]
+    fitted = [e for e in entries if e["b_crit"] is not None]
+    if fitted:
+        t = [e["target"] for e in fitted]
+        bc = np.array([e["b_crit"] for e in fitted])
+        lo = np.array([e["b_crit_interval"][0] if e["b_crit_interval"] else e["b_crit"] for e in fitted])
+        hi = np.array([e["b_crit_interval"][1] if e["b_crit_interval"] else e["b_crit"] for e in fitted])
+        ax.errorbar(t, bc, yerr=[bc - lo, hi - bc], fmt="o-", color=_FIT, capsize=4, lw=1.5,
+                    label=f"B_crit (fit, {res['confidence']:.0%} interval)")
+    simple = [(e["target"], e["b_simple"]) for e in entries if e.get("b_simple")]
+    if simple:
+        ax.plot(*zip(*simple), "s-.", color=_SIMPLE, lw=1.5, label="B_simple when the target was reached")
+    undetermined = [e["target"] for e in entries if e["b_crit"] is None]
+    if undetermined:
+        ax.plot(undetermined, [0.06] * len(undetermined), "x", color="#8a4b00", ms=9,
+                transform=ax.get_xaxis_transform(), label="B_crit undetermined (see notes)")
+    ax.set_yscale("log")
+    _readable_log_y(ax)
+    _targets_axis(ax, res)
+    ax.set_ylabel("batch size")
+    ax.set_title(f"{res['workload']}: critical batch size as the target gets harder")
+    if fitted or simple or undetermined:
+        ax.legend(fontsize=8, loc="upper left", framealpha=0.9)
+    ax.grid(True, which="major", alpha=0.3)
+    _save(fig, path)
+
+
+def _steps_by_target_plot(res: dict[str, Any], path: Path) -> None:
+    """S(B) of every target on one axis, each with its fit where determined."""
+    plt = _plt()
+    fig, ax = plt.subplots(figsize=(7.5, 4.8), dpi=110)
+    bs = [r["batch_size"] for r in res["batch_sizes"]]
+    xmin, xmax = min(bs) / 1.5, max(bs) * 1.5
+    grid = np.geomspace(xmin, xmax, 200)
+    colors = plt.get_cmap("viridis")(np.linspace(0.0, 0.85, len(res["by_target"])))
+    any_point = False
+    for e, color in zip(res["by_target"], colors):
+        pts = [(row["batch_size"], row["steps"]) for row in e["batch_sizes"] if row["reached"]]
+        fit_txt = f"B_crit {e['b_crit']:.0f}" if e["b_crit"] is not None else "B_crit undetermined"
+        if pts:
+            any_point = True
+            ax.plot(*zip(*pts), "o", color=color, ms=6, mec="white", label=f"target {e['target']:g} ({fit_txt})")
+        if e["b_noise"] is not None:
+            ax.plot(grid, steps_model(grid, e["s_min"], e["b_noise"]), color=color, lw=1.5)
+    if not any_point:
+        ax.text(0.5, 0.5, "no batch size reached any target", transform=ax.transAxes, ha="center", fontsize=12)
+        ax.set_ylim(0.5, 2.0)
+    ax.set_yscale("log")
+    _readable_log_y(ax)
+    _log2_axis(ax, bs)
+    ax.set_xlim(xmin, xmax)
+    ax.set_xlabel("batch size B")
+    ax.set_ylabel("optimizer steps to target (best LR per target)")
+    ax.set_title(f"{res['workload']}: steps to each {res['metric_name']} target")
+    if any_point:
+        ax.legend(fontsize=8, loc="lower left", framealpha=0.9)
+    ax.grid(True, which="major", alpha=0.3)
+    _save(fig, path)
+
+
 def make_plots(results: dict[str, Any], out: str | Path) -> dict[str, Path]:
     """Write the PNGs into ``out``; returns file name → path (empty when no cell has finished)."""
     out = Path(out)
@@ -227,4 +314,8 @@ def make_plots(results: dict[str, Any], out: str | Path) -> dict[str, Path]:
     _curve_plot(results, "samples", paths["samples.png"])
     _pareto_plot(results, paths["pareto.png"])
     _lr_plot(results, paths["best_lr.png"])
+    if results.get("by_target"):
+        paths.update({name: out / name for name in PLOTS_BY_TARGET})
+        _b_crit_by_target_plot(results, paths["b_crit_by_target.png"])
+        _steps_by_target_plot(results, paths["steps_by_target.png"])
     return paths

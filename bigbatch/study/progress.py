@@ -1,24 +1,17 @@
-"""Progress of a study: cells done out of all, the cell just finished, and the time left."""
+"""Progress of a study: cells done out of all, the cell just finished, and the time left.
+
+Drawn by ``bigbatch._progress`` (the trainer's display uses the same code); this module
+decides what a study shows.
+"""
 
 from __future__ import annotations
 
-import sys
 import time
 from typing import Any
 
+from bigbatch._progress import Progress, format_duration, format_value
+
 __all__ = ["StudyProgress", "format_duration"]
-
-
-def format_duration(seconds: float | None) -> str:
-    """``75`` → ``1m15s``; ``None`` → ``?``."""
-    if seconds is None:
-        return "?"
-    s = int(round(seconds))
-    if s < 60:
-        return f"{s}s"
-    if s < 3600:
-        return f"{s // 60}m{s % 60:02d}s"
-    return f"{s // 3600}h{(s % 3600) // 60:02d}m"
 
 
 class StudyProgress:
@@ -33,45 +26,38 @@ class StudyProgress:
     """
 
     def __init__(self, mode: str, *, total: int, done: int, jobs: int, title: str, open_ended: bool = False) -> None:
-        if mode not in ("auto", "bar", "lines", "none"):
-            raise ValueError(f"progress must be auto, bar, lines or none, got {mode!r}")
-        if mode == "auto":
-            mode = "bar" if sys.stdout.isatty() else "lines"
-        self.mode = mode
-        self.total, self.done, self.jobs = total, done, max(1, jobs)
-        self.title = title
+        self.jobs = max(1, jobs)
         self.open_ended = open_ended
         self._t0 = time.perf_counter()
         self._walls: list[float] = []
-        self._bar = None
-        if done and mode != "none":
-            print(f"[study] {done}/{total}{'+' if open_ended else ''} cells already finished in this directory: skipped", flush=True)
+        # The bar appears only while cells are left to run (a finished study shows none).
+        self._p = Progress(mode, f"study {title}", total, completed=done, unit="cells", eta="given", start=False)
+        self.mode = self._p.mode
+        self.title = title
+        if done:
+            self._p.message(f"[study] {done}/{total}{self._plus} cells already finished in this directory: skipped")
         self._start_bar()
 
-    def _start_bar(self) -> None:
-        if self.mode == "bar" and self._bar is None and self.done < self.total:
-            from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+    @property
+    def total(self) -> int:
+        return self._p.total
 
-            self._bar = Progress(
-                TextColumn("[bold]{task.description}"),
-                BarColumn(),
-                MofNCompleteColumn(),
-                TextColumn("cells"),
-                TimeElapsedColumn(),
-                TextColumn("left [cyan]{task.fields[eta]}"),
-                TextColumn("{task.fields[info]}"),
-            )
-            self._task = self._bar.add_task(f"study {self.title}", total=self.total, completed=self.done, eta="?", info="")
-            self._bar.start()
+    @property
+    def done(self) -> int:
+        return self._p.completed
+
+    @property
+    def _plus(self) -> str:
+        return "+" if self.open_ended else ""
+
+    def _start_bar(self) -> None:
+        if self.done < self.total:
+            self._p.start()
 
     def add_cells(self, n: int, *, done: int = 0) -> None:
         """``n`` more cells joined the study, ``done`` of them already finished (a resumed study)."""
-        self.total += n
-        self.done += done
-        if self._bar is not None:
-            self._bar.update(self._task, total=self.total, completed=self.done)
-        else:
-            self._start_bar()
+        self._p.update(self.done + done, total=self.total + n)
+        self._start_bar()
 
     def eta(self) -> float | None:
         """Seconds left, or ``None`` before the first cell of this invocation finished."""
@@ -83,28 +69,19 @@ class StudyProgress:
         return left * per_cell
 
     def cell_started(self, cell: Any) -> None:
-        if self._bar is not None:
-            self._bar.update(self._task, info=f"running {cell.name}")
+        self._p.update(info=f"running {cell.name}")
 
     def cell_done(self, record: dict[str, Any], metric_name: str) -> None:
-        self.done += 1
         self._walls.append(float(record.get("wall_seconds") or 0.0))
         if record.get("reached_target"):
             what = f"{metric_name} target in {record['steps_to_target']} steps"
         else:
-            what = f"not reached ({record.get('stopped')}, {metric_name} {_fmt(record.get('final_metric'))})"
+            what = f"not reached ({record.get('stopped')}, {metric_name} {format_value(record.get('final_metric'))})"
+        self._p.completed += 1
         eta = format_duration(self.eta())
-        if self._bar is not None:
-            self._bar.update(self._task, completed=self.done, eta=eta, info=f"{record['name']}: {what}")
-        elif self.mode == "lines":
-            plus = "+" if self.open_ended else ""
-            print(f"[{self.done}/{self.total}{plus}] {record['name']}: {what} ({record.get('wall_seconds', 0):.1f} s); ~{eta} left", flush=True)
+        self._p.update(info=f"{record['name']}: {what}", eta=eta)
+        self._p.line(f"[{self.done}/{self.total}{self._plus}] {record['name']}: {what} "
+                     f"({record.get('wall_seconds') or 0:.1f} s); ~{eta} left", force=True)
 
     def close(self) -> None:
-        if self._bar is not None:
-            self._bar.stop()
-            self._bar = None
-
-
-def _fmt(v: Any) -> str:
-    return "n/a" if v is None else f"{v:.4g}"
+        self._p.close()

@@ -8,7 +8,7 @@ import os
 from pathlib import Path
 from typing import Any
 
-from bigbatch.study.plots import PLOTS, make_plots
+from bigbatch.study.plots import PLOTS, PLOTS_BY_TARGET, make_plots
 
 __all__ = ["write_outputs", "render_html"]
 
@@ -25,7 +25,11 @@ def _fmt(v: Any, digits: int = 4) -> str:
 
 def _headline(res: dict[str, Any]) -> str:
     if res.get("b_crit") is None:
-        return "<p><b>B_crit:</b> not fitted (see notes).</p>"
+        why = res.get("b_crit_undetermined") or "not fitted (see notes)"
+        bs = res.get("b_simple")
+        simple = f" The noise monitor measured B_simple = {bs:.0f} ({res.get('b_simple_source') or 'run median'})." if bs else ""
+        return (f"<p class='big'>Critical batch size: <b>undetermined</b></p>"
+                f"<p>The measurements do not determine B_crit, so no number is given: {html.escape(why)}.{simple}</p>")
     iv = res.get("b_crit_interval")
     ivs = f" ({res['confidence']:.0%} bootstrap interval {iv[0]:.0f}–{iv[1]:.0f})" if iv else ""
     bs = res.get("b_simple")
@@ -44,6 +48,27 @@ def _headline(res: dict[str, Any]) -> str:
         f"diminishing returns up to B ≈ {hi:.0f}, maximal data parallelism beyond. Doubling the batch below "
         f"B_crit nearly halves the steps; above it mostly wastes examples.</p>"
     )
+
+
+def _by_target_table(res: dict[str, Any]) -> str:
+    """One row per target: B_crit with its interval (or why it is undetermined) and B_simple."""
+    direction = "≥" if res["higher_is_better"] else "≤"
+    rows = ["<h2>By target</h2><p>Each cell ran to the hardest target and recorded when it first reached "
+            "each; the best LR is chosen per target. The sections below describe the hardest target.</p>"
+            "<table><tr><th>target</th><th>B_crit</th><th>interval</th><th>S_min</th><th>E_min</th>"
+            "<th>B_simple at target</th><th>cells reached</th></tr>"]
+    for e in res["by_target"]:
+        if e["b_crit"] is None:
+            bc = f"<span class='note'>undetermined: {html.escape(e['b_crit_undetermined'] or '')}</span>"
+            iv = "—"
+        else:
+            bc = f"{e['b_crit']:.0f}"
+            iv = f"{e['b_crit_interval'][0]:.0f}–{e['b_crit_interval'][1]:.0f}" if e["b_crit_interval"] else "—"
+        rows.append(f"<tr><td>{html.escape(res['metric_name'])} {direction} {e['target']:g}</td><td>{bc}</td><td>{iv}</td>"
+                    f"<td>{_fmt(e['s_min'])}</td><td>{_fmt(e['e_min'])}</td><td>{_fmt(e['b_simple'])}</td>"
+                    f"<td>{e['cells_reached']}</td></tr>")
+    rows.append("</table>")
+    return "".join(rows)
 
 
 def render_html(res: dict[str, Any], pngs: dict[str, Path]) -> str:
@@ -66,7 +91,9 @@ def render_html(res: dict[str, Any], pngs: dict[str, Path]) -> str:
     ]
     if res["notes"]:
         parts.append("<ul>" + "".join(f"<li class='note'>{html.escape(n)}</li>" for n in res["notes"]) + "</ul>")
-    for name, caption in PLOTS.items():
+    if res.get("by_target"):
+        parts.append(_by_target_table(res))
+    for name, caption in {**PLOTS_BY_TARGET, **PLOTS}.items():
         if name in pngs and pngs[name].exists():
             data = base64.b64encode(pngs[name].read_bytes()).decode("ascii")
             parts.append(f"<h2>{caption}</h2><img alt='{caption}' src='data:image/png;base64,{data}'>")

@@ -12,15 +12,26 @@ interrupt propagates; every file in the directory is then either complete or abs
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
-from bigbatch.study.cells import IGNORED_FOR_RESUME, Cell, read_result, run_cell
+from bigbatch.study.cells import (
+    IGNORED_FOR_RESUME,
+    Cell,
+    attempt_dir,
+    new_attempt,
+    read_result,
+    run_cell,
+    target_crossings,
+    write_result,
+)
 from bigbatch.study.config import StudyConfig
 from bigbatch.study.progress import StudyProgress
 
@@ -74,12 +85,30 @@ def resolve_study(cfg: StudyConfig, workload: Any) -> dict[str, Any]:
         "workload_name": getattr(workload, "name", cfg.workload),
     }
     r["eval_every_samples"] = int(pick("eval_every_samples", max(1, r["budget"] // 200)))
+    r["targets"] = None
+    if cfg.targets is not None:
+        r["targets"] = _resolve_targets(cfg, r["higher_is_better"])
+        r["target"] = r["targets"][-1]  # cells run to the hardest
     if r["target"] is None:
         raise ValueError(f"--target is required: workload {cfg.workload!r} has no default target")
     if not math.isfinite(float(r["target"])):
         raise ValueError(f"target must be a finite number, got {r['target']}")
     r["batch_sizes"] = sorted(set(int(b) for b in r["batch_sizes"]))
     return r
+
+
+def _resolve_targets(cfg: StudyConfig, higher_is_better: bool) -> list[float]:
+    """``cfg.targets`` checked and ordered from the easiest to the hardest."""
+    if cfg.target is not None:
+        raise ValueError("target and targets were both given (--target, --targets): give one")
+    vals = []
+    for t in cfg.targets or []:
+        if isinstance(t, bool) or not isinstance(t, (int, float)) or not math.isfinite(t):
+            raise ValueError(f"targets must be finite numbers, got {t!r}")
+        vals.append(float(t))
+    if not vals:
+        raise ValueError("targets must name at least one target")
+    return sorted(set(vals), reverse=not higher_is_better)
 
 
 def plan_cells(cfg: StudyConfig, resolved: dict[str, Any]) -> list[Cell]:
@@ -158,19 +187,59 @@ def run_study(cfg: StudyConfig, *, run_cell_fn: Callable[..., dict[str, Any]] | 
     """Run (or continue) the study configured by ``cfg`` and write its report; see module doc.
 
     ``run_cell_fn`` replaces the in-process cell runner when ``jobs == 1`` (tests use it to
-    interrupt a study).
+    interrupt a study). One study at a time per ``out``: a second one started on the same
+    directory while the first runs is refused (``ValueError``), as the two would train the
+    same cells.
     """
-    from bigbatch.study.analysis import analyze, lr_extensions
-    from bigbatch.study.report import write_outputs
-    from bigbatch.train.checkpoint import write_json_atomic
-    from bigbatch.workloads import load_workload
-
     cfg = cfg.replace().validate()
     out = Path(cfg.out)
     try:
         (out / "cells").mkdir(parents=True, exist_ok=True)
     except OSError as e:
         raise ValueError(f"--out {out} is not a writable directory: {e.strerror or e}") from None
+    with study_lock(out):
+        return _run_study(cfg, out, run_cell_fn)
+
+
+@contextlib.contextmanager
+def study_lock(out: Path) -> Iterator[None]:
+    """Hold ``out/.study.lock`` (an advisory ``flock``) for the duration; ``ValueError`` if another holds it.
+
+    The kernel releases the lock when its holder dies however it dies, so a killed study never
+    blocks the next one; the descriptor is not inherited by worker processes. Where ``fcntl``
+    does not exist (Windows) there is no lock.
+    """
+    try:
+        import fcntl
+    except ImportError:  # pragma: no cover - not POSIX
+        yield
+        return
+    path = out / ".study.lock"
+    with open(path, "a+") as f:
+        try:
+            fcntl.flock(f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            f.seek(0)
+            holder = f.read().strip() or "?"
+            raise ValueError(f"another bigbatch study (pid {holder}) is running in --out {out}; "
+                             f"wait for it to finish or stop it first") from None
+        f.seek(0)
+        f.truncate()
+        f.write(str(os.getpid()))
+        f.flush()
+        try:
+            yield
+        finally:
+            fcntl.flock(f.fileno(), fcntl.LOCK_UN)
+
+
+def _run_study(cfg: StudyConfig, out: Path, run_cell_fn: Callable[..., dict[str, Any]] | None) -> StudyOutcome:
+    """``run_study`` once ``out`` exists and is locked."""
+    from bigbatch.study.analysis import analyze, lr_extensions
+    from bigbatch.study.report import write_outputs
+    from bigbatch.train.checkpoint import write_json_atomic
+    from bigbatch.workloads import load_workload
+
     workload = load_workload(cfg.workload, **cfg.workload_args)
     resolved = resolve_study(cfg, workload)
     device = _resolve_device(cfg.device)
@@ -184,14 +253,36 @@ def run_study(cfg: StudyConfig, *, run_cell_fn: Callable[..., dict[str, Any]] | 
     records: dict[str, dict[str, Any]] = {}
     cell_device = "cuda" if gpus and jobs > 1 else device
 
-    def prepare(new_cells: list[Cell]) -> list[tuple[Cell, Path]]:
-        """The cells among ``new_cells`` still to run; finished ones go straight into ``records``."""
-        pending: list[tuple[Cell, Path]] = []
+    def with_targets(record: dict[str, Any]) -> dict[str, Any]:
+        """The record with ``by_target``: when its run first reached each target (from metrics.jsonl).
+
+        Computed here rather than kept from an earlier invocation, so a finished cell serves a
+        study whose easier targets changed (its run stopped at the same hardest target).
+        """
+        if resolved["targets"]:
+            from bigbatch.train.metrics import read_metrics
+
+            path = Path(record["train"]["out"]) / "metrics.jsonl"
+            metrics = read_metrics(path)
+            if not any(m.get("kind") == "eval" for m in metrics):
+                # Without its evaluations a finished cell would count as reaching no target at all.
+                raise ValueError(f"cell {record['name']}: {path} holds no evaluations, needed for --targets; "
+                                 f"delete {Path(record['train']['out']).parent / 'result.json'} to run the cell again")
+            record = {**record, "by_target": target_crossings(
+                metrics, resolved["targets"], resolved["metric_name"], resolved["higher_is_better"])}
+        return record
+
+    def prepare(new_cells: list[Cell]) -> list[tuple[Cell, Path, str]]:
+        """The cells among ``new_cells`` still to run (with the attempt token each starts under);
+        finished ones go straight into ``records``."""
+        pending: list[tuple[Cell, Path, str]] = []
         for cell in new_cells:
             cell_dir = out / "cells" / cell.name
+            attempt = new_attempt()
             spec = {
                 "cell": {"batch_size": cell.batch_size, "lr_multiplier": cell.lr_multiplier, "seed": cell.seed},
-                "train": _train_config(cfg, resolved, cell, cell_dir, cell_device),
+                "attempt": attempt,
+                "train": _train_config(cfg, resolved, cell, attempt_dir(cell_dir, attempt), cell_device),
             }
             done = read_result(cell_dir)
             if done is not None:
@@ -200,11 +291,15 @@ def run_study(cfg: StudyConfig, *, run_cell_fn: Callable[..., dict[str, Any]] | 
                     raise ValueError(
                         f"{cell_dir} was run with different settings: {diff}; use another --out to study new settings"
                     )
-                records[cell.name] = done
+                records[cell.name] = with_targets(done)
                 continue
             cell_dir.mkdir(parents=True, exist_ok=True)
+            # Earlier attempts were killed before they finished: their files are of no use, and the
+            # new attempt trains in its own directory whatever is left of them.
+            for old in cell_dir.glob("run-*"):
+                shutil.rmtree(old, ignore_errors=True)
             write_json_atomic(spec, cell_dir / "cell.json")
-            pending.append((cell, cell_dir))
+            pending.append((cell, cell_dir, attempt))
         return pending
 
     pending = prepare(cells)
@@ -213,7 +308,10 @@ def run_study(cfg: StudyConfig, *, run_cell_fn: Callable[..., dict[str, Any]] | 
     progress = StudyProgress(cfg.progress, total=len(cells), done=len(records), jobs=jobs,
                              title=resolved["workload_name"], open_ended=may_extend)
 
-    def finished(record: dict[str, Any]) -> None:
+    def finished(cell_dir: Path, record: dict[str, Any], attempt: str) -> None:
+        """A cell this invocation ran: check it is this attempt's, write result.json, count it."""
+        record = with_targets(record)
+        write_result(cell_dir, record, attempt)
         records[record["name"]] = record
         progress.cell_done(record, resolved["metric_name"])
 
@@ -224,14 +322,14 @@ def run_study(cfg: StudyConfig, *, run_cell_fn: Callable[..., dict[str, Any]] | 
         write_outputs(results, out)
         return StudyOutcome(results, out=str(out))
 
-    def run(pending: list[tuple[Cell, Path]]) -> None:
+    def run(pending: list[tuple[Cell, Path, str]]) -> None:
         if jobs > 1:
             _run_parallel(pending, jobs, gpus, out, progress, finished)
         else:
             runner = run_cell_fn or run_cell
-            for cell, cell_dir in pending:
+            for cell, cell_dir, attempt in pending:
                 progress.cell_started(cell)
-                finished(runner(cell_dir, workload))
+                finished(cell_dir, runner(cell_dir, workload), attempt)
 
     try:
         run(pending)
@@ -263,17 +361,21 @@ def run_study(cfg: StudyConfig, *, run_cell_fn: Callable[..., dict[str, Any]] | 
 
 
 def _run_parallel(
-    pending: list[tuple[Cell, Path]],
+    pending: list[tuple[Cell, Path, str]],
     jobs: int,
     gpus: list[str],
     out: Path,
     progress: StudyProgress,
-    finished: Callable[[dict[str, Any]], None],
+    finished: Callable[[Path, dict[str, Any], str], None],
 ) -> None:
     """``jobs`` worker processes (worker.py), each fed one cell at a time.
 
     On GPUs each worker owns one device through ``CUDA_VISIBLE_DEVICES``; on a CPU the cores
     are shared out (small models run best on one thread each, several cells side by side).
+    Workers die with this process, however it ends (worker.py: a parent-death signal on Linux,
+    and everywhere a pipe whose write end only this process holds: its end of file, when this
+    process is gone, stops the worker). The records they answer are written here, and only for
+    the attempt this study started (cells.write_result).
     """
     import queue as queue_mod
     import threading
@@ -281,7 +383,8 @@ def _run_parallel(
     todo = list(pending)
     answers: queue_mod.Queue = queue_mod.Queue()
     workers: list[tuple[subprocess.Popen, Any]] = []
-    busy: dict[int, tuple[Cell, Path]] = {}
+    busy: dict[int, tuple[Cell, Path, str]] = {}
+    lifelines: list[int] = []  # write ends of the pipes the workers watch; closed once they have exited
     threads = max(1, (os.cpu_count() or 1) // jobs)
     n = min(jobs, len(todo))
     clean = False
@@ -292,8 +395,8 @@ def _run_parallel(
         answers.put((slot, None))
 
     def send(slot: int) -> None:
-        cell, cell_dir = todo.pop(0)
-        busy[slot] = (cell, cell_dir)
+        cell, cell_dir, attempt = todo.pop(0)
+        busy[slot] = (cell, cell_dir, attempt)
         progress.cell_started(cell)
         workers[slot][0].stdin.write(f"{cell_dir}\n")
         workers[slot][0].stdin.flush()
@@ -306,10 +409,20 @@ def _run_parallel(
             else:
                 env["OMP_NUM_THREADS"] = env["BIGBATCH_THREADS"] = str(threads)
             log = open(out / f"worker{slot}.log", "a")
-            proc = subprocess.Popen(
-                [sys.executable, "-m", "bigbatch.study.worker"],
-                env=env, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=log, text=True, bufsize=1,
-            )
+            # os.pipe() is not inherited: the write end stays here alone, the read end goes to
+            # this worker only (pass_fds), so no other child keeps it open after we die.
+            watch_r, watch_w = os.pipe()
+            lifelines.append(watch_w)
+            env["BIGBATCH_PARENT_PID"] = str(os.getpid())
+            env["BIGBATCH_PARENT_FD"] = str(watch_r)
+            try:
+                proc = subprocess.Popen(
+                    [sys.executable, "-m", "bigbatch.study.worker"],
+                    env=env, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=log, text=True, bufsize=1,
+                    pass_fds=(watch_r,),
+                )
+            finally:
+                os.close(watch_r)
             workers.append((proc, log))
             threading.Thread(target=reader, args=(slot, proc), daemon=True).start()
             send(slot)
@@ -318,13 +431,13 @@ def _run_parallel(
                 slot, answer = answers.get(timeout=0.5)  # a timeout keeps Ctrl-C responsive
             except queue_mod.Empty:
                 continue
-            cell, cell_dir = busy.pop(slot)
+            cell, cell_dir, attempt = busy.pop(slot)
             if answer is None:
                 raise RuntimeError(f"study worker {slot} exited while running {cell.name}; see {out / f'worker{slot}.log'}")
-            record = read_result(cell_dir) if answer["ok"] else None
+            record = answer.get("record") if answer["ok"] else None
             if record is None:
-                raise ValueError(f"cell {cell.name} failed: {answer.get('error', 'no result.json')}; log: {out / f'worker{slot}.log'}")
-            finished(record)
+                raise ValueError(f"cell {cell.name} failed: {answer.get('error', 'no result')}; log: {out / f'worker{slot}.log'}")
+            finished(cell_dir, record, attempt)
             if todo:
                 send(slot)
         clean = True
@@ -342,6 +455,8 @@ def _run_parallel(
                 proc.kill()
                 proc.wait()
             log.close()
+        for fd in lifelines:
+            os.close(fd)
 
 
 def load_results(out: str | Path) -> dict[str, Any]:

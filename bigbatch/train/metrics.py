@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import json
 import math
-import sys
-import time
 from pathlib import Path
 from typing import Any, TextIO
+
+from bigbatch._progress import Progress, format_value
 
 __all__ = ["MetricsWriter", "ProgressDisplay", "read_metrics", "truncate_metrics"]
 
@@ -62,52 +62,23 @@ def truncate_metrics(path: str | Path, max_step: int) -> None:
 
 
 class ProgressDisplay:
-    """A rich progress bar on a terminal, plain lines otherwise, or nothing."""
+    """The trainer's progress: samples seen of the budget, with the latest readings.
+
+    A rich bar on a terminal, a line every 5 s otherwise, or nothing (``bigbatch._progress``
+    draws it, as it does the study's).
+    """
 
     def __init__(self, mode: str, total_samples: int, title: str, enabled: bool = True) -> None:
-        if mode not in ("auto", "bar", "lines", "none"):
-            raise ValueError(f"progress must be auto, bar, lines or none, got {mode!r}")
-        if not enabled:
-            mode = "none"
-        elif mode == "auto":
-            mode = "bar" if sys.stdout.isatty() else "lines"
-        self.mode = mode
+        self._p = Progress(mode, title, total_samples, enabled=enabled)
+        self.mode = self._p.mode
         self.total = total_samples
         self.title = title
-        self._bar = None
-        self._last_line = 0.0
-        if mode == "bar":
-            from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
-
-            self._bar = Progress(
-                TextColumn("[bold]{task.description}"),
-                BarColumn(),
-                MofNCompleteColumn(),
-                TimeRemainingColumn(),
-                TextColumn("{task.fields[info]}"),
-            )
-            self._task = self._bar.add_task(title, total=total_samples, info="")
-            self._bar.start()
 
     def update(self, samples: int, info: dict[str, Any], force: bool = False) -> None:
-        text = "  ".join(f"{k} {_fmt(v)}" for k, v in info.items() if v is not None)
-        if self._bar is not None:
-            self._bar.update(self._task, completed=min(samples, self.total), info=text)
-        elif self.mode == "lines":
-            now = time.monotonic()
-            if force or now - self._last_line >= 5.0:
-                self._last_line = now
-                print(f"[{self.title}] samples {samples}/{self.total}  {text}", flush=True)
+        """``samples`` seen so far; ``info`` (name → value, ``None`` skipped) shown beside it."""
+        text = "  ".join(f"{k} {format_value(v)}" for k, v in info.items() if v is not None)
+        self._p.update(samples, text)
+        self._p.line(f"[{self.title}] samples {samples}/{self.total}  {text}", force=force)
 
     def close(self) -> None:
-        if self._bar is not None:
-            self._bar.stop()
-            self._bar = None
-
-
-def _fmt(v: Any) -> str:
-    if isinstance(v, float):
-        if v != 0 and (abs(v) < 1e-3 or abs(v) >= 1e5):
-            return f"{v:.3g}"
-        return f"{v:.4g}"
-    return str(v)
+        self._p.close()
