@@ -51,6 +51,10 @@ def test_batch_size_zero_and_oversized_micro_batch_are_errors(tmp_path):
     with pytest.raises(ValueError, match="per-rank batch 32"):
         plan_batch(64, 2, 64)
     assert plan_batch(64, 2, 32).accum_steps == 1
+    # an adaptive controller never picks a batch that is not whole micro-batches
+    with pytest.raises(ValueError, match="granularity must be a multiple of micro_batch_size x world size = 16"):
+        train(TrainConfig(workload="linreg", batch_size=16, micro_batch_size=16, adaptive="noise",
+                          adaptive_args={"granularity": 4}, progress="none", out=str(tmp_path / "b")))
 
 
 @pytest.mark.parametrize("args,needle", [(["--batch-size", "0"], "batch"),

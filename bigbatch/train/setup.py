@@ -167,8 +167,12 @@ def _build(cfg: TrainConfig, r: Resolved, wl: Workload, info: DistInfo, device: 
     if cfg.adaptive is not None:
         # The batch changes through accumulation steps when the micro-batch is fixed, else through
         # the micro-batch itself; either way it must stay a multiple of this.
-        micro = 1 if cfg.micro_batch_size is None else cfg.micro_batch_size
-        controller = create_controller(cfg.adaptive, **{"granularity": micro * info.world_size, **cfg.adaptive_args})
+        g = (1 if cfg.micro_batch_size is None else cfg.micro_batch_size) * info.world_size
+        given = cfg.adaptive_args.get("granularity", g)
+        if isinstance(given, bool) or not isinstance(given, int) or given <= 0 or given % g:
+            raise ValueError(f"adaptive_args granularity must be a multiple of micro_batch_size x world size = {g} "
+                             f"(a batch must hold whole micro-batches), got {given!r}")
+        controller = create_controller(cfg.adaptive, **{**cfg.adaptive_args, "granularity": given})
     # Under FSDP the EMA is kept as shards of the parameters' layout (built after fully_shard).
     ema = None if cfg.ema_horizon_samples is None else EMA(raw_model, horizon_samples=cfg.ema_horizon_samples)
     return Run(cfg=cfg, r=r, wl=wl, info=info, device=device, out=out, raw_model=raw_model, optimizer=optimizer,
