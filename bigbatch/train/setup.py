@@ -123,10 +123,11 @@ def _prepare_out(cfg: TrainConfig, info: DistInfo, resuming: bool) -> Path:
     if found and not cfg.overwrite:
         raise ValueError(f"--out {path} already holds a run ({', '.join(p.name for p in found[:3])}"
                          f"{', ...' if len(found) > 3 else ''}); pass --resume to continue it or --overwrite to replace it")
-    if info.enabled:
-        dist.barrier()  # all ranks have looked before rank 0 deletes anything
-    if found and info.is_main:
-        remove_run(path)
+    if found:  # --overwrite; every rank saw the same files (rank 0 writes none of them before this)
+        if info.enabled:
+            dist.barrier()  # all ranks have looked before rank 0 deletes anything
+        if info.is_main:
+            remove_run(path)
     return path
 
 
