@@ -194,3 +194,32 @@ def test_fsdp_noise_ema_and_average_match_ddp_and_resume(tmp_path):
     for r in (r0, r1):
         assert r["unchanged"] and r["skipped"] == 1 and r["moved"] and r["reloaded"]
     assert "another rank's shard" in r0["raised"] and "'0.weight' has NaN" in r1["raised"]
+
+
+def _average_worker(rank: int, out: str) -> dict:
+    """DDP with checkpoint averaging while rank 0 writes its checkpoints slowly."""
+    import time
+
+    import bigbatch.train.loop as loop
+
+    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE="2")
+    save = loop.save_atomic
+
+    def slow(obj, path):  # a slow disk: a rank that did not wait for rank 0 lists an older set of files
+        time.sleep(0.5)
+        save(obj, path)
+
+    loop.save_atomic = slow
+    cfg = TrainConfig(workload="linreg", workload_args={"dim": 8}, batch_size=32, lr=0.05, optimizer="sgd",
+                      budget_samples=32 * 6, checkpoint_every_samples=64, average_last=2, progress="none", device="cpu",
+                      out=out)
+    s = train(cfg).summary
+    return {"names": s["averaged_checkpoints"], "metric": s["averaged_metric"]}
+
+
+def test_ddp_ranks_average_the_same_checkpoints(tmp_path):
+    """Under DDP every rank averages the last checkpoints itself: only after rank 0 has written the final one
+    and deleted the old ones (it once read a list with a deleted file: FileNotFoundError on rank 1)."""
+    r0, r1 = spawn_gloo(_average_worker, str(tmp_path))
+    assert r0["names"] == r1["names"] == ["ckpt_00000004.pt", "ckpt_00000006.pt"]
+    assert r0["metric"] == r1["metric"]

@@ -175,9 +175,6 @@ def test_module_class_spec_trains_through_train_api(tmp_path):
     assert not res.summary["diverged"] and opt.state  # it stepped: momentum buffers exist
 
 
-@pytest.mark.xfail(strict=True, reason="needs bigbatch/train/loop.py to ask the registry whether an optimizer takes "
-                   "momentum (optimizer_info(name).takes('momentum')) instead of name in ('sgd', 'lars'); "
-                   "remove this mark when that lands")
 def test_momentum_reaches_an_sgd_family_optimizer_from_outside(tmp_path):
     from bigbatch.train import TrainConfig, train
 

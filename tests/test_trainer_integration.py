@@ -93,12 +93,13 @@ def test_controller_sees_noise_in_examples_for_token_losses():
     """Token-normalised losses: B_simple and tr(Σ) reach the controller per example, |G|² unchanged."""
     from types import SimpleNamespace
 
-    from bigbatch.train.loop import _controller_state
+    from bigbatch.train.state import RunState
+    from bigbatch.train.step import controller_state as _controller_state
 
     est = SimpleNamespace(n_updates=3, grad_sqnorm=2.0, trace_sigma=40.0, b_simple=20.0)
-    st = _controller_state(SimpleNamespace(estimator=est, units_per_sample=4.0), {"samples": 10, "step": 1}, 8)
+    st = _controller_state(SimpleNamespace(estimator=est, units_per_sample=4.0), RunState(samples=10, step=1), 8)
     assert (st.b_simple, st.trace_sigma, st.grad_sqnorm) == (5.0, 10.0, 2.0)
     assert st.b_simple == st.trace_sigma / st.grad_sqnorm
-    st = _controller_state(SimpleNamespace(estimator=est, units_per_sample=float("nan")), {"samples": 10, "step": 1}, 8)
+    st = _controller_state(SimpleNamespace(estimator=est, units_per_sample=float("nan")), RunState(samples=10, step=1), 8)
     assert st.b_simple == 20.0  # examples are the loss unit: no conversion
-    assert _controller_state(None, {"samples": 10, "step": 1}, 8).b_simple is None
+    assert _controller_state(None, RunState(samples=10, step=1), 8).b_simple is None

@@ -145,6 +145,7 @@ def _train_config(cfg: StudyConfig, r: dict[str, Any], cell: Cell, cell_dir: Pat
         device=device,
         noise_scale=True,
         out=str(cell_dir),
+        overwrite=True,  # a killed cell starts from scratch (cells.py): its partial run is replaced
         progress="none",
     )
     return tc.to_dict()

@@ -6,6 +6,7 @@ A new field (with its docstring, which becomes the flag's help) is a new ``--fla
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -29,9 +30,9 @@ class TrainConfig(ConfigMixin):
     lr: float | None = None
     """Peak learning rate at ``base_batch_size`` (or at ``batch_size`` when that is unset)."""
     optimizer: str | None = None
-    """Optimizer name: sgd, adamw, lars, lamb, merit."""
+    """Optimizer: sgd, adamw, adam, lars, lamb, merit, or ``module:Class`` (any registered name; docs/optim.md)."""
     momentum: float | None = None
-    """Momentum (sgd, lars)."""
+    """Momentum (SGD-family optimizers: sgd, lars)."""
     weight_decay: float | None = None
     """Weight decay (applied to ≥2-D tensors only by ``bigbatch.optim.param_groups``)."""
     optimizer_args: dict[str, Any] = field(default_factory=dict)
@@ -96,3 +97,83 @@ class TrainConfig(ConfigMixin):
     """Keep the last N checkpoints and evaluate their average at the end (0: off)."""
     progress: str = "auto"
     """Progress display: auto (bar on a terminal, lines otherwise), bar, lines, none."""
+    overwrite: bool = False
+    """Delete the run already in ``out`` (checkpoints, metrics, summary) and start afresh; without it such a directory is refused unless ``resume`` is set."""
+
+    def resolve(self, workload: Any) -> "Resolved":
+        """The values a run uses (see :func:`resolve`): defaults from ``workload``, every range checked."""
+        return resolve(self, workload)
+
+
+# ---- resolution: the config with a workload's defaults filled in and validated ---------------
+
+__all__ += ["Resolved", "resolve"]
+
+
+@dataclass(frozen=True, slots=True)
+class Resolved:
+    """The values a run uses: ``None`` fields replaced by the workload's defaults, ranges checked."""
+
+    batch_size: int
+    lr: float
+    optimizer: str
+    momentum: float
+    weight_decay: float
+    optimizer_args: dict[str, Any]
+    budget: int
+    warmup: int
+    eval_every: int
+    ckpt_every: int
+    log_every: int
+    base_batch: int
+    noise_every: int | None
+
+
+def resolve(cfg: TrainConfig, workload: Any) -> Resolved:
+    """Fill ``cfg``'s unset fields from ``workload.defaults`` and check every range.
+
+    ``None`` means "unset"; any other value is the user's and is checked (``batch_size=0`` is an
+    error, not the default). Errors name the field.
+    """
+    from bigbatch._checks import check_int_positive, check_positive
+
+    d = workload.defaults
+    batch = check_int_positive("batch_size", d.batch_size if cfg.batch_size is None else cfg.batch_size)
+    optimizer = d.optimizer if cfg.optimizer is None else cfg.optimizer
+    weight_decay = d.weight_decay if cfg.weight_decay is None else cfg.weight_decay
+    if not weight_decay >= 0:
+        raise ValueError(f"weight_decay must be >= 0, got {weight_decay}")
+    if cfg.budget_epochs is not None:
+        budget = int(round(check_positive("budget_epochs", cfg.budget_epochs) * workload.dataset_size))
+    else:
+        budget = check_int_positive("budget_samples", d.budget_samples if cfg.budget_samples is None else cfg.budget_samples)
+    # A workload's default warmup is cut to a short budget; a warmup the user asked for is not.
+    warmup = min(d.warmup_samples, budget) if cfg.warmup_samples is None else int(cfg.warmup_samples)
+    if warmup < 0:
+        raise ValueError(f"warmup_samples must be >= 0, got {warmup}")
+    if cfg.eval_every_samples is not None:
+        eval_every = check_int_positive("eval_every_samples", cfg.eval_every_samples)
+    else:
+        eval_every = max(batch, budget // 20)
+    ckpt_every = eval_every if cfg.checkpoint_every_samples is None else int(cfg.checkpoint_every_samples)
+    if ckpt_every < 0:
+        raise ValueError(f"checkpoint_every_samples must be >= 0, got {cfg.checkpoint_every_samples}")
+    if cfg.target is not None and not math.isfinite(cfg.target):
+        raise ValueError(f"target must be a finite number, got {cfg.target}")
+    base = batch if cfg.base_batch_size is None else check_int_positive("base_batch_size", cfg.base_batch_size)
+    noise_every = None if cfg.noise_every is None else check_int_positive("noise_every", cfg.noise_every)
+    return Resolved(
+        batch_size=batch,
+        lr=check_positive("lr", d.lr if cfg.lr is None else cfg.lr),
+        optimizer=optimizer,
+        momentum=d.momentum if cfg.momentum is None else cfg.momentum,
+        weight_decay=weight_decay,
+        optimizer_args={**d.extra, **cfg.optimizer_args} if optimizer == d.optimizer else dict(cfg.optimizer_args),
+        budget=budget,
+        warmup=warmup,
+        eval_every=eval_every,
+        ckpt_every=ckpt_every,
+        log_every=check_int_positive("log_every_steps", cfg.log_every_steps),
+        base_batch=base,
+        noise_every=noise_every,
+    )

@@ -1,0 +1,165 @@
+"""One optimizer step, and the batch-size decision after it.
+
+``train_step`` draws the global batch, realises it as micro-batches × accumulation steps ×
+ranks, runs forward/backward with the loss normalised by the *global* count (examples or
+tokens) so that the accumulated gradient equals the big-batch gradient exactly, lets the noise
+monitor watch, and steps the optimizer. ``adapt`` asks the batch-size controller for the next
+batch. Neither reads a value back from the device: the loop stays free of host syncs.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import time
+from dataclasses import dataclass, field
+from typing import Any, Iterator
+
+import torch
+import torch.distributed as dist
+
+from bigbatch.adaptive import ControllerState
+from bigbatch.noise import NoiseMonitor
+from bigbatch.train.parallel import gradient_sync
+from bigbatch.train.plan import BatchPlan, plan_batch
+from bigbatch.train.setup import Run, apply_hparams, make_monitor, noise_mode
+from bigbatch.train.state import RunState
+from bigbatch.workloads import Workload, move_batch
+
+__all__ = ["Interval", "train_step", "adapt", "controller_state"]
+
+
+@dataclass(slots=True)
+class Interval:
+    """What the steps since the last log record add up to (the loss stays on the device)."""
+
+    loss: torch.Tensor
+    count: int = 0
+    steps: int = 0
+    t0: float = field(default_factory=time.perf_counter)
+
+    @classmethod
+    def start(cls, device: torch.device) -> "Interval":
+        return cls(torch.zeros((), device=device))
+
+    def reset(self) -> None:
+        self.loss.zero_()
+        self.count, self.steps, self.t0 = 0, 0, time.perf_counter()
+
+
+@contextlib.contextmanager
+def _measure(monitor: NoiseMonitor | None, wl: Workload, mb: dict) -> Iterator[None]:
+    """The noise monitor's micro-batch bracket (examples and loss units both known to it)."""
+    if monitor is None:
+        yield
+        return
+    samples = None
+    if wl.count_unit != "examples":
+        samples = next(iter(v for v in mb.values() if torch.is_tensor(v))).shape[0]
+    with monitor.micro_batch(wl.count(mb), samples=samples):
+        yield
+
+
+def _fetch(run: Run, plan: BatchPlan) -> tuple[list[dict], int, Any]:
+    """This rank's micro-batches of the next global batch, its loss units and the loss scale."""
+    info, wl = run.info, run.wl
+    indices = run.sampler.next(plan.batch_size)
+    per_rank = plan.batch_size // info.world_size
+    local = indices[info.rank * per_rank : (info.rank + 1) * per_rank]
+    m = plan.micro_batch_size
+    micro = [move_batch(wl.fetch(local[i * m : (i + 1) * m]), run.device) for i in range(plan.accum_steps)]
+    n_local = sum(wl.count(mb) for mb in micro)
+    if info.enabled:
+        # A pinned, non-blocking copy: torch.tensor(x, device=cuda) from pageable memory
+        # would wait for the GPU to drain every step and cost the CPU its run-ahead.
+        n_global = torch.tensor([float(n_local)], pin_memory=run.device.type == "cuda")[0]
+        n_global = n_global.to(run.device, non_blocking=True)
+        dist.all_reduce(n_global)  # stays on the device: no host sync
+    else:
+        n_global = float(n_local)
+    # DDP averages gradients over ranks; scaling by world/N makes the result Σ loss / N.
+    return micro, n_local, info.world_size / n_global
+
+
+def train_step(run: Run, state: RunState, plan: BatchPlan, interval: Interval) -> str | None:
+    """One optimizer step at ``plan``; advances ``state``. Returns the optimizer's message if it
+    refused a non-finite gradient (LARS/LAMB/MERIT do, leaving their state untouched), else None."""
+    micro, n_local, scale = _fetch(run, plan)
+    batch = plan.batch_size
+    run.hparams_batch = apply_hparams(run.optimizer, run.scaling, batch, run.hparams_batch)
+    # The LR of the step that ends at samples + batch: the schedule runs in samples, so a
+    # batch change keeps its position and only the rule's factor for the new batch moves.
+    run.lr = lr = run.scaling.lr_at(state.samples + batch, batch)
+    for g in run.optimizer.param_groups:
+        g["lr"] = lr * g["lr_ratio"]
+    monitor = run.monitor
+    if monitor is not None:
+        monitor.begin_step()
+        if monitor.mode == "split":
+            micro = [piece for mb in micro for piece in monitor.split_batch(mb)]
+    for i, mb in enumerate(micro):
+        sync = not run.info.enabled or i == len(micro) - 1
+        with gradient_sync(run.model, sync), _measure(monitor, run.wl, mb):
+            with run.autocast():
+                loss_sum, _ = run.wl.loss(run.model, mb)
+            (loss_sum * scale).backward()
+        interval.loss += loss_sum.detach().float()
+    if monitor is not None:
+        run.reading = monitor.end_step()
+    interval.count += n_local
+    try:
+        run.optimizer.step()
+    except FloatingPointError as e:
+        return str(e)
+    run.optimizer.zero_grad(set_to_none=True)
+    if run.ema is not None:
+        run.ema.update(run.raw_model, batch)
+    state.step += 1
+    state.samples += batch
+    interval.steps += 1
+    return None
+
+
+def controller_state(monitor: NoiseMonitor | None, state: RunState, batch_size: int) -> ControllerState:
+    """Noise readings in examples (the unit of the batch size), for the batch-size controller.
+
+    With a token-normalised loss the estimator counts tokens; the monitor's running tokens per
+    example converts B_simple and tr(Σ) alike, so that B_simple = tr(Σ)/|G|² still holds.
+    """
+    base = ControllerState(samples=state.samples, batch_size=batch_size, step=state.step)
+    if monitor is None or monitor.estimator.n_updates == 0:
+        return base
+    est = monitor.estimator
+    g2, tr, b = est.grad_sqnorm, est.trace_sigma, est.b_simple
+    ups = monitor.units_per_sample  # nan when the loop never said how many examples a micro-batch held
+    if math.isfinite(ups) and ups > 0:
+        b, tr = b / ups, tr / ups
+    return ControllerState(samples=state.samples, batch_size=batch_size, step=state.step,
+                           b_simple=b, grad_sqnorm=g2, trace_sigma=tr)
+
+
+def adapt(run: Run, state: RunState, plan: BatchPlan, log_step: bool) -> BatchPlan:
+    """The controller's batch for the next step, realised by accumulation steps / micro-batch.
+
+    Noise readings are handed over on log steps only, where they are fetched from the device
+    anyway: no extra host sync in the loop (a ramp needs none at all).
+    """
+    batch = plan.batch_size
+    new = run.controller.next_batch_size(controller_state(run.monitor if log_step else None, state, batch))
+    if new == batch:
+        return plan
+    plan = plan_batch(new, run.info.world_size, run.cfg.micro_batch_size)
+    state.batch_size = plan.batch_size
+    state.batch_changes += 1
+    changes = run.controller.changes
+    run.metrics.write({"kind": "batch_size", "step": state.step, "samples": state.samples, "old": batch,
+                       "new": plan.batch_size, "accum_steps": plan.accum_steps,
+                       "micro_batch_size": plan.micro_batch_size, "reason": changes[-1].reason if changes else ""})
+    if run.monitor is not None and noise_mode(run, plan) != run.monitor.mode:
+        # One micro-batch per step became several (or back): 'auto' means another mode now. The
+        # estimates carry over; the mode is a function of the plan, so a resumed run agrees.
+        old, run.monitor = run.monitor, None
+        saved = old.state_dict()
+        old.close()
+        run.monitor = make_monitor(run, plan, saved)
+    return plan
