@@ -93,3 +93,23 @@ def test_mode_switch_resumes_bit_for_bit(tmp_path):
     assert torch.equal(_params(full.model), _params(resumed.model))
     for key in ("steps", "batch_size", "batch_changes", "b_simple", "noise_mode"):
         assert full.summary[key] == resumed.summary[key], key
+
+
+def test_step_time_leaves_evaluation_and_checkpoints_out(tmp_path):
+    """A slow evaluation (0.3 s) at every other step must not show up in the logged step time."""
+    import time
+
+    wl = load_workload("linreg", dim=8)
+    slow = wl.evaluate
+
+    def evaluate(model, device):
+        time.sleep(0.3)
+        return slow(model, device)
+
+    wl.evaluate = evaluate
+    cfg = TrainConfig(workload="linreg", batch_size=16, lr=0.05, budget_samples=16 * 8, eval_every_samples=32,
+                      log_every_steps=2, progress="none", out=str(tmp_path))
+    train(cfg, workload=wl)
+    times = [r["step_time"] for r in read_metrics(tmp_path / "metrics.jsonl") if r["kind"] == "train"]
+    assert len(times) == 4
+    assert max(times) < 0.1, times  # with the evaluations counted, each 2-step interval would be >= 0.15 s/step

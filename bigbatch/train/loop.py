@@ -56,8 +56,9 @@ def train(cfg: TrainConfig, workload: Workload | None = None) -> TrainResult:
     try:
         if state.samples == 0 and state.next_eval == 0:
             state.next_eval = r.eval_every
-            if record_eval(run, state, evaluate(run)):
-                stopped = "target"
+            with interval.paused():
+                if record_eval(run, state, evaluate(run)):
+                    stopped = "target"
         while stopped is None and state.samples < r.budget:
             if cfg.max_steps is not None and steps_this_run >= cfg.max_steps:
                 stopped = "max_steps"
@@ -74,14 +75,15 @@ def train(cfg: TrainConfig, workload: Workload | None = None) -> TrainResult:
             if (log_step or state.samples >= r.budget) and not log_interval(run, state, plan, batch, interval):
                 stopped = "diverged"
                 break
-            if state.samples >= state.next_eval or state.samples >= r.budget:
-                stopped = _evaluate_due(run, state)
-                if stopped == "diverged":
-                    break
-            if state.next_ckpt is not None and state.samples >= state.next_ckpt:
-                while state.next_ckpt <= state.samples:
-                    state.next_ckpt += r.ckpt_every
-                _checkpoint_now(run, state, clock)
+            with interval.paused():  # step_time is training time: evaluations and checkpoints are left out
+                if state.samples >= state.next_eval or state.samples >= r.budget:
+                    stopped = _evaluate_due(run, state)
+                    if stopped == "diverged":
+                        break
+                if state.next_ckpt is not None and state.samples >= state.next_ckpt:
+                    while state.next_ckpt <= state.samples:
+                        state.next_ckpt += r.ckpt_every
+                    _checkpoint_now(run, state, clock)
     finally:
         run.progress.close()
     return _finish(run, state, plan, stopped or "budget", error, clock)

@@ -46,9 +46,18 @@ class Interval:
         self.loss.zero_()
         self.count, self.steps, self.t0 = 0, 0, time.perf_counter()
 
+    @contextlib.contextmanager
+    def paused(self) -> Iterator[None]:
+        """Leave the time spent inside (evaluation, checkpoints) out of the interval's step time."""
+        t = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.t0 += time.perf_counter() - t
+
 
 @contextlib.contextmanager
-def _measure(monitor: NoiseMonitor | None, wl: Workload, mb: dict) -> Iterator[None]:
+def _measure(monitor: NoiseMonitor | None, wl: Workload, mb: dict, count: int) -> Iterator[None]:
     """The noise monitor's micro-batch bracket (examples and loss units both known to it)."""
     if monitor is None:
         yield
@@ -56,35 +65,49 @@ def _measure(monitor: NoiseMonitor | None, wl: Workload, mb: dict) -> Iterator[N
     samples = None
     if wl.count_unit != "examples":
         samples = next(iter(v for v in mb.values() if torch.is_tensor(v))).shape[0]
-    with monitor.micro_batch(wl.count(mb), samples=samples):
+    with monitor.micro_batch(count, samples=samples):
         yield
 
 
-def _fetch(run: Run, plan: BatchPlan) -> tuple[list[dict], int, Any]:
-    """This rank's micro-batches of the next global batch, its loss units and the loss scale."""
+def _fetch(run: Run, plan: BatchPlan) -> list[dict]:
+    """This rank's micro-batches of the next global batch, still on the host."""
     info, wl = run.info, run.wl
     indices = run.sampler.next(plan.batch_size)
     per_rank = plan.batch_size // info.world_size
     local = indices[info.rank * per_rank : (info.rank + 1) * per_rank]
     m = plan.micro_batch_size
-    micro = [move_batch(wl.fetch(local[i * m : (i + 1) * m]), run.device) for i in range(plan.accum_steps)]
-    n_local = sum(wl.count(mb) for mb in micro)
+    return [wl.fetch(local[i * m : (i + 1) * m]) for i in range(plan.accum_steps)]
+
+
+def _to_device(run: Run, host: list[dict]) -> tuple[list[dict], list[int], Any]:
+    """The micro-batches on the device, their loss units and the loss scale.
+
+    The loss units are counted on the host copies: counting on the device would be a host sync
+    per micro-batch, which stops the CPU from running ahead of the GPU. On CUDA the batches are
+    pinned first so that the copies are truly asynchronous.
+    """
+    info, wl, device = run.info, run.wl, run.device
+    counts = [wl.count(mb) for mb in host]
+    if device.type == "cuda":
+        host = [{k: v.pin_memory() for k, v in mb.items()} for mb in host]
+    micro = [move_batch(mb, device) for mb in host]
+    n_local = sum(counts)
     if info.enabled:
         # A pinned, non-blocking copy: torch.tensor(x, device=cuda) from pageable memory
         # would wait for the GPU to drain every step and cost the CPU its run-ahead.
-        n_global = torch.tensor([float(n_local)], pin_memory=run.device.type == "cuda")[0]
-        n_global = n_global.to(run.device, non_blocking=True)
+        n_global = torch.tensor([float(n_local)], pin_memory=device.type == "cuda")[0]
+        n_global = n_global.to(device, non_blocking=True)
         dist.all_reduce(n_global)  # stays on the device: no host sync
     else:
         n_global = float(n_local)
     # DDP averages gradients over ranks; scaling by world/N makes the result Σ loss / N.
-    return micro, n_local, info.world_size / n_global
+    return micro, counts, info.world_size / n_global
 
 
 def train_step(run: Run, state: RunState, plan: BatchPlan, interval: Interval) -> str | None:
     """One optimizer step at ``plan``; advances ``state``. Returns the optimizer's message if it
     refused a non-finite gradient (LARS/LAMB/MERIT do, leaving their state untouched), else None."""
-    micro, n_local, scale = _fetch(run, plan)
+    host = _fetch(run, plan)
     batch = plan.batch_size
     run.hparams_batch = apply_hparams(run.optimizer, run.scaling, batch, run.hparams_batch)
     # The LR of the step that ends at samples + batch: the schedule runs in samples, so a
@@ -96,17 +119,18 @@ def train_step(run: Run, state: RunState, plan: BatchPlan, interval: Interval) -
     if monitor is not None:
         monitor.begin_step()
         if monitor.mode == "split":
-            micro = [piece for mb in micro for piece in monitor.split_batch(mb)]
-    for i, mb in enumerate(micro):
+            host = [piece for mb in host for piece in monitor.split_batch(mb)]
+    micro, counts, scale = _to_device(run, host)
+    for i, (mb, count) in enumerate(zip(micro, counts)):
         sync = not run.info.enabled or i == len(micro) - 1
-        with gradient_sync(run.model, sync), _measure(monitor, run.wl, mb):
+        with gradient_sync(run.model, sync), _measure(monitor, run.wl, mb, count):
             with run.autocast():
                 loss_sum, _ = run.wl.loss(run.model, mb)
             (loss_sum * scale).backward()
         interval.loss += loss_sum.detach().float()
     if monitor is not None:
         run.reading = monitor.end_step()
-    interval.count += n_local
+    interval.count += sum(counts)
     try:
         run.optimizer.step()
     except FloatingPointError as e:
