@@ -262,16 +262,16 @@ def test_cli_out_in_read_only_directory(tmp_path, capsys):
 
 def test_cli_out_in_unwritable_directory_simulated(tmp_path, monkeypatch, capsys):
     """The same check where the tests run as root (which chmod does not stop): os.access says no."""
-    from bigbatch.averaging import checkpoints
+    from bigbatch import _files
 
     run, _ = _run_dir(tmp_path)
     ro = tmp_path / "ro"
     ro.mkdir()
     real = os.access
-    monkeypatch.setattr(checkpoints.os, "access", lambda p, mode: False if Path(p) == ro else real(p, mode))
+    monkeypatch.setattr(_files.os, "access", lambda p, mode: False if Path(p) == ro else real(p, mode))
     assert _main("--last", 2, run, "-o", ro / "avg.pt") == 2
     err = capsys.readouterr().err
-    assert err == f"error: --out {ro / 'avg.pt'}: directory {ro} is not writable\n"
+    assert err == f"error: --out {ro / 'avg.pt'}: the directory {ro} is not writable\n"
     assert list(ro.iterdir()) == []
 
 

@@ -14,8 +14,6 @@ Core module: torch, numpy and the standard library only.
 
 from __future__ import annotations
 
-import contextlib
-import os
 import re
 import zipfile
 from collections import OrderedDict
@@ -26,6 +24,7 @@ import torch
 
 from bigbatch._checks import check_int_positive
 from bigbatch.averaging._common import acc_dtype
+from bigbatch._files import check_output_file, save_atomic
 
 __all__ = [
     "CheckpointError",
@@ -239,51 +238,6 @@ def last_loadable_checkpoints(
 
 
 # ---- writing -----------------------------------------------------------------------------
-
-
-def check_output_file(path: str | Path, name: str = "path") -> Path:
-    """``path`` as a ``Path`` if a file can be written there, else a ``ValueError`` naming ``name``.
-
-    Checked before any work is done: ``path`` must not be a directory, its nearest existing
-    ancestor must be a directory (missing ones are created when writing) and writable.
-    """
-    path = Path(path)
-    if path.is_dir():
-        raise ValueError(f"{name} {path} is a directory; give a file name such as {path / 'avg.pt'}")
-    parent = path.parent
-    while not parent.exists() and parent != parent.parent:
-        parent = parent.parent
-    if not parent.is_dir():
-        raise ValueError(f"{name} {path}: {parent} is a file, not a directory")
-    if not os.access(parent, os.W_OK | os.X_OK):
-        raise ValueError(f"{name} {path}: directory {parent} is not writable")
-    return path
-
-
-def save_atomic(obj: Any, path: str | Path, *, name: str = "path") -> None:
-    """``torch.save(obj, path)`` so that a reader never sees a partial file and no trace is left on failure.
-
-    Writes ``.<file>.tmp<pid>`` beside ``path`` and renames it over ``path``; on any failure
-    (disk full, permission, interrupt) the temporary file is removed. Errors of the file
-    system become a ``ValueError`` naming ``name`` and ``path``.
-    """
-    path = check_output_file(path, name)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        torch.save(obj, tmp)
-        os.replace(tmp, path)
-    except OSError as e:
-        _remove(tmp)
-        raise ValueError(f"{name} {path} cannot be written: {e.strerror or e}") from None
-    except BaseException:
-        _remove(tmp)
-        raise
-
-
-def _remove(tmp: Path) -> None:
-    with contextlib.suppress(OSError):  # never let the clean-up hide the error that caused it
-        tmp.unlink(missing_ok=True)
 
 
 # ---- averaging ---------------------------------------------------------------------------

@@ -15,7 +15,7 @@ from typing import Any, Optional
 
 import typer
 
-from bigbatch.cli._output import check_output_file, writing
+from bigbatch._files import check_output_file, writing
 
 __all__ = ["register", "noise_command", "load_noise_records", "summarize", "plot_noise"]
 
@@ -123,7 +123,7 @@ def noise_command(
     recs = load_noise_records(run_dir)
     png = out or run_dir / "noise.png"
     if plot:  # before the table, so that an unwritable path is the only thing printed
-        check_output_file("--out", png)
+        check_output_file(png, "--out")
     summ = summarize(recs)
     key = summ["key"]
     picks = sorted({round(i * (len(recs) - 1) / max(1, rows - 1)) for i in range(min(rows, len(recs)))})

@@ -13,7 +13,7 @@ from pathlib import Path
 import typer
 
 from bigbatch.cli._fields import Flag, build_command, flag_errors, flags_for
-from bigbatch.cli._output import check_output_file, writing
+from bigbatch._files import check_output_file, writing
 
 __all__ = ["register", "plan_command", "plan_flags", "format_plan", "plot_frontier"]
 
@@ -113,7 +113,7 @@ def plot_frontier(res, path: Path, points: int = 300) -> Path:
         ax.annotate(f"B={c.batch_size}", (c.samples, c.steps), textcoords="offset points", xytext=(4, 4), fontsize=8)
     k = sel.knee
     ax.scatter([k["samples"]], [k["steps"]], marker="*", s=160, color="C3", zorder=4,
-               label=f"B = B_noise: 2·S_min, 2·E_min")
+               label="B = B_noise: 2·S_min, 2·E_min")
     ax.axhline(f.s_min, color="C0", ls="--", lw=0.8)
     ax.axvline(f.e_min, color="C0", ls="--", lw=0.8)
     ax.set_xscale("log")
@@ -140,7 +140,7 @@ def _run(given: dict) -> None:
             raise ValueError(f"span must be in [0, 16], got {cfg.span}")
         for name in ("write_schedule", "plot"):
             if getattr(cfg, name) is not None:
-                check_output_file(flag_name(name), Path(getattr(cfg, name)))
+                check_output_file(Path(getattr(cfg, name)), flag_name(name))
         res = plan_study(cfg)
     if cfg.write_schedule is not None:
         with writing("--write-schedule", Path(cfg.write_schedule)):

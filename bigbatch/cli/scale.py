@@ -20,7 +20,7 @@ import typer
 from bigbatch._checks import check_choice, check_int_positive
 from bigbatch._config import ConfigMixin
 from bigbatch.cli._fields import Flag, build_command, flag_errors, flags_for
-from bigbatch.cli._output import check_output_file, writing
+from bigbatch._files import check_output_file, writing
 from bigbatch.recipe import Recipe
 
 __all__ = [
@@ -158,8 +158,8 @@ def _run(given: dict[str, Any]) -> None:
     own = {f.name for f in fields(ScaleConfig)}
     with flag_errors(_FLAGS):
         cfg = ScaleConfig().replace(**{k: v for k, v in given.items() if k in own}).resolve()
-        out = None if cfg.out is None else check_output_file("--out", Path(cfg.out))
-        plot = None if cfg.plot is None else check_output_file("--plot", Path(cfg.plot))
+        out = None if cfg.out is None else check_output_file(Path(cfg.out), "--out")
+        plot = None if cfg.plot is None else check_output_file(Path(cfg.plot), "--plot")
         recipe = None if cfg.recipe is None else Path(cfg.recipe)
         res = rescale(recipe_from_options(recipe, {k: v for k, v in given.items() if k not in own}), cfg.to_batch, cfg.rule)
     if out is not None:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 import random
 import re
 from pathlib import Path
@@ -11,6 +10,7 @@ from typing import Any, Callable
 import numpy as np
 import torch
 
+from bigbatch import _files
 from bigbatch.train.state import Checkpoint
 
 __all__ = [
@@ -22,23 +22,13 @@ _NAME = re.compile(r"^ckpt_(\d+)\.pt$")
 
 
 def save_atomic(obj: Any, path: str | Path) -> None:
-    """``torch.save`` to ``path`` so that a reader never sees a partial file."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
+    """``torch.save`` to ``path`` so that a reader never sees a partial file (none is left on failure)."""
+    _files.save_atomic(obj, path, name="checkpoint")
 
 
 def write_json_atomic(obj: Any, path: str | Path) -> None:
-    """JSON to ``path`` atomically."""
-    import json
-
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    tmp.write_text(json.dumps(obj, indent=2, default=_json_default) + "\n")
-    os.replace(tmp, path)
+    """JSON to ``path`` atomically (tensors and numpy scalars as numbers)."""
+    _files.write_json_atomic(obj, path, default=_json_default)
 
 
 def _json_default(o: Any) -> Any:
