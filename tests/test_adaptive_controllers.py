@@ -426,3 +426,12 @@ def test_needs_noise_and_settled_arguments():
     # the growth arguments are forwarded, not repeated: one signature, errors still name the argument
     with pytest.raises(ValueError, match="patience must be"):
         NormTestController(patience=0)
+
+
+def test_defaults_on_recorded_mnist1d_readings():
+    # (step, readings, B_simple, rse) recorded from `bigbatch train --workload mnist1d --adaptive noise
+    # --noise-scale` with the batch held at 128: the early high readings were not settled, a later one is.
+    ctrl = NoiseScaleController()
+    for step, n, b, rse in [(20, 10, 284.2, 0.28), (30, 20, 361.9, 0.565), (40, 30, 161.0, 0.259)]:
+        assert decide(ctrl, 128, samples=128 * step, b_simple=b, n_readings=n, b_simple_rse=rse) == 128
+    assert decide(ctrl, 128, samples=128 * 1290, b_simple=267.7, n_readings=1280, b_simple_rse=0.113) == 267

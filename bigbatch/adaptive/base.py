@@ -219,7 +219,7 @@ class GrowthController(BatchSizeController):
         patience: int = 1,
         start_samples: int = 0,
         min_readings: int = 20,
-        max_rse: float | None = 0.15,
+        max_rse: float | None = 0.2,
     ) -> None:
         super().__init__(granularity=granularity)
         g = self.granularity
