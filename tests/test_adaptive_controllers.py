@@ -435,3 +435,19 @@ def test_defaults_on_recorded_mnist1d_readings():
     for step, n, b, rse in [(20, 10, 284.2, 0.28), (30, 20, 361.9, 0.565), (40, 30, 161.0, 0.259)]:
         assert decide(ctrl, 128, samples=128 * step, b_simple=b, n_readings=n, b_simple_rse=rse) == 128
     assert decide(ctrl, 128, samples=128 * 1290, b_simple=267.7, n_readings=1280, b_simple_rse=0.113) == 267
+
+
+def test_state_from_estimator_carries_settledness_and_converts_units():
+    from bigbatch.noise import NoiseScale
+
+    est = NoiseScale(beta=0.9)
+    for i in range(5):
+        est.update(3.0 + 0.1 * i, 1.0, 8, 64)
+    s = ControllerState.from_estimator(est, samples=64, batch_size=32, step=2, units_per_sample=4.0)
+    assert s.n_readings == 5 and s.b_simple_rse == est.b_simple_rse and math.isfinite(s.b_simple_rse)
+    assert s.b_simple == pytest.approx(est.b_simple / 4) and s.trace_sigma == pytest.approx(est.trace_sigma / 4)
+    assert s.grad_sqnorm == est.grad_sqnorm  # |G|² has no unit of batch
+    nan_ups = ControllerState.from_estimator(est, samples=64, batch_size=32, units_per_sample=float("nan"))
+    assert nan_ups.b_simple == est.b_simple  # unknown units per sample: no conversion
+    with pytest.raises(ValueError, match="n_readings must be an integer >= 0"):
+        ControllerState(samples=0, batch_size=4, n_readings=-1)
