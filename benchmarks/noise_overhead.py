@@ -21,8 +21,8 @@ multiple of 10 steps, so ``/10`` configurations measure the same number of steps
 Reported: the median over rounds (CUDA-synchronised wall time), the warm-up steps discarded per
 configuration (compilation happens there), and the graphs dynamo compiled during the timed rounds
 (should be 0: a recompilation in the timed rounds would be in the figure). ``--compile`` uses
-``dynamic=False``: split mode alternates two batch shapes, which would otherwise turn on dynamic
-shapes for every step.
+``dynamic=False`` unless ``--dynamic auto``: split mode alternates two batch shapes, which under
+torch's default turns on a dynamic batch dimension for every step.
 
     python benchmarks/noise_overhead.py                       # GPU, GPT-2 small, context 1024
     python benchmarks/noise_overhead.py --compile
@@ -93,6 +93,9 @@ def main() -> None:
     ap.add_argument("--warmup", type=int, default=10, help="steps discarded per config before timing (a multiple of 10)")
     ap.add_argument("--log-every", type=int, default=10, help="read the reading every N steps (a logging trainer's sync)")
     ap.add_argument("--compile", action="store_true")
+    ap.add_argument("--dynamic", choices=["false", "auto"], default="false",
+                    help="with --compile: dynamic=False (one static graph per batch shape) or torch's default "
+                         "(auto: a second shape recompiles the model with a dynamic batch dimension)")
     ap.add_argument("--configs", default="", help="comma-separated subset of: " + ", ".join(CONFIGS))
     ap.add_argument("--no-dist", action="store_true", help="skip the ddp and fsdp configurations")
     ap.add_argument("--tiny", action="store_true", help="small model on CPU (smoke test)")
@@ -144,7 +147,10 @@ def main() -> None:
                 fully_shard(block, mesh=mesh)
             fully_shard(raw, mesh=mesh)
         opt = torch.optim.AdamW(raw.parameters(), lr=1e-4, fused=cuda)
-        model = torch.compile(raw, dynamic=False) if args.compile else raw  # as the trainer: compile, then DDP
+        if args.compile:  # as the trainer: compile, then DDP
+            model = torch.compile(raw, dynamic=False if args.dynamic == "false" else None)
+        else:
+            model = raw
         if kind == "ddp":
             from torch.nn.parallel import DistributedDataParallel as DDP
 
@@ -220,7 +226,7 @@ def main() -> None:
     dev_name = torch.cuda.get_device_name() if cuda else "cpu"
     print(f"\nnoise monitor overhead: bytelm GPT n_layer={cfg.n_layer} d_model={cfg.d_model} context={cfg.context}, "
           f"{'bf16 autocast' if cuda else 'fp32'}, {dev_name}, torch {torch.__version__}, "
-          f"compile={'dynamic=False' if args.compile else 'off'}")
+          f"compile={('dynamic=' + args.dynamic) if args.compile else 'off'}")
     print(f"accum: {args.accum} x {args.micro} sequences; single/split/ddp/fsdp: {args.single} sequences; "
           f"median of {args.rounds} rounds x {args.steps} steps after {args.warmup} discarded warm-up steps per config; "
           f"reading read every {args.log_every} steps; warm-up {t_warm:.0f} s, total {t_total:.0f} s")

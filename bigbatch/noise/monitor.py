@@ -220,7 +220,9 @@ class NoiseMonitor:
         return hook
 
     def _on_grad(self, g: int, grad: torch.Tensor) -> None:
-        # The hot path on measured steps: one norm launch per parameter per micro-batch.
+        # The hot path on measured steps: one norm launch per parameter per micro-batch. Not batched
+        # into one _foreach_norm at the micro-batch's end: keeping `grad` alive until then would stop
+        # AccumulateGrad from stealing it into .grad (it copies when others hold a reference).
         if self._in_micro:
             self._micro_norms.append(_flat_norm(grad))
             self._hook_groups.append(g)
