@@ -77,6 +77,21 @@ def _worker(rank: int) -> dict:
         with gm[m].micro_batch(64):
             (nets[m](shard).pow(2).sum() * WORLD / B).backward()
         result[f"groups_{m}"] = gm[m].end_step().groups
+    # float64 model: norms accumulated in float64 (one group: the bucket's flat norm; per group: foreach)
+    shards64 = [x[r * 64 : (r + 1) * 64].double() for r in range(WORLD)]
+    ref64 = copy.deepcopy(net).double()
+    means = [torch.autograd.grad(ref64(sh).pow(2).sum() / 64, list(ref64.parameters())) for sh in shards64]
+    small64 = sum(sum(float(g.pow(2).sum()) for g in m) for m in means) / WORLD
+    big64 = sum(float(((a + b) / 2).pow(2).sum()) for a, b in zip(*means))
+    result["ref64"] = list(unbiased_estimates(small64, big64, 64, B))
+    for groups in (None, "parameter"):
+        net64 = DDP(copy.deepcopy(net).double())
+        mon64 = NoiseMonitor(net64, mode="ddp", groups=groups, beta=0.5)
+        mon64.begin_step()
+        with mon64.micro_batch(64):
+            (net64(shards64[rank]).pow(2).sum() * WORLD / B).backward()
+        r64 = mon64.end_step()
+        result[f"f64_{groups}"] = [r64.grad_sqnorm_step, r64.trace_sigma_step]
     result.update({n: {"b_simple": r.b_simple, "b_small": r.b_small, "b_big": r.b_big, "n": r.n_updates} for n, r in readings.items()})
     result["truth"] = wl.true_b_simple(models["ddp"].module)
     # without no_sync DDP reduces in every backward: the step must give no reading
@@ -116,3 +131,6 @@ def test_ddp_and_accumulation_modes_agree_with_closed_form():
     for name in ga:
         assert ga[name]["trace_sigma"] == pytest.approx(gb[name]["trace_sigma"], rel=1e-4)
         assert ga[name]["grad_sqnorm"] == pytest.approx(gb[name]["grad_sqnorm"], rel=1e-4, abs=1e-9)
+    # a float64 model is read in float64: equal to the float64 reference far below float32's rounding
+    for groups in ("None", "parameter"):
+        assert r[f"f64_{groups}"] == pytest.approx(r["ref64"], rel=1e-9), groups

@@ -1,6 +1,7 @@
 """NoiseScale: the estimator of McCandlish et al. 2018 App. A.1, against float64 references."""
 
 import math
+import random
 
 import numpy as np
 import pytest
@@ -150,3 +151,60 @@ def test_load_rejects_corrupt_state():
     s["ema_g2"] = math.nan
     with pytest.raises(ValueError, match="non-finite"):
         NoiseScale().load_state_dict(s)
+
+
+def _weighted_reference(readings, beta):
+    """b_simple's relative standard error from the equations (float64, explicit weights)."""
+    import numpy as np
+
+    n = len(readings)
+    w = np.array([beta ** (n - 1 - i) for i in range(n)])
+    g = np.array([r[0] for r in readings])
+    t = np.array([r[1] for r in readings])
+    W, n_eff = w.sum(), w.sum() ** 2 / (w**2).sum()
+    mg, mt = (w * g).sum() / W, (w * t).sum() / W
+    vg, vt = (w * (g - mg) ** 2).sum() / W, (w * (t - mt) ** 2).sum() / W
+    cov = (w * (g - mg) * (t - mt)).sum() / W
+    return math.sqrt((vt / mt**2 + vg / mg**2 - 2 * cov / (mg * mt)) / (n_eff - 1)), n_eff
+
+
+def test_b_simple_rse_matches_weighted_reference():
+    rng = random.Random(3)
+    est, readings = NoiseScale(beta=0.9), []
+    assert est.b_simple_rse == math.inf and est.n_effective == 0
+    for i in range(40):
+        # readings with b = 32 < B = 128; solve for the norms that give chosen (g2, tr)
+        g2, tr = 2.0 + rng.gauss(0, 0.3), 50.0 + rng.gauss(0, 8.0)
+        small, big = g2 + tr / 32, g2 + tr / 128
+        est.update(small, big, 32, 128)
+        readings.append(unbiased_estimates(small, big, 32, 128))
+        if i == 0:
+            assert est.b_simple_rse == math.inf and est.n_effective == pytest.approx(1.0)  # one reading: no spread
+    ref, n_eff = _weighted_reference(readings, 0.9)
+    assert est.n_effective == pytest.approx(n_eff, rel=1e-12)
+    assert est.b_simple_rse == pytest.approx(ref, rel=1e-6)
+
+
+def test_b_simple_rse_predicts_the_spread_of_b_simple():
+    # i.i.d. readings: the rse must match the run-to-run spread of b_simple (within sampling error)
+    rng = random.Random(0)
+    finals, rses = [], []
+    for _ in range(300):
+        est = NoiseScale(beta=0.95)
+        for _ in range(60):
+            g2, tr = 1.0 + rng.gauss(0, 0.25), 40.0 + rng.gauss(0, 10.0)
+            est.update(g2 + tr / 16, g2 + tr / 64, 16, 64)
+        finals.append(est.b_simple)
+        rses.append(est.b_simple_rse)
+    mean = sum(finals) / len(finals)
+    sd = math.sqrt(sum((f - mean) ** 2 for f in finals) / (len(finals) - 1))
+    assert sd / mean == pytest.approx(sorted(rses)[len(rses) // 2], rel=0.2)
+
+
+def test_rse_survives_state_round_trip():
+    a = NoiseScale(beta=0.8)
+    for i in range(10):
+        a.update(3.0 + 0.1 * i, 1.0 + 0.05 * (i % 3), 8, 64)
+    b = NoiseScale()
+    b.load_state_dict(a.state_dict())
+    assert b.b_simple_rse == a.b_simple_rse and math.isfinite(a.b_simple_rse)

@@ -105,6 +105,57 @@ def test_step_reading_matches_float64_reference_with_unequal_micro_batches(sourc
     assert {"b_simple", "grad_sqnorm", "trace_sigma", "b_simple/Linear", "trace_sigma/LayerNorm"} <= set(d)
 
 
+@pytest.mark.parametrize("mode,source", [("accumulation", "micro"), ("accumulation", "prefix"), ("split", "micro"),
+                                         ("split", "prefix")])
+def test_float64_model_is_read_in_float64(mode, source):
+    # vector_norm(dtype=float32) refuses a float64 tensor; the norms must be summed in float64 too.
+    model = mlp().double()
+    mon = NoiseMonitor(model, groups="module_type", beta=0.9, mode=mode, source=source)
+    batch = {k: v.double() for k, v in data(24).items()}
+    micro = mon.split_batch(batch) if mode == "split" else chunks(batch, [10, 8, 6])
+    assert len(micro) == (2 if mode == "split" else 3)
+    r = run_step(mon, model, micro)
+    ref = reference_step(model, micro, ["Linear", "Linear", "LayerNorm", "LayerNorm", "Linear", "Linear"], source)
+    g2, tr, b_small, _ = ref[None]
+    assert r.valid and r.b_small == pytest.approx(b_small)
+    # float32 accumulation would be off by ~1e-7 relative; float64 agrees to rounding
+    assert r.grad_sqnorm_step == pytest.approx(g2, rel=1e-10)
+    assert r.trace_sigma_step == pytest.approx(tr, rel=1e-10)
+    assert r.groups["LayerNorm"]["trace_sigma"] == pytest.approx(ref["LayerNorm"][1], rel=1e-10)
+
+
+def test_split_mode_does_not_split_unmeasured_steps():
+    model = mlp()
+    mon = NoiseMonitor(model, mode="split", every=3)
+    batch = data(16)
+    sizes = []
+    for _ in range(6):
+        pieces = mon.split_batch(batch)  # before begin_step, as a loop that plans its micro-batches
+        sizes.append([p["x"].shape[0] for p in pieces])
+        run_step(mon, model, pieces)
+        model.zero_grad(set_to_none=True)
+    assert sizes == [[8, 8], [16], [16], [8, 8], [16], [16]]
+    mon.flush()
+    assert mon.estimator.n_updates == 2
+
+
+def test_set_mode_switches_between_split_and_accumulation():
+    model = mlp()
+    mon = NoiseMonitor(model, mode="split")
+    assert (mon.mode, mon.splits) == ("split", 2)
+    run_step(mon, model, mon.split_batch(data(16)))
+    mon.set_mode("accumulation")
+    assert (mon.mode, mon.splits, len(mon.split_batch(data(16)))) == ("accumulation", 1, 1)
+    model.zero_grad(set_to_none=True)
+    r = run_step(mon, model, chunks(data(16, seed=2), [8, 8]))
+    assert r.valid and mon.estimator.n_updates == 2  # the estimators carry on
+    with pytest.raises(ValueError, match="noise monitor mode"):
+        mon.set_mode("ddp")
+    mon.begin_step()
+    with pytest.raises(RuntimeError, match="between end_step"):
+        mon.set_mode("split")
+
+
 def test_tied_weights_gradient_seen_once_in_full():
     from bigbatch.workloads.bytelm import GPT, GPTConfig
 

@@ -17,8 +17,11 @@ and the noise-scale readings of ``bigbatch.noise`` — and returns the next glob
 Every decision is *realisable*: a multiple of ``granularity`` (micro-batch × world size, so the
 trainer realises it with an integer number of accumulation steps) within [min_batch, max_batch].
 Readings that are missing, NaN, infinite or not positive (early in training the unbiased
-estimates of McCandlish App. A.1 are often negative) are ignored: the controller does not act.
-Time is counted in samples (DESIGN.md §2), so ``min_interval`` and ramps are in samples.
+estimates of McCandlish App. A.1 are often negative) are ignored: the controller does not act;
+nor does it act on an estimate that has not *settled* (too few readings since the last change, or
+too wide a spread; see :class:`GrowthController`). ``controller.needs_noise`` says whether the
+controller decides from noise readings at all. Time is counted in samples, so ``min_interval``
+and ramps are in samples.
 """
 
 from __future__ import annotations
@@ -27,7 +30,7 @@ import inspect
 from typing import Any
 
 from bigbatch._checks import check_choice
-from bigbatch.adaptive.base import BatchSizeChange, BatchSizeController, ControllerState, GrowthController
+from bigbatch.adaptive.base import BatchSizeChange, BatchSizeController, ControllerState, GrowthArgs, GrowthController
 from bigbatch.adaptive.ramp import RampController
 from bigbatch.adaptive.statistics import NoiseScaleController, NormTestController
 
@@ -36,11 +39,13 @@ __all__ = [
     "BatchSizeChange",
     "BatchSizeController",
     "GrowthController",
+    "GrowthArgs",
     "NoiseScaleController",
     "NormTestController",
     "RampController",
     "CONTROLLERS",
     "create_controller",
+    "controller_arguments",
 ]
 
 
@@ -51,15 +56,31 @@ CONTROLLERS: dict[str, type[BatchSizeController]] = {
 }
 
 
+def controller_arguments(cls: type[BatchSizeController]) -> dict[str, inspect.Parameter]:
+    """The keyword arguments ``cls`` takes, following ``**kwargs`` forwarded to its base classes."""
+    params: dict[str, inspect.Parameter] = {}
+    for klass in cls.__mro__:
+        init = klass.__dict__.get("__init__")
+        if init is None:
+            continue
+        sig = inspect.signature(init).parameters
+        for p, v in sig.items():
+            if p != "self" and v.kind is not inspect.Parameter.VAR_KEYWORD:
+                params.setdefault(p, v)
+        if not any(v.kind is inspect.Parameter.VAR_KEYWORD for v in sig.values()):
+            break  # this constructor forwards nothing further up
+    return params
+
+
 def create_controller(name: str, **kwargs: Any) -> BatchSizeController:
     """Build a controller by name (noise, normtest, ramp); unknown names or arguments raise ValueError."""
     cls = CONTROLLERS[check_choice("adaptive controller", name, CONTROLLERS)]
-    params = inspect.signature(cls.__init__).parameters
-    valid = [p for p in params if p != "self"]
+    params = controller_arguments(cls)
+    valid = list(params)
     unknown = sorted(set(kwargs) - set(valid))
     if unknown:
         raise ValueError(f"unknown argument(s) {', '.join(unknown)} for controller {name!r}; valid: {', '.join(valid)}")
-    missing = [p for p, v in params.items() if p != "self" and v.default is inspect.Parameter.empty and p not in kwargs]
+    missing = [p for p, v in params.items() if v.default is inspect.Parameter.empty and p not in kwargs]
     if missing:
         raise ValueError(f"controller {name!r} needs argument(s) {', '.join(missing)}")
     return cls(**kwargs)

@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Unpack
 
 from bigbatch._checks import check_positive
-from bigbatch.adaptive.base import ControllerState, GrowthController, _valid
+from bigbatch.adaptive.base import ControllerState, GrowthArgs, GrowthController, _valid
 
 __all__ = ["NoiseScaleController", "NormTestController"]
 
@@ -20,37 +20,15 @@ class NoiseScaleController(GrowthController):
 
     Args:
         c: target multiple of B_simple (> 0). McCandlish's B_crit ≈ B_simple gives c = 1.
-        min_batch, max_batch: bounds (multiples of ``granularity``); max None = unbounded.
-        growth: smallest factor of a change (> 1); also the width of the hysteresis band.
-        min_interval: samples that must pass between two changes (≥ 0).
-        granularity: micro-batch × world size; every batch is a multiple of it.
-        patience: consecutive readings that must ask for growth before it happens (≥ 1).
-        start_samples: no decision before this many samples (the estimator's warm-up).
+        **growth_args: :class:`GrowthController`'s arguments (bounds, ``growth``, ``min_interval``,
+            ``granularity``, ``patience``, ``start_samples``, and the settled check's
+            ``min_readings`` and ``max_rse``; listed in :class:`~bigbatch.adaptive.base.GrowthArgs`).
     """
 
     name = "noise"
 
-    def __init__(
-        self,
-        *,
-        c: float = 1.0,
-        min_batch: int | None = None,
-        max_batch: int | None = None,
-        growth: float = 2.0,
-        min_interval: int = 0,
-        granularity: int = 1,
-        patience: int = 1,
-        start_samples: int = 0,
-    ) -> None:
-        super().__init__(
-            min_batch=min_batch,
-            max_batch=max_batch,
-            growth=growth,
-            min_interval=min_interval,
-            granularity=granularity,
-            patience=patience,
-            start_samples=start_samples,
-        )
+    def __init__(self, *, c: float = 1.0, **growth_args: Unpack[GrowthArgs]) -> None:
+        super().__init__(**growth_args)
         self.c = float(check_positive("c", c))
 
     def config(self) -> dict[str, Any]:
@@ -84,38 +62,19 @@ class NormTestController(GrowthController):
     E‖g_B‖² = |G|² + tr(Σ)/B, as Byrd et al.'s practical test does with ‖g_S‖².
 
     When the test fails the batch grows to the requested size rounded *up* to ``granularity`` (so
-    the test holds there), and by at least ×``growth``; bounds, ``min_interval``, ``patience`` and
-    ``start_samples`` as for :class:`NoiseScaleController`.
+    the test holds there), and by at least ×``growth``; bounds, ``min_interval``, ``patience``,
+    ``start_samples`` and the settled check as for :class:`NoiseScaleController`.
 
     Args:
         eta: the test's tolerance η (> 0); smaller η asks for larger batches (η = 1: B_simple).
         sample_norm: use E‖g_B‖² instead of |G|² on the right side of the test.
+        **growth_args: :class:`GrowthController`'s arguments (see :class:`NoiseScaleController`).
     """
 
     name = "normtest"
 
-    def __init__(
-        self,
-        *,
-        eta: float = 1.0,
-        sample_norm: bool = False,
-        min_batch: int | None = None,
-        max_batch: int | None = None,
-        growth: float = 2.0,
-        min_interval: int = 0,
-        granularity: int = 1,
-        patience: int = 1,
-        start_samples: int = 0,
-    ) -> None:
-        super().__init__(
-            min_batch=min_batch,
-            max_batch=max_batch,
-            growth=growth,
-            min_interval=min_interval,
-            granularity=granularity,
-            patience=patience,
-            start_samples=start_samples,
-        )
+    def __init__(self, *, eta: float = 1.0, sample_norm: bool = False, **growth_args: Unpack[GrowthArgs]) -> None:
+        super().__init__(**growth_args)
         self.eta = float(check_positive("eta", eta))
         if not isinstance(sample_norm, bool):
             raise ValueError(f"sample_norm must be true or false, got {sample_norm!r}")

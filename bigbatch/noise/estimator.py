@@ -11,6 +11,11 @@ Appendix A.1. For a gradient estimate ``G_b`` averaged over ``b`` i.i.d. example
 and ``B_simple = tr(Σ)/|G|²`` (their Eq. 2.8 approximates B_noise, hence the critical batch).
 A ratio of two noisy estimates is biased, so, as the paper does, numerator and denominator
 are smoothed by *separate* exponential moving averages and divided only when read.
+
+How far to trust the smoothed ratio: the same EMA weights also average the squares and the
+product of the two single estimates, which gives their weighted spread; the standard error of a
+weighted mean is that spread over ``n_eff − 1`` (``n_eff = (Σw)²/Σw²``, the effective number of
+readings), and the delta method carries it to the ratio: ``b_simple_rse``.
 """
 
 from __future__ import annotations
@@ -20,7 +25,19 @@ from typing import Any, Mapping
 
 from bigbatch._checks import check_in_range, check_positive
 
-__all__ = ["NoiseScale", "unbiased_estimates"]
+__all__ = ["NoiseScale", "unbiased_estimates", "ema_effective_n"]
+
+
+def ema_effective_n(beta: float, n: int) -> float:
+    """Kish's effective sample size ``(Σw)²/Σw²`` of an EMA with factor ``beta`` after ``n`` readings.
+
+    The weights are ``beta^(n-i)``: 1 for one reading, ``(1+beta)/(1-beta)`` in the limit.
+    """
+    if n <= 0:
+        return 0.0
+    if beta == 0.0:
+        return 1.0
+    return (1.0 - beta**n) ** 2 * (1.0 + beta) / ((1.0 - beta) * (1.0 - beta ** (2 * n)))
 
 
 def unbiased_estimates(small_sqnorm: float, big_sqnorm: float, b_small: float, b_big: float) -> tuple[float, float]:
@@ -44,6 +61,8 @@ class NoiseScale:
     The EMAs are debiased like Adam's moments (divided by ``1 − beta^n``), so ``grad_sqnorm``
     and ``trace_sigma`` are usable from the first update; the debiasing cancels in the ratio.
     A non-finite reading is skipped and counted in ``n_skipped``, never folded into the state.
+    ``b_simple_rse`` is the relative standard error of ``b_simple`` (see the module docstring):
+    infinite until two readings, small once many agree.
     """
 
     def __init__(self, beta: float = 0.99) -> None:
@@ -54,6 +73,8 @@ class NoiseScale:
         self._ema_g2 = 0.0
         self._ema_tr = 0.0
         self._beta_pow = 1.0  # beta ** n_updates, for debiasing
+        # EMAs of g2², tr², g2·tr (same weights as the means): the spread of the single readings.
+        self._ema_g2g2 = self._ema_trtr = self._ema_g2tr = 0.0
         self.n_updates = 0
         self.n_skipped = 0
         self.last_grad_sqnorm = math.nan
@@ -78,6 +99,9 @@ class NoiseScale:
         # Negative single readings are kept: dropping them would bias both EMAs upward.
         self._ema_g2 = self.beta * self._ema_g2 + (1.0 - self.beta) * g2
         self._ema_tr = self.beta * self._ema_tr + (1.0 - self.beta) * tr
+        self._ema_g2g2 = self.beta * self._ema_g2g2 + (1.0 - self.beta) * g2 * g2
+        self._ema_trtr = self.beta * self._ema_trtr + (1.0 - self.beta) * tr * tr
+        self._ema_g2tr = self.beta * self._ema_g2tr + (1.0 - self.beta) * g2 * tr
         self._beta_pow *= self.beta
         self.n_updates += 1
         self.last_grad_sqnorm, self.last_trace_sigma = g2, tr
@@ -103,6 +127,31 @@ class NoiseScale:
             return math.nan
         return self._ema_tr / self._ema_g2
 
+    @property
+    def n_effective(self) -> float:
+        """Effective number of readings in the EMAs (:func:`ema_effective_n`)."""
+        return ema_effective_n(self.beta, self.n_updates)
+
+    @property
+    def b_simple_rse(self) -> float:
+        """Relative standard error of ``b_simple``: inf with fewer than two readings or no valid ratio.
+
+        Delta method on ``T/G`` (``T``, ``G``: the EMAs of tr(Σ) and |G|²), with each EMA's
+        standard error ``s/√(n_eff − 1)`` from the weighted spread ``s`` of the single readings
+        (``n_eff − 1``: the weighted analogue of Bessel's correction). It treats the readings as
+        independent; consecutive steps are correlated, so it is a lower bound on the true error.
+        """
+        n_eff = self.n_effective
+        g, t = self.grad_sqnorm, self.trace_sigma
+        if not (n_eff > 1.0 + 1e-12 and g > 0 and t > 0):
+            return math.inf
+        d = 1.0 - self._beta_pow
+        var_g = max(self._ema_g2g2 / d - g * g, 0.0)
+        var_t = max(self._ema_trtr / d - t * t, 0.0)
+        cov = self._ema_g2tr / d - g * t
+        rel2 = (var_t / (t * t) + var_g / (g * g) - 2.0 * cov / (g * t)) / (n_eff - 1.0)
+        return math.sqrt(max(rel2, 0.0))
+
     def state_dict(self) -> dict[str, Any]:
         return {
             "beta": self.beta,
@@ -111,6 +160,9 @@ class NoiseScale:
             "beta_pow": self._beta_pow,
             "n_updates": self.n_updates,
             "n_skipped": self.n_skipped,
+            "ema_g2g2": self._ema_g2g2,
+            "ema_trtr": self._ema_trtr,
+            "ema_g2tr": self._ema_g2tr,
             "last_grad_sqnorm": self.last_grad_sqnorm,
             "last_trace_sigma": self.last_trace_sigma,
         }
@@ -122,6 +174,14 @@ class NoiseScale:
             raise ValueError("NoiseScale state has non-finite EMAs")
         self.beta, self._ema_g2, self._ema_tr, self._beta_pow = beta, ema_g2, ema_tr, beta_pow
         self.n_updates, self.n_skipped = int(state["n_updates"]), int(state["n_skipped"])
+        if "ema_g2g2" in state:
+            second = [float(state[k]) for k in ("ema_g2g2", "ema_trtr", "ema_g2tr")]
+            if not all(math.isfinite(v) for v in second):
+                raise ValueError("NoiseScale state has non-finite EMAs")
+        else:  # a state saved before the spread was kept: no spread known, as if each reading were the mean
+            d = 1.0 - beta_pow
+            second = [ema_g2 * ema_g2 / d, ema_tr * ema_tr / d, ema_g2 * ema_tr / d] if self.n_updates else [0.0] * 3
+        self._ema_g2g2, self._ema_trtr, self._ema_g2tr = second
         self.last_grad_sqnorm = float(state.get("last_grad_sqnorm", math.nan))
         self.last_trace_sigma = float(state.get("last_trace_sigma", math.nan))
 

@@ -14,13 +14,16 @@ step already computes gradients at two sizes, so the monitor only reads them:
   hooks on the unsharded parameters before it is accumulated or reduce-scattered (see
   ``bigbatch.noise.fsdp``), against the reduced gradient, whose squared norm is the sum of the
   ranks' shard norms. One extra all-reduce of ``2G + 3`` floats per step.
-* ``"split"``: one process, no accumulation: the loop splits its batch in ``splits`` pieces
-  (``monitor.split_batch``), which turns it into accumulation mode at the cost of smaller kernels.
+* ``"split"``: one process, no accumulation: on measured steps the loop splits its batch in
+  ``splits`` pieces (``monitor.split_batch``), which turns it into accumulation mode at the cost
+  of smaller kernels; unmeasured steps run the batch whole.
 
-The loop drives it explicitly (STYLE.md: no callback maze)::
+Each mode is a small class in :mod:`bigbatch.noise.modes`; this module holds what they share.
+
+The loop drives it explicitly (no callbacks: the order of events stays visible in the loop)::
 
     monitor.begin_step()
-    for mb in micro_batches:
+    for mb in monitor.split_batch(batch):           # or the loop's own micro-batches
         with monitor.micro_batch(count):          # count: units the loss is normalised by
             loss.backward()
     reading = monitor.end_step()                   # before optimizer.step()
@@ -44,10 +47,11 @@ from torch import nn
 
 from bigbatch._checks import check_choice, check_int_positive, check_nonnegative
 from bigbatch.noise.estimator import NoiseScale
-from bigbatch.noise.fsdp import UnshardedGradHooks, check_sharded, fsdp_units, local_grads
+from bigbatch.noise.fsdp import UnshardedGradHooks, fsdp_units
 from bigbatch.noise.groups import GroupSpec, assign_groups
+from bigbatch.noise.modes import AccumulationMode, DDPMode, FSDPMode, Mode, SplitMode, select_mode
 from bigbatch.noise.reading import NoiseReading
-from bigbatch.noise.sums import comm_hook as _ddp_hook, flat_norm as _flat_norm, is_ddp, scalar as _scalar, split_batch, step_inputs
+from bigbatch.noise.sums import flat_norm as _flat_norm, is_ddp, norm_dtype, scalar as _scalar, split_batch, step_inputs
 
 __all__ = ["NoiseMonitor", "split_batch"]
 
@@ -63,7 +67,7 @@ class _MicroBatch:
         self.mon, self.count, self.samples, self.loss_scale = mon, count, samples, loss_scale
 
     def __enter__(self) -> "_MicroBatch":
-        self.mon._micro_norms = []
+        self.mon._micro_norms, self.mon._hook_groups = [], []
         self.mon._in_micro = True
         return self
 
@@ -78,9 +82,11 @@ class NoiseMonitor:
     Args:
         model: the module being trained, its ``DistributedDataParallel`` wrapper, or a model
             sharded in place with FSDP2's ``fully_shard``.
-        mode: ``"auto"`` (``"ddp"`` for a DDP model on more than one rank, ``"fsdp"`` for an
-            FSDP2 model, else ``"accumulation"``), ``"accumulation"``, ``"ddp"``, ``"fsdp"`` or
-            ``"split"``. In ``"fsdp"`` mode the small batch is each micro-batch on each rank
+        mode: ``"auto"`` (:func:`~bigbatch.noise.modes.select_mode`: ``"ddp"`` for a DDP model on
+            more than one rank, ``"fsdp"`` for an FSDP2 model, else ``"accumulation"`` — the
+            monitor cannot know how many micro-batches a step will have; a caller that does,
+            like the trainer, passes ``select_mode(accum_steps=...)``), ``"accumulation"``,
+            ``"ddp"``, ``"fsdp"`` or ``"split"``. In ``"fsdp"`` mode the small batch is each micro-batch on each rank
             (``b_small`` = the rank's local batch without accumulation, the micro-batch with it:
             the harmonic mean over the step's readings, as in accumulation mode) and the big
             batch is the global batch.
@@ -136,7 +142,7 @@ class NoiseMonitor:
         inner = model.module if ddp else getattr(model, "_orig_mod", model)  # DDP, torch.compile
         units = fsdp_units(inner)
         if mode == "auto":
-            mode = "fsdp" if units else "ddp" if ddp and self.world_size > 1 else "accumulation"
+            mode = select_mode(sharded=bool(units), ddp=ddp and self.world_size > 1)
         if mode == "ddp" and not ddp:
             raise ValueError("mode='ddp' needs a DistributedDataParallel model; use 'accumulation' or 'split'")
         if units and mode != "fsdp":
@@ -145,41 +151,66 @@ class NoiseMonitor:
             raise ValueError("mode='fsdp' needs a model sharded with torch.distributed.fsdp.fully_shard")
         if mode == "fsdp" and source != "micro":
             raise ValueError(f"mode='fsdp' reads each micro-batch's gradient (source='micro'), got source={source!r}")
-        if mode == "split" and self.world_size > 1:
-            raise ValueError("mode='split' is for one process; under DDP use 'ddp' or 'accumulation'")
-        self.mode = mode
         self.source = check_choice("noise monitor source", source, _SOURCES)
-        self.splits = check_int_positive("splits", splits) if mode == "split" else 1
-        if mode == "split" and self.splits < 2:
-            raise ValueError(f"splits must be >= 2 in split mode, got {splits}")
+        if mode == "split":
+            check_int_positive("splits", splits)
+        self._splits = splits
         self._params, self._group_index, self.group_names = assign_groups(inner, groups)
         if not self._params:
             raise ValueError("model has no trainable parameters")
         self._group_of = {id(p): g for p, g in zip(self._params, self._group_index)}
-        self._fsdp: UnshardedGradHooks | None = None
-        if mode == "fsdp":
-            check_sharded([(n, p) for n, p in inner.named_parameters() if p.requires_grad], self.world_size)
-            slots = {(id(m), n): self._group_of[id(p)] for m in inner.modules()
-                     for n, p in m.named_parameters(recurse=False) if id(p) in self._group_of}
-            self._fsdp = UnshardedGradHooks(units, slots, self._on_grad)
         self.group_estimators = {name: NoiseScale(beta) for name in self.group_names} if groups is not None else {}
         self._idx_cache: dict[tuple[Any, ...], torch.Tensor] = {}
-        self._handles: list[Any] = []
         self._in_step = self._in_micro = False
         self._closed = False
-        self._micro_norms: list[tuple[int, torch.Tensor]] = []
+        self._micro_norms: list[torch.Tensor] = []
+        self._hook_groups: list[int] = []
         self._pending: list[tuple[NoiseReading, dict[str, Any] | None]] = []
         self._step_index = 0
         self._warned_single = False
         self._ups_ema, self._ups_pow, self._ups_n = 0.0, 1.0, 0
-        if mode == "ddp":
-            from torch.distributed.algorithms.ddp_comm_hooks.default_hooks import allreduce_hook
-
-            self._inner_hook = comm_hook or allreduce_hook
-            self._inner_state = comm_state if comm_hook is not None else process_group
-            model.register_comm_hook(self, _ddp_hook)
         self._measure = False
+        self._fsdp: UnshardedGradHooks | None = None
+        self._mode: Mode
+        if mode == "fsdp":
+            self._mode = FSDPMode(self, inner, units)
+            self._fsdp = self._mode.hooks
+        elif mode == "ddp":
+            self._mode = DDPMode(self, model, comm_hook, comm_state)
+        else:
+            self._mode = self._local_mode(mode)
         self._reset_step()
+
+    def _local_mode(self, mode: str) -> Mode:
+        return SplitMode(self, self.source, self._splits) if mode == "split" else AccumulationMode(self, self.source)
+
+    @property
+    def mode(self) -> str:
+        """The measurement mode in use (``"auto"`` resolved)."""
+        return self._mode.name
+
+    @property
+    def splits(self) -> int:
+        """Pieces per measured batch: ``splits`` in split mode, else 1."""
+        return self._mode.splits
+
+    @property
+    def _handles(self) -> list[Any]:
+        """The parameter hooks attached now (only inside measured steps)."""
+        return getattr(self._mode, "_handles", [])
+
+    def set_mode(self, mode: str) -> None:
+        """Switch between ``"accumulation"`` and ``"split"`` between steps, e.g. after the batch
+        changed (``"auto"``: :func:`select_mode` cannot tell them apart without ``accum_steps``,
+        so pass the mode it returns). The estimators carry on: both read the same statistics."""
+        mode = check_choice("noise monitor mode", mode, ("accumulation", "split"))
+        if self._in_step:
+            raise RuntimeError("monitor.set_mode() inside a step; call it between end_step() and begin_step()")
+        if self.mode in ("ddp", "fsdp"):
+            raise ValueError(f"a monitor in {self.mode!r} mode cannot switch to {mode!r}; build a new NoiseMonitor")
+        if mode != self.mode:
+            self._mode.detach()
+            self._mode = self._local_mode(mode)
 
     # ---- hooks (run inside backward; they only read) ---------------------------------------
     def _make_hook(self, g: int) -> Callable[[torch.Tensor], None]:
@@ -189,21 +220,12 @@ class NoiseMonitor:
         return hook
 
     def _on_grad(self, g: int, grad: torch.Tensor) -> None:
+        # The hot path on measured steps: one norm launch per parameter per micro-batch. Not batched
+        # into one _foreach_norm at the micro-batch's end: keeping `grad` alive until then would stop
+        # AccumulateGrad from stealing it into .grad (it copies when others hold a reference).
         if self._in_micro:
-            self._micro_norms.append((g, _flat_norm(grad)))
-
-    def _read_bucket(self, bucket: Any) -> None:
-        if self._in_step and self._measure and not self._closed:
-            if self._bucket_raw and self._bucket_micro != self._n_micro:
-                self._multi_sync = True  # reduced in two backwards: no_sync was not used
-            self._bucket_micro = self._n_micro
-            if len(self.group_names) == 1:
-                self._bucket_raw.append(_flat_norm(bucket.buffer()).square().reshape(1))
-            else:
-                grads = list(bucket.gradients())
-                sq = torch.stack(torch._foreach_norm(grads, 2, dtype=torch.float32)).square()
-                idx = tuple(self._group_of[id(p)] for p in bucket.parameters())
-                self._bucket_raw.append(self._group_sum(sq, idx))
+            self._micro_norms.append(_flat_norm(grad))
+            self._hook_groups.append(g)
 
     def _group_sum(self, sq: torch.Tensor, idx: tuple[int, ...]) -> torch.Tensor:
         """Per-group sums of ``sq`` (one entry per parameter, groups ``idx``) as a ``[G]`` tensor."""
@@ -218,15 +240,11 @@ class NoiseMonitor:
 
     # ---- the loop's calls -----------------------------------------------------------------
     def _reset_step(self) -> None:
-        self._micro: list[tuple[torch.Tensor, Any, Any]] = []  # (raw [G], count, loss_scale)
-        self._prefix: list[tuple[torch.Tensor, Any, Any]] = []  # (raw [G], cumulative count, loss_scale)
-        self._bucket_raw: list[torch.Tensor] = []
-        self._bucket_micro = 0
-        self._multi_sync = False
         self._count_local: Any = 0
         self._samples_local: Any = 0
         self._have_samples = True
         self._scales: list[Any] = []
+        self._step_scale: Any = None
         self._n_micro = 0
         self._broken = False
 
@@ -237,22 +255,12 @@ class NoiseMonitor:
         self._reset_step()
         self._in_step = True
         self._measure = self._step_index % self.every == 0
-        self._detach()
-        if not self._measure:
-            return
-        # Attached only for measured steps: a hook costs a Python call per parameter
-        # per micro-batch even when it does nothing.
-        if self._fsdp is not None:
-            self._fsdp.attach()  # hooks the unsharded parameters during the forward
-        elif self.mode != "ddp" and self.source == "micro":
-            self._handles = [p.register_hook(self._make_hook(g)) for p, g in zip(self._params, self._group_index)]
+        self._mode.detach()
+        if self._measure:  # unmeasured steps carry no hooks at all
+            self._mode.attach()
 
     def _detach(self) -> None:
-        for h in self._handles:
-            h.remove()
-        self._handles = []
-        if self._fsdp is not None:
-            self._fsdp.detach()
+        self._mode.detach()
 
     def micro_batch(self, count: Number | torch.Tensor, *, samples: Number | torch.Tensor | None = None,
                     loss_scale: Number | torch.Tensor | None = None) -> _MicroBatch:
@@ -282,33 +290,23 @@ class NoiseMonitor:
         else:
             self._samples_local = self._samples_local + mb.samples
         self._scales.append(mb.loss_scale)
-        if self.mode == "ddp" or not self._measure:
-            return
-        if self.source == "prefix":
-            # .grad now holds (loss scale)·Σ of the first m_j units' gradients: a batch of m_j.
-            vec = self._grad_sqnorms()
-            if vec is not None:
-                self._prefix.append((vec, self._count_local, mb.loss_scale))
-            return
-        if not norms:
-            return
-        if not isinstance(mb.count, torch.Tensor) and mb.count == 0:
-            return  # an empty micro-batch carries no gradient and no information
-        sq = torch.stack([n for _, n in norms]).square()
-        self._micro.append((self._group_sum(sq, tuple(g for g, _ in norms)), mb.count, mb.loss_scale))
+        if self._measure:
+            self._mode.micro_done(mb, norms)
 
     def split_batch(self, batch: Mapping[str, torch.Tensor]) -> list[dict[str, torch.Tensor]]:
-        """The pieces the loop should run as micro-batches: ``splits`` pieces in split mode, else ``[batch]``."""
-        return split_batch(batch, self.splits) if self.mode == "split" else [dict(batch)]
+        """The pieces the loop should run as micro-batches for ``batch``: ``splits`` pieces in split
+        mode on a measured step, else ``[batch]``. Call it before or after ``begin_step`` of the
+        step it is for (the step counter only moves in ``end_step``)."""
+        return self._mode.pieces(batch, self._step_index % self.every == 0)
 
     def _grad_sqnorms(self) -> torch.Tensor | None:
         """Per-group squared norms of the current ``.grad`` (the accumulated, reduced gradient).
 
         In ``"fsdp"`` mode: of this rank's shards of it (summed over ranks by the caller).
+        Accumulated in float64 when any gradient is float64, else in float32.
         """
         buckets: dict[tuple[Any, Any], tuple[list[torch.Tensor], list[int]]] = {}
-        grads = local_grads(self._params) if self.mode == "fsdp" else [p.grad for p in self._params]
-        for grad, g in zip(grads, self._group_index):
+        for grad, g in zip(self._mode.grads(), self._group_index):
             if grad is not None:
                 gr = grad.coalesce()._values() if grad.is_sparse else grad
                 lst = buckets.setdefault((gr.device, gr.dtype), ([], []))
@@ -316,7 +314,7 @@ class NoiseMonitor:
                 lst[1].append(g)
         if not buckets:
             return None
-        parts = [self._group_sum(torch.stack(torch._foreach_norm(gs, 2, dtype=torch.float32)).square(), tuple(idx))
+        parts = [self._group_sum(torch.stack(torch._foreach_norm(gs, 2, dtype=norm_dtype(gs[0]))).square(), tuple(idx))
                  for gs, idx in buckets.values()]
         dev = parts[0].device
         return sum(p.to(dev) for p in parts)  # type: ignore[return-value]
@@ -339,44 +337,18 @@ class NoiseMonitor:
 
     def _collect(self) -> dict[str, Any] | None:
         """Device-side sums of the step, all-reduced across ranks; None if the step has no reading."""
-        hooked = self._fsdp.n_hooked if self._fsdp is not None else None
-        self._detach()
+        self._mode.detach()
         if self._broken or self._n_micro == 0 or not self._measure:
             return None
-        if hooked == 0:
-            raise RuntimeError(
-                f"NoiseMonitor(mode='fsdp') saw no unsharded parameter in the forward of FSDP's units with torch "
-                f"{torch.__version__}: fully_shard no longer registers them on the modules in its forward pre-hook "
-                "as in torch 2.11-2.13 (see bigbatch/noise/fsdp.py); run the forward through the root FSDP module, "
-                "or use mode='accumulation' without FSDP")
         explicit = [s is not None for s in self._scales]
         if any(explicit) and not all(explicit):
             raise ValueError("loss_scale must be given to every micro_batch of a step or to none")
-        scale = self._scales[-1] if all(explicit) else None
-        if self.mode == "ddp" or self.source == "prefix":
-            # A prefix (or a rank's whole share) mixes micro-batches: one common scale needed.
-            numbers = [s for s in self._scales if s is not None and not isinstance(s, torch.Tensor)]
-            if any(s != numbers[0] for s in numbers):
-                raise ValueError(f"loss_scale must be the same for every micro_batch of a step in {self.mode} mode "
-                                 f"with source={self.source!r}, got {numbers}")
-        if self.mode != "ddp" and self.source == "prefix":
-            if not self._prefix:
-                return None
-            big = self._prefix[-1][0]  # after the last backward: the whole (reduced) gradient
-            readings = [r for r in self._prefix[:-1] if isinstance(r[1], torch.Tensor) or r[1] > 0]
-        else:
-            big = self._grad_sqnorms()
-            if big is None:
-                return None
-            readings = self._micro
-            if self.mode == "ddp":
-                if self._multi_sync:
-                    warnings.warn("NoiseMonitor: DDP reduced gradients in more than one backward of a step; "
-                                  "run all micro-batches but the last under model.no_sync() (no reading this step)",
-                                  RuntimeWarning, stacklevel=3)
-                if not self._bucket_raw or self._multi_sync:
-                    return None
-                readings = [(torch.stack(self._bucket_raw).sum(0), self._count_local, scale)]
+        scale = self._step_scale = self._scales[-1] if all(explicit) else None
+        self._mode.check_step()
+        got = self._mode.readings()
+        if got is None:
+            return None
+        big, readings = got
         dev = big.device
         if readings:
             small_sum = sum(r.to(dev) / (n * n if c is None else n * n * c * c) for r, n, c in readings)
@@ -385,19 +357,22 @@ class NoiseMonitor:
             small_sum, inv_n_sum, k = torch.zeros_like(big), 0.0, 0
         if scale is not None:
             big = big * (self.world_size / scale) ** 2
+        # float64 gradients keep float64 sums; everything else is summed in float32.
+        acc = torch.promote_types(small_sum.dtype, big.dtype) if isinstance(small_sum, torch.Tensor) else big.dtype
         scal = [inv_n_sum, k, self._count_local]
         host: list[Any] | None = scal
+        reduce_big = getattr(self._mode, "reduce_big", False)
         if self.world_size > 1 or any(isinstance(v, torch.Tensor) for v in scal):
             # Under FSDP the shards' squared norms ride along: Σ over ranks = |reduced gradient|².
-            parts = [small_sum.float(), torch.stack([_scalar(v, dev) for v in scal])]
-            vec = torch.cat(parts + [big.float()] if self.mode == "fsdp" else parts)
+            parts = [small_sum.to(acc), torch.stack([_scalar(v, dev) for v in scal]).to(acc)]
+            vec = torch.cat(parts + [big.to(acc)] if reduce_big else parts)
             if self.world_size > 1:
                 dist.all_reduce(vec, group=self.process_group)
-            if self.mode == "fsdp":
+            if reduce_big:
                 vec, big = vec[: -big.numel()], vec[-big.numel():]
             small_sum, host = vec, None
         samples = self._samples_local if self._have_samples else None
-        return {"dev": torch.cat([small_sum.float(), big.float()]), "host": host, "explicit": scale is not None,
+        return {"dev": torch.cat([small_sum.to(acc), big.to(acc)]), "host": host, "explicit": scale is not None,
                 "count_local": self._count_local, "samples_local": samples}
 
     # ---- host side ------------------------------------------------------------------------

@@ -17,14 +17,24 @@ from torch import nn
 
 from bigbatch._checks import check_int_positive
 
-__all__ = ["flat_norm", "scalar", "step_inputs", "split_batch", "is_ddp", "comm_hook"]
+__all__ = ["norm_dtype", "flat_norm", "scalar", "step_inputs", "split_batch", "is_ddp", "comm_hook"]
+
+
+def norm_dtype(grad: torch.Tensor) -> torch.dtype:
+    """The dtype a gradient's norm is reduced and summed in: fp64 for fp64, else fp32.
+
+    bf16/fp16 are reduced in fp32 without a copy; fp32 of an fp64 tensor would be a narrowing,
+    which ``vector_norm``/``_foreach_norm`` refuse.
+    """
+    return torch.float64 if grad.dtype == torch.float64 else torch.float32
 
 
 def flat_norm(grad: torch.Tensor) -> torch.Tensor:
-    """``‖grad‖₂`` as an fp32 0-d tensor; bf16/fp16 are reduced in fp32 without a copy."""
+    """``‖grad‖₂`` as a 0-d tensor in :func:`norm_dtype` (inlined: this runs once per parameter
+    per measured micro-batch)."""
     if grad.is_sparse:
         grad = grad.coalesce()._values()
-    return torch.linalg.vector_norm(grad, dtype=torch.float32)
+    return torch.linalg.vector_norm(grad, dtype=torch.float64 if grad.dtype is torch.float64 else torch.float32)
 
 
 def scalar(x: float | int | torch.Tensor, device: torch.device) -> torch.Tensor:
@@ -70,7 +80,10 @@ def is_ddp(model: nn.Module) -> bool:
     return isinstance(model, DistributedDataParallel)
 
 
-def comm_hook(monitor, bucket):  # no annotations: DDP checks them against dist.GradBucket
-    """Read the rank-local bucket (before it is divided and all-reduced), then reduce as usual."""
-    monitor._read_bucket(bucket)
-    return monitor._inner_hook(monitor._inner_state, bucket)
+def comm_hook(mode, bucket):  # no annotations: DDP checks them against dist.GradBucket
+    """Read the rank-local bucket (before it is divided and all-reduced), then reduce as usual.
+
+    ``mode``: the monitor's ``DDPMode`` (``read_bucket``, ``inner_hook``, ``inner_state``).
+    """
+    mode.read_bucket(bucket)
+    return mode.inner_hook(mode.inner_state, bucket)
