@@ -61,7 +61,7 @@ def test_load_from_file_or_inline(tmp_path):
     p.write_text("# header\n0:32,100:64\n")
     assert load_batch_schedule(str(p)) == [(0, 32), (100, 64)]
     assert load_batch_schedule("0:32,100:64") == [(0, 32), (100, 64)]
-    with pytest.raises(FileNotFoundError, match="--batch-schedule file not found"):
+    with pytest.raises(FileNotFoundError, match="batch_schedule file not found"):
         load_batch_schedule(str(tmp_path / "missing.txt"))
     p.write_text("0:32,10:64,5:128")
     with pytest.raises(ValueError, match="sched.txt: batch schedule thresholds must be strictly increasing"):

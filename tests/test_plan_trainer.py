@@ -1,8 +1,5 @@
 """The schedule controller inside the trainer: batch changes at the thresholds, the LR moved by the
 scaling rule, and a resume mid-schedule that continues bit for bit.
-
-``schedule`` is not yet in ``bigbatch.adaptive.CONTROLLERS`` (the lead registers it at merge);
-until then the test adds it for its own duration.
 """
 
 import math
@@ -10,18 +7,11 @@ import math
 import pytest
 import torch
 
-from bigbatch.adaptive import CONTROLLERS
-from bigbatch.adaptive.schedule import ScheduleController
 from bigbatch.scaling import Recipe, ScalingPlan
 from bigbatch.train import TrainConfig, train
 from bigbatch.train.metrics import read_metrics
 
 LIN = dict(workload="linreg", workload_args={"dim": 16}, progress="none")
-
-
-@pytest.fixture(autouse=True)
-def _registered(monkeypatch):
-    monkeypatch.setitem(CONTROLLERS, "schedule", ScheduleController)
 
 
 def test_trainer_follows_schedule_with_rule_lr(tmp_path):
@@ -55,3 +45,24 @@ def test_trainer_resume_mid_schedule_is_bit_for_bit(tmp_path):
     assert torch.equal(a, b)
     for key in ("steps", "samples", "batch_size", "batch_changes", "final_metric"):
         assert full.summary[key] == resumed.summary[key], key
+
+
+def test_batch_schedule_field_and_flag(tmp_path, capsys):
+    """``batch_schedule`` (``--batch-schedule``) is the schedule controller; combined with another
+    controller it is a one-line error naming both."""
+    from bigbatch.cli import main
+
+    cfg = TrainConfig(**LIN, batch_size=16, lr=0.02, optimizer="sgd", budget_samples=16 * 20, log_every_steps=1,
+                      batch_schedule="0:16,160:32", out=str(tmp_path / "a"))
+    s = train(cfg).summary
+    assert s["batch_size"] == 32 and s["batch_changes"] == 1
+    changes = [r for r in read_metrics(tmp_path / "a" / "metrics.jsonl") if r["kind"] == "batch_size"]
+    assert [(c["samples"], c["new"]) for c in changes] == [(160, 32)]
+    with pytest.raises(ValueError, match="batch_schedule sets the batch itself.*adaptive='noise'"):
+        train(TrainConfig(**LIN, batch_schedule="0:16", adaptive="noise", out=str(tmp_path / "b")))
+    with pytest.raises(SystemExit) as e:
+        main(["train", "--workload", "linreg", "--batch-schedule", "0:16,oops", "--progress", "none",
+              "--out", str(tmp_path / "c")])
+    assert e.value.code == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and err.count("\n") == 1

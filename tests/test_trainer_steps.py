@@ -68,7 +68,7 @@ def test_cli_batch_errors_one_line_exit_2(tmp_path, args, needle):
 
 
 ADAPT = dict(workload="linreg", workload_args={"dim": 8}, batch_size=16, micro_batch_size=16, lr=0.05,
-             adaptive="noise", adaptive_args={"max_batch": 64}, log_every_steps=2, budget_samples=16 * 60,
+             adaptive="noise", adaptive_args={"max_batch": 64, "min_readings": 4, "max_rse": 1.0}, log_every_steps=2, budget_samples=16 * 60,
              eval_every_samples=16 * 10, checkpoint_every_samples=16 * 4, progress="none")
 
 

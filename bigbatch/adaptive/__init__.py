@@ -13,6 +13,8 @@ and the noise-scale readings of ``bigbatch.noise`` — and returns the next glob
   batch at which the test holds, B = tr(Σ)/(η²·|G|²).
 - :class:`RampController`: Megatron-LM's linear ramp of the batch from a start to an end size over
   a number of samples, in fixed increments (``--rampup-batch-size start increment samples``).
+- :class:`ScheduleController`: a batch-size schedule in samples in Megatron's threshold form
+  (``"0:64,20000:128"``), e.g. the one ``bigbatch plan --write-schedule`` derives from a study.
 
 Every decision is *realisable*: a multiple of ``granularity`` (micro-batch × world size, so the
 trainer realises it with an integer number of accumulation steps) within [min_batch, max_batch].
@@ -32,6 +34,7 @@ from typing import Any
 from bigbatch._checks import check_choice
 from bigbatch.adaptive.base import BatchSizeChange, BatchSizeController, ControllerState, GrowthArgs, GrowthController
 from bigbatch.adaptive.ramp import RampController
+from bigbatch.adaptive.schedule import ScheduleController, load_batch_schedule, parse_batch_schedule
 from bigbatch.adaptive.statistics import NoiseScaleController, NormTestController
 
 __all__ = [
@@ -43,6 +46,9 @@ __all__ = [
     "NoiseScaleController",
     "NormTestController",
     "RampController",
+    "ScheduleController",
+    "parse_batch_schedule",
+    "load_batch_schedule",
     "CONTROLLERS",
     "create_controller",
     "controller_arguments",
@@ -53,6 +59,7 @@ CONTROLLERS: dict[str, type[BatchSizeController]] = {
     NoiseScaleController.name: NoiseScaleController,
     NormTestController.name: NormTestController,
     RampController.name: RampController,
+    ScheduleController.name: ScheduleController,
 }
 
 

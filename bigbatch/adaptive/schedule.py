@@ -116,7 +116,7 @@ def load_batch_schedule(value: str | Path) -> list[tuple[int, int]]:
     looks_inline = isinstance(value, str) and ":" in value and not p.is_file()
     if not looks_inline:
         if not p.is_file():
-            raise FileNotFoundError(f"--batch-schedule file not found: {value} (or give the schedule inline, e.g. '0:64,20000:128')")
+            raise FileNotFoundError(f"batch_schedule file not found: {value} (or give the schedule inline, e.g. '0:64,20000:128')")
         try:
             return parse_batch_schedule(p.read_text())
         except ValueError as e:

@@ -322,14 +322,14 @@ def _raised_in_bigbatch(exc: BaseException) -> bool:
 
 @contextlib.contextmanager
 def flag_errors(flags: Sequence[Flag]) -> Iterator[None]:
-    """Re-raise a ``ValueError`` raised inside bigbatch with field names written as flags.
+    """Re-raise a ``ValueError`` (or a missing file) raised inside bigbatch with field names written as flags.
 
     The same exception object goes on (type and traceback kept); errors raised in the user's
     own code (a workload module) are left as they are.
     """
     try:
         yield
-    except ValueError as e:
-        if _raised_in_bigbatch(e) and e.args and isinstance(e.args[0], str):
+    except (ValueError, FileNotFoundError) as e:
+        if _raised_in_bigbatch(e) and e.args and isinstance(e.args[0], str) and len(e.args) == 1:
             e.args = (flag_message(e.args[0], flags), *e.args[1:])
         raise

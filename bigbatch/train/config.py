@@ -88,9 +88,11 @@ class TrainConfig(ConfigMixin):
     noise_beta: float = 0.99
     """EMA factor per reading of the |G|² and tr(Σ) estimators."""
     adaptive: str | None = None
-    """Adaptive batch size controller: noise, normtest or ramp."""
+    """Adaptive batch size controller: noise, normtest, ramp or schedule (docs/adaptive.md)."""
     adaptive_args: dict[str, Any] = field(default_factory=dict)
     """Keyword arguments of the adaptive controller."""
+    batch_schedule: str | None = None
+    """Batch-size schedule in samples, ``"0:64,20000:128,..."`` (K/M/B/T suffixes allowed) or a file holding one (``bigbatch plan --write-schedule``); the LR follows the rule. Short for ``adaptive`` = schedule."""
     ema_horizon_samples: int | None = None
     """Keep an EMA of the weights with this horizon in samples (decay per step ρ^B; Busbridge et al. 2023) and evaluate it too."""
     average_last: int = 0

@@ -18,7 +18,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from bigbatch.adaptive import BatchSizeController, ControllerState, create_controller
+from bigbatch.adaptive import BatchSizeController, ControllerState, create_controller, load_batch_schedule
 from bigbatch.averaging import EMA
 from bigbatch.noise import NoiseMonitor, NoiseReading, select_mode
 from bigbatch.optim import create_optimizer, optimizer_info
@@ -161,15 +161,16 @@ def _build(cfg: TrainConfig, r: Resolved, wl: Workload, info: DistInfo, device: 
     for g in optimizer.param_groups:  # groups may carry their own LR; keep their ratio to the peak
         g.setdefault("lr_ratio", g["lr"] / peak)
     controller = None
-    if cfg.adaptive is not None:
+    name, args = _controller_spec(cfg)
+    if name is not None:
         # The batch changes through accumulation steps when the micro-batch is fixed, else through
         # the micro-batch itself; either way it must stay a multiple of this.
         g = (1 if cfg.micro_batch_size is None else cfg.micro_batch_size) * info.world_size
-        given = cfg.adaptive_args.get("granularity", g)
+        given = args.get("granularity", g)
         if isinstance(given, bool) or not isinstance(given, int) or given <= 0 or given % g:
             raise ValueError(f"adaptive_args granularity must be a multiple of micro_batch_size x world size = {g} "
                              f"(a batch must hold whole micro-batches), got {given!r}")
-        controller = create_controller(cfg.adaptive, **{**cfg.adaptive_args, "granularity": given})
+        controller = create_controller(name, **{**args, "granularity": given})
     # Under FSDP the EMA is kept as shards of the parameters' layout (built after fully_shard).
     ema = None if cfg.ema_horizon_samples is None else EMA(raw_model, horizon_samples=cfg.ema_horizon_samples)
     return Run(cfg=cfg, r=r, wl=wl, info=info, device=device, out=out, raw_model=raw_model, optimizer=optimizer,
@@ -223,6 +224,17 @@ def apply_hparams(optimizer: torch.optim.Optimizer, scaling: ScalingPlan, batch_
     return batch_size
 
 
+def _controller_spec(cfg: TrainConfig) -> tuple[str | None, dict[str, Any]]:
+    """The controller's name and arguments: ``adaptive``/``adaptive_args``, or the ``batch_schedule``."""
+    if cfg.batch_schedule is None:
+        return cfg.adaptive, dict(cfg.adaptive_args)
+    if cfg.adaptive not in (None, "schedule"):
+        raise ValueError(f"batch_schedule sets the batch itself; it cannot be combined with adaptive={cfg.adaptive!r}")
+    if "schedule" in cfg.adaptive_args:
+        raise ValueError("give the schedule once: batch_schedule or adaptive_args schedule=..., not both")
+    return "schedule", {**cfg.adaptive_args, "schedule": load_batch_schedule(cfg.batch_schedule)}
+
+
 def _needs_noise(controller: BatchSizeController | None, name: str | None) -> bool:
     """Whether the adaptive controller decides from noise readings (asked of the controller when it says)."""
     if controller is None:
@@ -253,7 +265,9 @@ def _wrap(run: Run, plan: BatchPlan, ckpt: Checkpoint | None) -> None:
     cfg, info = run.cfg, run.info
     model: nn.Module = run.raw_model
     if cfg.compile:
-        model = torch.compile(model)
+        # Static shapes: split-mode noise steps run half batches, and an adaptive batch changes the
+        # micro-batch; a few static graphs are faster than one dynamic-shape graph for every step.
+        model = torch.compile(model, dynamic=False)
     if info.enabled and not run.sharded:
         model = wrap_model(model, info, run.device, "ddp", run.wl)
     run.model = model

@@ -10,7 +10,6 @@ batch. Neither reads a value back from the device: the loop stays free of host s
 from __future__ import annotations
 
 import contextlib
-import math
 import time
 from dataclasses import dataclass, field
 from typing import Any, Iterator
@@ -22,7 +21,7 @@ from bigbatch.adaptive import ControllerState
 from bigbatch.noise import NoiseMonitor
 from bigbatch.train.parallel import gradient_sync
 from bigbatch.train.plan import BatchPlan, plan_batch
-from bigbatch.train.setup import Run, apply_hparams, make_monitor, noise_mode
+from bigbatch.train.setup import Run, apply_hparams, noise_mode
 from bigbatch.train.state import RunState
 from bigbatch.workloads import Workload, move_batch
 
@@ -145,21 +144,17 @@ def train_step(run: Run, state: RunState, plan: BatchPlan, interval: Interval) -
 
 
 def controller_state(monitor: NoiseMonitor | None, state: RunState, batch_size: int) -> ControllerState:
-    """Noise readings in examples (the unit of the batch size), for the batch-size controller.
+    """The controller's view of the run: samples, batch, and the noise readings in examples.
 
     With a token-normalised loss the estimator counts tokens; the monitor's running tokens per
-    example converts B_simple and tr(Σ) alike, so that B_simple = tr(Σ)/|G|² still holds.
+    example converts B_simple and tr(Σ) alike, so that B_simple = tr(Σ)/|G|² still holds. The
+    number of readings and B_simple's relative standard error tell the controller whether the
+    estimate has settled.
     """
-    base = ControllerState(samples=state.samples, batch_size=batch_size, step=state.step)
     if monitor is None or monitor.estimator.n_updates == 0:
-        return base
-    est = monitor.estimator
-    g2, tr, b = est.grad_sqnorm, est.trace_sigma, est.b_simple
-    ups = monitor.units_per_sample  # nan when the loop never said how many examples a micro-batch held
-    if math.isfinite(ups) and ups > 0:
-        b, tr = b / ups, tr / ups
-    return ControllerState(samples=state.samples, batch_size=batch_size, step=state.step,
-                           b_simple=b, grad_sqnorm=g2, trace_sigma=tr)
+        return ControllerState(samples=state.samples, batch_size=batch_size, step=state.step)
+    return ControllerState.from_estimator(monitor.estimator, samples=state.samples, batch_size=batch_size,
+                                          step=state.step, units_per_sample=monitor.units_per_sample)
 
 
 def adapt(run: Run, state: RunState, plan: BatchPlan, log_step: bool) -> BatchPlan:
@@ -182,8 +177,5 @@ def adapt(run: Run, state: RunState, plan: BatchPlan, log_step: bool) -> BatchPl
     if run.monitor is not None and noise_mode(run, plan) != run.monitor.mode:
         # One micro-batch per step became several (or back): 'auto' means another mode now. The
         # estimates carry over; the mode is a function of the plan, so a resumed run agrees.
-        old, run.monitor = run.monitor, None
-        saved = old.state_dict()
-        old.close()
-        run.monitor = make_monitor(run, plan, saved)
+        run.monitor.set_mode(noise_mode(run, plan))
     return plan
