@@ -58,6 +58,8 @@ CONFIGS = {
     "split+micro/10": ("local", S, "micro", 10, "single"),
     "split+prefix/1": ("local", S, "prefix", 1, "single"),
     "split+prefix/10": ("local", S, "prefix", 10, "single"),
+    "split+micro/50": ("local", S, "micro", 50, "single"),
+    "split+prefix/50": ("local", S, "prefix", 50, "single"),
     "ddp": ("ddp", None, "micro", 1, "single"),
     "ddp+hook/1": ("ddp", "ddp", "micro", 1, "single"),
     "ddp+hook/10": ("ddp", "ddp", "micro", 10, "single"),
