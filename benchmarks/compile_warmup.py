@@ -15,6 +15,12 @@ given, no evaluation after the first; its tokens/s are its own metrics records (
 evaluation and checkpoint time out of the step time).
 
     TORCH_LOGS=recompiles python benchmarks/compile_warmup.py --pairs 4 --steps 100
+    python benchmarks/compile_warmup.py --profile --steps 40      # device busy/idle and kernels per step
+
+``--profile`` runs one bare and one trainer run under torch.profiler (after a warm-up run of each,
+so compilation is cached) and prints, per step, the device span, the kernel busy time, the idle
+time and the kernel count, as ``trainer_overhead.py --profile`` does, plus the CUDA kernels whose
+count per step differs between the two.
 """
 
 from __future__ import annotations
@@ -71,6 +77,33 @@ def trainer(wl, a) -> list[float]:
     return [r["tokens_per_s"] for r in read_metrics(f"{out}/metrics.jsonl") if r.get("kind") == "train"]
 
 
+def profile_pair(wl, a) -> None:
+    """Bare loop vs trainer under torch.profiler: where the trainer's extra time goes."""
+    import collections
+
+    from torch.autograd import DeviceType
+    from torch.profiler import ProfilerActivity, profile
+
+    from trainer_overhead import _device_window
+
+    counts = {}
+    for name, fn in (("bare", bare), ("trainer", trainer)):
+        fn(wl, a)  # compile (cached for the profiled run)
+        with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+            fn(wl, a)
+        span, busy, n_k, n = _device_window(prof, skip=5)
+        print(f"{name:8s}: span {span:7.2f} ms/step  busy {busy:7.2f}  idle {span - busy:6.2f}  kernels/step {n_k:7.1f} ({n} steps)",
+              flush=True)
+        c = collections.Counter(e.name for e in prof.events() if e.device_type == DeviceType.CUDA)
+        counts[name] = {k: v / a.steps for k, v in c.items()}
+    keys = set(counts["bare"]) | set(counts["trainer"])
+    diff = sorted(((counts["trainer"].get(k, 0) - counts["bare"].get(k, 0), k) for k in keys), key=lambda x: -abs(x[0]))
+    print("kernels whose count per step differs (trainer - bare):")
+    for d, k in diff[:15]:
+        if abs(d) >= 0.5:
+            print(f"  {d:+7.1f}  {k[:110]}")
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--steps", type=int, default=100)
@@ -81,10 +114,14 @@ def main() -> None:
     p.add_argument("--micro-batch-size", type=int, default=32)
     p.add_argument("--lr", type=float, default=2e-3)
     p.add_argument("--eval-every", type=int, default=0, help="trainer evaluates every N steps (0: only at the start)")
+    p.add_argument("--profile", action="store_true", help="profile one run of each instead of timing pairs")
     a = p.parse_args()
     if not torch.cuda.is_available():
         raise SystemExit("this benchmark needs a CUDA GPU")
     wl = load_workload("bytelm", size="gpt2-small")
+    if a.profile:
+        profile_pair(wl, a)
+        return
     first = a.discard // a.window
     blocks = []
     for i in range(a.pairs):

@@ -84,7 +84,7 @@ class TrainConfig(ConfigMixin):
     noise_mode: str = "auto"
     """Where the two batch sizes come from: auto (ddp under DDP, fsdp under FSDP2, accumulation with ≥2 micro-batches, else split), accumulation, ddp, fsdp, split."""
     noise_every: int | None = None
-    """Measure one step in N (default: every step on CPU, every 10th on CUDA, which keeps the cost under 1%)."""
+    """Measure one step in N (default: every step on CPU; on CUDA every 10th, every 50th in split mode, which keeps the cost under 1%)."""
     noise_beta: float = 0.99
     """EMA factor per reading of the |G|² and tr(Σ) estimators."""
     adaptive: str | None = None

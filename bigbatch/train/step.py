@@ -21,7 +21,7 @@ from bigbatch.adaptive import ControllerState
 from bigbatch.noise import NoiseMonitor
 from bigbatch.train.parallel import gradient_sync
 from bigbatch.train.plan import BatchPlan, plan_batch
-from bigbatch.train.setup import Run, apply_hparams, noise_mode
+from bigbatch.train.setup import Run, apply_hparams, noise_every, noise_mode
 from bigbatch.train.state import RunState
 from bigbatch.workloads import Workload, move_batch
 
@@ -177,5 +177,7 @@ def adapt(run: Run, state: RunState, plan: BatchPlan, log_step: bool) -> BatchPl
     if run.monitor is not None and noise_mode(run, plan) != run.monitor.mode:
         # One micro-batch per step became several (or back): 'auto' means another mode now. The
         # estimates carry over; the mode is a function of the plan, so a resumed run agrees.
-        run.monitor.set_mode(noise_mode(run, plan))
+        mode = noise_mode(run, plan)
+        run.monitor.set_mode(mode)
+        run.monitor.every = noise_every(run, mode)
     return plan
