@@ -13,6 +13,7 @@ pytest.importorskip("lightning")
 import lightning.pytorch as pl  # noqa: E402
 
 from bigbatch.adaptive import RampController  # noqa: E402
+from bigbatch.adaptive.schedule import ScheduleController  # noqa: E402
 from bigbatch.integrations.lightning import BatchSizeCallback, NoiseScaleCallback, configure_optimizers  # noqa: E402
 from bigbatch.noise import NoiseMonitor  # noqa: E402
 from bigbatch.optim import create_optimizer  # noqa: E402
@@ -170,6 +171,23 @@ def test_ramp_changes_accumulation_mid_epoch(tmp_path):
                                                             for i in range(len(expected))], rel=1e-6)
     assert [(h[1], h[2]) for h in cb.history] == [(16, 8), (32, 12), (44, 16)]  # (samples, new batch)
     assert cb.samples == 96
+
+
+def test_sample_threshold_schedule_mid_epoch(tmp_path):
+    """A Megatron-style threshold schedule ("samples:batch") through the same callback."""
+    make = lambda: ScheduleController(schedule="0:4 24:8 60:16", granularity=4)  # noqa: E731
+    cb = BatchSizeCallback(make(), micro_batch_size=MICRO, rule="sqrt")
+    module = Tiny(lr=0.04)
+    _trainer(tmp_path, [cb], accumulate=1).fit(module)
+    ref, expected, samples = make(), [], 0
+    while samples < 96:
+        b = min(ref.batch_size_at(samples), 96 - samples)
+        expected.append(b)
+        samples += b
+    assert expected == [4] * 6 + [8] * 5 + [16, 16]
+    assert [n * MICRO for n, _ in module.steps] == expected
+    assert [(h[1], h[2]) for h in cb.history] == [(24, 8), (64, 16)]
+    assert module.steps[-1][1] == pytest.approx(0.04 * 2.0)  # sqrt(16 / 4)
 
 
 def test_batch_size_callback_rejects_bad_granularity(tmp_path):

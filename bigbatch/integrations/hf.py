@@ -24,7 +24,7 @@ from transformers import Trainer, TrainerCallback, TrainingArguments
 from transformers.trainer_callback import ExportableState
 
 from bigbatch._checks import check_int_positive
-from bigbatch.integrations.common import MonitorTap, global_batch_size, sample_lr_scheduler
+from bigbatch.integrations.common import MonitorTap, global_batch_size
 from bigbatch.noise import NoiseMonitor
 from bigbatch.optim import OPTIMIZERS, create_optimizer, param_groups
 from bigbatch.recipe import Recipe

@@ -13,7 +13,6 @@ Needs ``pip install bigbatch[lightning]`` (``lightning>=2.2``).
 
 from __future__ import annotations
 
-import math
 from typing import Any, Callable
 
 import torch
@@ -21,7 +20,7 @@ from lightning.pytorch import Callback, LightningModule, Trainer
 
 from bigbatch._checks import check_choice, check_int_positive
 from bigbatch.adaptive.base import BatchSizeController, ControllerState
-from bigbatch.integrations.common import MonitorTap, leading_dim, sample_lr_scheduler, scale_lrs, LR_ONLY_RULES
+from bigbatch.integrations.common import LR_ONLY_RULES, MonitorTap, leading_dim, sample_lr_scheduler, scale_lrs
 from bigbatch.noise import NoiseMonitor
 from bigbatch.optim import create_optimizer
 from bigbatch.recipe import Recipe
