@@ -1,7 +1,8 @@
 """bigbatch in your own loop under Hugging Face Accelerate: LAMB, a schedule in samples, the noise scale.
 
     python examples/accelerate_loop.py                          # one process: accumulation mode
-    accelerate launch --num_processes 2 examples/accelerate_loop.py   # DDP mode, one extra all-reduce
+    accelerate launch --num_processes 2 examples/accelerate_loop.py   # 2 GPUs: DDP mode, one extra all-reduce
+    ACCELERATE_USE_CPU=1 torchrun --nproc_per_node 2 examples/accelerate_loop.py   # 2 CPU processes (gloo)
 
 The LR schedule is stepped with the samples seen by the whole job (global batch × steps) and is
 *not* passed to ``accelerator.prepare``: Accelerate's scheduler wrapper steps a scheduler once per

@@ -42,3 +42,21 @@ def test_accelerate_example(capsys, monkeypatch):
     out = _run(capsys, monkeypatch, "accelerate_loop.py", "--epochs", "0.25")
     assert "mode accumulation" in out
     assert math.isfinite(float(re.search(r"b_simple ([-\d.eE+]+)", out).group(1)))
+
+
+@pytest.mark.slow
+def test_accelerate_example_two_processes(tmp_path):
+    """DDP mode on two CPU processes: the global batch counts both, the readings are all-reduced."""
+    pytest.importorskip("accelerate")
+    import os
+    import subprocess
+
+    env = {**os.environ, "ACCELERATE_USE_CPU": "1", "OMP_NUM_THREADS": "1",
+           "PYTHONPATH": os.pathsep.join([str(EXAMPLES.parent), os.environ.get("PYTHONPATH", "")])}
+    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29531",
+                        str(EXAMPLES / "accelerate_loop.py"), "--epochs", "0.25"],
+                       capture_output=True, text=True, env=env, timeout=240, cwd=tmp_path)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert r.stdout.count("global batch 256 on 2 process(es)") == 1  # printed by the main process only
+    assert "mode ddp" in r.stdout
+    assert math.isfinite(float(re.search(r"b_simple ([-\d.eE+]+)", r.stdout).group(1)))
