@@ -73,10 +73,10 @@ class _Batches(TrainerCallback):
         self._h.remove()
 
 
-def _hand_loop(batches: list[torch.Tensor], steps: int) -> list[float]:
+def _hand_loop(batches: list[torch.Tensor], steps: int, every: int = 1) -> list[float]:
     """Reference: the same model, micro-batches and order; the loss a mean over tokens; clip after reading."""
     model = _model()
-    mon = NoiseMonitor(model, mode="accumulation", beta=0.99)
+    mon = NoiseMonitor(model, mode="accumulation", beta=0.99, every=every)
     opt = create_optimizer("sgd", model, lr=0.05)
     out = []
     for s in range(steps):
@@ -124,6 +124,17 @@ def test_noise_callback_sees_loss_divided_by_accumulation(tmp_path):
     trainer.train()
     logged = [h["noise/b_simple"] for h in trainer.state.log_history if "noise/b_simple" in h]
     assert logged == pytest.approx(_hand_loop(rec.batches, 4), rel=1e-5)
+
+
+def test_noise_every_n_steps(tmp_path):
+    noise, rec = NoiseScaleCallback(every=2), _Batches()
+    trainer = _run(tmp_path, [noise, rec])
+    trainer.train()
+    logged = [(h["step"], h["noise/b_simple"]) for h in trainer.state.log_history if "noise/b_simple" in h]
+    ref = _hand_loop(rec.batches, 4, every=2)
+    assert [s for s, _ in logged] == [1, 3]  # steps 0 and 2 are measured, logged after them
+    assert [v for _, v in logged] == pytest.approx([ref[0], ref[2]], rel=1e-5)
+    assert noise.monitor.estimator.n_updates == 2
 
 
 def test_lr_follows_schedule_in_samples(tmp_path):
