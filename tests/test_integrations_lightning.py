@@ -114,6 +114,23 @@ def test_noise_callback_matches_hand_loop(tmp_path):
     assert noise2.monitor.estimator.b_simple == pytest.approx(ref[-1], rel=1e-5)
 
 
+def test_noise_callback_accounts_for_the_grad_scaler(tmp_path):
+    """16-mixed with a GradScaler: the gradients seen during backward are scaled; the estimates are not."""
+    from lightning.pytorch.plugins import MixedPrecision
+
+    est = []
+    for init_scale in (1.0, 1024.0):
+        noise = NoiseScaleCallback()
+        scaler = torch.amp.GradScaler("cpu", init_scale=init_scale, growth_interval=10**6)
+        _trainer(tmp_path, [noise], plugins=[MixedPrecision("16-mixed", "cpu", scaler=scaler)]).fit(Tiny())
+        est.append(noise.monitor.estimator)
+    assert est[0].n_updates == est[1].n_updates == 6
+    for key in ("grad_sqnorm", "trace_sigma", "b_simple"):
+        assert getattr(est[1], key) == pytest.approx(getattr(est[0], key), rel=1e-5), key
+    # And fp16 autocast stays close to the fp32 hand loop.
+    assert est[0].b_simple == pytest.approx(_hand_loop(Tiny().net, 6)[-1], rel=1e-2)
+
+
 def test_noise_callback_state_survives_checkpoint(tmp_path):
     # 48 examples = 3 steps of 4 x 4 per epoch: the checkpoint is at an epoch boundary, so the
     # resumed run sees the same batches as the uninterrupted one.

@@ -54,8 +54,9 @@ class NoiseScaleCallback(Callback):
 
     Each micro-batch's gradient is read by tensor hooks during its backward and the step's
     accumulated gradient at the end of the last backward (after DDP's all-reduce), so clipping
-    and AMP unscaling, which come later, do not affect it; the GradScaler's scale and Lightning's
-    division by ``accumulate_grad_batches`` are read from the loss's gradient. Logs
+    and AMP unscaling, which come later, do not affect it; the GradScaler's scale (read from the
+    scaler) and Lightning's division by ``accumulate_grad_batches`` go into the monitor's
+    ``loss_scale``. Logs
     ``{prefix}b_simple``, ``{prefix}grad_sqnorm`` and ``{prefix}trace_sigma`` (EMA estimates in
     ``count_fn`` units, McCandlish et al. 2018, App. A.1) with ``pl_module.log`` on every
     measured step. Needs ``accumulate_grad_batches >= 2`` or several processes.
@@ -101,11 +102,18 @@ class NoiseScaleCallback(Callback):
     def on_before_backward(self, trainer: Trainer, pl_module: LightningModule, loss: torch.Tensor) -> None:
         if self.tap is None or not pl_module.automatic_optimization:
             return
-        # ``loss`` is training_step's loss divided by accumulate_grad_batches; the hook's gradient
-        # adds the GradScaler's scale.
+        # ``loss`` is training_step's loss divided by accumulate_grad_batches and, under 16-mixed,
+        # already multiplied by the GradScaler's scale (MixedPrecision.pre_backward scales before
+        # it calls this hook), so the scale is read from the scaler; the hook on ``loss`` adds any
+        # factor applied after this point.
         per_unit = 1.0 if self.reduction == "sum" else 1.0 / self._count
+        unit_scale: Any = per_unit / trainer.accumulate_grad_batches
+        scaler = getattr(trainer.precision_plugin, "scaler", None)
+        if scaler is not None and scaler.is_enabled():
+            scale = getattr(scaler, "_scale", None)  # the device tensor: no host sync per micro-batch
+            unit_scale = unit_scale * (scale.detach().reshape(()) if isinstance(scale, torch.Tensor) else scaler.get_scale())
         last = not trainer.fit_loop._should_accumulate()
-        self.tap.micro_batch(loss, count=self._count, unit_scale=per_unit / trainer.accumulate_grad_batches, last=last)
+        self.tap.micro_batch(loss, count=self._count, unit_scale=unit_scale, last=last)
 
     def on_train_batch_end(self, trainer: Trainer, pl_module: LightningModule, outputs: Any, batch: Any,
                            batch_idx: int) -> None:
