@@ -207,7 +207,36 @@ def test_sample_threshold_schedule_mid_epoch(tmp_path):
     assert module.steps[-1][1] == pytest.approx(0.04 * 2.0)  # sqrt(16 / 4)
 
 
+def test_batch_size_callback_resumes(tmp_path):
+    """Checkpoint after epoch 1 of a ramp, resume for epoch 2: the same steps as an uninterrupted run."""
+    make = lambda: BatchSizeCallback(RampController(start_batch=4, end_batch=12, ramp_samples=40, granularity=4),  # noqa: E731
+                                     micro_batch_size=MICRO, rule="linear")
+    full, full_cb = Tiny(lr=0.04, n=48), make()
+    _trainer(tmp_path, [full_cb], accumulate=1, max_epochs=2).fit(full)
+
+    first, cb1 = Tiny(lr=0.04, n=48), make()
+    trainer = _trainer(tmp_path, [cb1], accumulate=1, max_epochs=1)
+    trainer.fit(first)
+    trainer.save_checkpoint(tmp_path / "e1.ckpt")
+    second, cb2 = Tiny(lr=0.04, n=48), make()
+    _trainer(tmp_path, [cb2], accumulate=1, max_epochs=2).fit(second, ckpt_path=str(tmp_path / "e1.ckpt"))
+    resumed = first.steps + second.steps
+    assert [n for n, _ in resumed] == [n for n, _ in full.steps] == [1] * 5 + [2] * 3 + [1] + [3] * 4
+    assert [lr for _, lr in resumed] == pytest.approx([lr for _, lr in full.steps], rel=1e-6)
+    assert cb2.state_dict() == full_cb.state_dict()
+
+
 def test_batch_size_callback_rejects_bad_granularity(tmp_path):
     cb = BatchSizeCallback(RampController(start_batch=2, end_batch=4, ramp_samples=8, granularity=2), micro_batch_size=MICRO)
     with pytest.raises(ValueError, match="granularity"):
         _trainer(tmp_path, [cb], accumulate=1).fit(Tiny())
+
+
+def test_callbacks_refuse_manual_optimization(tmp_path):
+    class Manual(Tiny):
+        def __init__(self) -> None:
+            super().__init__()
+            self.automatic_optimization = False
+
+    with pytest.raises(ValueError, match="automatic optimization"):
+        _trainer(tmp_path, [NoiseScaleCallback()], accumulate=1).fit(Manual())

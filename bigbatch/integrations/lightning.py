@@ -89,6 +89,9 @@ class NoiseScaleCallback(Callback):
     def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
         if stage != "fit" or self.tap is not None:
             return
+        if not pl_module.automatic_optimization:
+            raise ValueError("NoiseScaleCallback needs automatic optimization (it follows Lightning's accumulation); "
+                             "with manual optimization drive bigbatch.noise.NoiseMonitor in training_step")
         # Accumulation mode on the unwrapped module works under DDP too: the micro-batch hooks
         # see each rank's local gradient, .grad at the end of the step the reduced one.
         self.tap = MonitorTap(NoiseMonitor(pl_module, mode="accumulation", beta=self.beta, every=self.every))
@@ -146,7 +149,9 @@ class BatchSizeCallback(Callback):
     first window after a change short, so the callback counts windows from the last optimizer
     step instead (it replaces two methods of the epoch loop; checked on lightning 2.2-2.6). The
     LR of every param group (and a scheduler's base LRs; a :class:`SampleLR`'s step) moves by
-    ``rule`` (``linear``, ``sqrt`` or ``none``) with each change.
+    ``rule`` (``linear``, ``sqrt`` or ``none``) with each change, starting from the batch the
+    Trainer was configured with (``micro_batch_size × accumulate_grad_batches × world size``),
+    which is the batch the optimizer's LR is taken to be for. Automatic optimization only.
 
     Args:
         controller: any :class:`BatchSizeController` (``create_controller(...)``).
@@ -194,6 +199,8 @@ class BatchSizeCallback(Callback):
     def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
         if stage != "fit":
             return
+        if not pl_module.automatic_optimization:
+            raise ValueError("BatchSizeCallback needs automatic optimization (it sets accumulate_grad_batches)")
         self._world = trainer.world_size
         g = self.micro_batch_size * self._world
         if self.controller.granularity % g:
