@@ -20,8 +20,12 @@ from __future__ import annotations
 from typing import Any
 
 import torch
-from transformers import Trainer, TrainerCallback, TrainingArguments
-from transformers.trainer_callback import ExportableState
+
+try:
+    from transformers import Trainer, TrainerCallback, TrainingArguments
+    from transformers.trainer_callback import ExportableState
+except ImportError as e:  # pragma: no cover - depends on the environment
+    raise ImportError(f"bigbatch.integrations.hf needs transformers and accelerate: pip install 'bigbatch[hf]' ({e})") from e
 
 from bigbatch._checks import check_int_positive
 from bigbatch.integrations.common import MonitorTap, global_batch_size

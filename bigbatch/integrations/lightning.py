@@ -16,7 +16,11 @@ from __future__ import annotations
 from typing import Any, Callable
 
 import torch
-from lightning.pytorch import Callback, LightningModule, Trainer
+
+try:
+    from lightning.pytorch import Callback, LightningModule, Trainer
+except ImportError as e:  # pragma: no cover - depends on the environment
+    raise ImportError(f"bigbatch.integrations.lightning needs lightning: pip install 'bigbatch[lightning]' ({e})") from e
 
 from bigbatch._checks import check_choice, check_int_positive
 from bigbatch.adaptive.base import BatchSizeController, ControllerState
