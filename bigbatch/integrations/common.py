@@ -104,8 +104,8 @@ class MonitorTap:
     """Drives a :class:`~bigbatch.noise.NoiseMonitor` from inside the framework's backward passes.
 
     ``micro_batch(loss, ...)`` is called just before ``loss`` is back-propagated. A hook on
-    ``loss`` reads ``d(what is back-propagated)/d(loss)`` — accumulation division, world-size
-    factor and AMP loss scale included, whatever the framework applied — and opens the monitor's
+    ``loss`` reads ``d(what is back-propagated)/d(loss)`` — every factor the framework applies
+    after ``loss`` (accumulation division, world-size factor, AMP loss scale) — and opens the monitor's
     micro-batch before any parameter gradient arrives; the end of the backward closes it and, on
     the last micro-batch of the optimizer step, ends the monitor's step: the gradient it reads is
     the accumulated (reduced, still AMP-scaled, consistent with the scale read) gradient, before
@@ -146,6 +146,11 @@ class MonitorTap:
             _queue_after_backward(finish)
 
         loss.register_hook(on_loss_grad)
+
+    def abandon(self) -> None:
+        """The optimizer step came without its last backward being seen: drop the partial step
+        (the next ``micro_batch`` starts a new one) rather than mix two steps' micro-batches."""
+        self.in_step = False
 
     def metrics(self, prefix: str) -> dict[str, float]:
         """The monitor's current estimates (one host sync), once per new reading; else empty."""

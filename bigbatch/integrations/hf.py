@@ -228,6 +228,10 @@ class NoiseScaleCallback(TrainerCallback, ExportableState):
             raise ValueError(f"gradient_accumulation_steps changed from {self._accum} to {args.gradient_accumulation_steps} "
                              "during a Trainer run; the Trainer cannot change its batch mid-run (see docs/integrations.md)")
 
+    def on_step_end(self, args: TrainingArguments, state: Any, control: Any, **kw: Any) -> None:
+        if self.tap is not None and self.tap.in_step:
+            self.tap.abandon()  # the step's last backward was not seen: no reading rather than a mixed one
+
     def on_log(self, args: TrainingArguments, state: Any, control: Any, logs: dict[str, Any] | None = None,
                **kw: Any) -> None:
         if self.tap is None or logs is None or "loss" not in logs:

@@ -122,6 +122,10 @@ class NoiseScaleCallback(Callback):
         last = not trainer.fit_loop._should_accumulate()
         self.tap.micro_batch(loss, count=self._count, unit_scale=unit_scale, last=last)
 
+    def on_before_optimizer_step(self, trainer: Trainer, pl_module: LightningModule, optimizer: Any) -> None:
+        if self.tap is not None and self.tap.in_step:
+            self.tap.abandon()  # e.g. the last micro-batch skipped its backward
+
     def on_train_batch_end(self, trainer: Trainer, pl_module: LightningModule, outputs: Any, batch: Any,
                            batch_idx: int) -> None:
         if self.tap is not None:
