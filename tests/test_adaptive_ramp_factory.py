@@ -119,7 +119,7 @@ def test_c_and_eta_validation(bad):
 
 
 def test_factory_names_and_errors():
-    assert set(CONTROLLERS) == {"noise", "normtest", "ramp"}
+    assert set(CONTROLLERS) == {"noise", "normtest", "ramp", "schedule"}
     assert isinstance(create_controller("noise", c=2, max_batch=64), NoiseScaleController)
     assert isinstance(create_controller("normtest", eta=0.5), NormTestController)
     r = create_controller("ramp", start_batch=8, end_batch=16, ramp_samples=10)
