@@ -109,5 +109,6 @@ def check_resume_config(saved: Mapping[str, Any], current: Mapping[str, Any], de
             continue
         was = saved.get(name, defaults.get(name))
         if was != now:
-            raise ValueError(f"--resume: {name} was {was!r} in the checkpoint, now {now!r}; a resumed run keeps its "
-                             f"settings except {', '.join(RESUMABLE_FIELDS[3:])} (or use --overwrite to start afresh)")
+            raise ValueError(f"resume: {name} was {was!r} in the checkpoint, now {now!r}; a resumed run keeps its "
+                             "settings except budgets, targets, intervals and where it runs (docs/training.md lists "
+                             "them); overwrite starts afresh instead")
