@@ -1,7 +1,6 @@
 """bigbatch.plan: the closed-form trade-off, reading results.json, throughput, budget/deadline choices."""
 
 import json
-import math
 
 import pytest
 

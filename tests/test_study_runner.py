@@ -140,7 +140,7 @@ def test_plan_and_resolve_defaults():
     from bigbatch.workloads import load_workload
 
     wl = load_workload("linreg")
-    cfg = StudyConfig(workload="linreg", target=0.01).validate()
+    cfg = StudyConfig(workload="linreg", target=0.01).resolve()
     r = resolve_study(cfg, wl)
     assert r["base_batch_size"] == wl.defaults.batch_size and r["lr"] == wl.defaults.lr
     assert r["batch_sizes"] == sorted(r["batch_sizes"]) and wl.defaults.batch_size in r["batch_sizes"]
@@ -148,7 +148,7 @@ def test_plan_and_resolve_defaults():
     assert len(cells) == len(r["batch_sizes"]) * len(cfg.lr_grid) * len(cfg.seeds)
     assert cells[0].lr_multiplier == 1.0  # the rule's own LR runs first
     with pytest.raises(ValueError, match="--target is required"):
-        resolve_study(StudyConfig(workload="linreg").validate(), wl)
+        resolve_study(StudyConfig(workload="linreg").resolve(), wl)
 
 
 @pytest.mark.parametrize(
@@ -168,7 +168,7 @@ def test_plan_and_resolve_defaults():
 )
 def test_config_validation(field, value, match):
     with pytest.raises(ValueError, match=match):
-        StudyConfig(**{field: value}).validate()
+        StudyConfig(**{field: value}).resolve()
 
 
 def test_toml_config(tmp_path):
@@ -358,7 +358,7 @@ def test_cli_lr_extend(tmp_path, capsys):
 def test_lr_extend_0_is_the_grid_only(tmp_path):
     cfg = tiny(tmp_path, batch_sizes=[1, 4], lr_extend=0)
     res = run_study(cfg)
-    planned = plan_cells(cfg.replace().validate(), res["resolved"])
+    planned = plan_cells(cfg.replace().resolve(), res["resolved"])
     assert [c["name"] for c in res["cells"]] == [c.name for c in planned]
     assert sorted(p.name for p in (tmp_path / "cells").iterdir()) == sorted(c.name for c in planned)
     assert _rows(res)[4]["best_lr_multiplier"] == 1.0 and _rows(res)[4]["lr_extensions"] == []

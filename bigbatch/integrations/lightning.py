@@ -214,7 +214,7 @@ class BatchSizeCallback(Callback):
         if self.controller.granularity % g:
             raise ValueError(f"controller granularity must be a multiple of micro_batch_size x world size = {g}, "
                              f"got {self.controller.granularity}")
-        if getattr(self.controller, "needs_noise", self.controller.name in ("noise", "normtest")) and self.noise is None:
+        if getattr(self.controller, "needs_noise", False) and self.noise is None:
             raise ValueError(f"controller {self.controller.name!r} reads the noise scale: pass noise=NoiseScaleCallback(...)")
 
     def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:

@@ -138,7 +138,3 @@ class StudyConfig(ConfigMixin):
         check_in_range("confidence", self.confidence, 0.0, 1.0, lo_inclusive=False)
         check_choice("progress", self.progress, ("auto", "bar", "lines", "none"))
         return self
-
-    def validate(self) -> "StudyConfig":
-        """The older name of :meth:`resolve`."""
-        return self.resolve()

@@ -192,7 +192,7 @@ def run_study(cfg: StudyConfig, *, run_cell_fn: Callable[..., dict[str, Any]] | 
     directory while the first runs is refused (``ValueError``), as the two would train the
     same cells.
     """
-    cfg = cfg.replace().validate()
+    cfg = cfg.replace().resolve()
     out = Path(cfg.out)
     try:
         (out / "cells").mkdir(parents=True, exist_ok=True)

@@ -235,14 +235,6 @@ def _controller_spec(cfg: TrainConfig) -> tuple[str | None, dict[str, Any]]:
     return "schedule", {**cfg.adaptive_args, "schedule": load_batch_schedule(cfg.batch_schedule)}
 
 
-def _needs_noise(controller: BatchSizeController | None, name: str | None) -> bool:
-    """Whether the adaptive controller decides from noise readings (asked of the controller when it says)."""
-    if controller is None:
-        return False
-    needs = getattr(controller, "needs_noise", None)
-    return bool(needs) if needs is not None else name in ("noise", "normtest")
-
-
 def noise_mode(run: Run, plan: BatchPlan) -> str:
     """The monitor's mode for this batch plan (``noise_mode``, or what ``auto`` means for it)."""
     if run.cfg.noise_mode != "auto":
@@ -282,7 +274,7 @@ def _wrap(run: Run, plan: BatchPlan, ckpt: Checkpoint | None) -> None:
     if info.enabled and not run.sharded:
         model = wrap_model(model, info, run.device, "ddp", run.wl)
     run.model = model
-    auto_noise = not cfg.noise_scale and _needs_noise(run.controller, cfg.adaptive)
+    auto_noise = not cfg.noise_scale and run.controller is not None and run.controller.needs_noise
     if cfg.noise_scale or auto_noise:  # the monitor needs the wrapped model first
         run.monitor = make_monitor(run, plan, None if ckpt is None else ckpt.noise)
     if auto_noise:

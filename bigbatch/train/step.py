@@ -82,13 +82,10 @@ def _to_device(run: Run, host: list[dict]) -> tuple[list[dict], list[int], Any]:
     """The micro-batches on the device, their loss units and the loss scale.
 
     The loss units are counted on the host copies: counting on the device would be a host sync
-    per micro-batch, which stops the CPU from running ahead of the GPU. On CUDA the batches are
-    pinned first so that the copies are truly asynchronous.
+    per micro-batch, which stops the CPU from running ahead of the GPU.
     """
     info, wl, device = run.info, run.wl, run.device
     counts = [wl.count(mb) for mb in host]
-    if device.type == "cuda":
-        host = [{k: v.pin_memory() for k, v in mb.items()} for mb in host]
     micro = [move_batch(mb, device) for mb in host]
     n_local = sum(counts)
     if info.enabled:
