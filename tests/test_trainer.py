@@ -154,3 +154,50 @@ def test_bytelm_gpt2_small_preset_is_context_1024(bytelm_corpus):
     assert (wl.cfg.n_layer, wl.cfg.n_head, wl.cfg.d_model, wl.cfg.context) == (12, 12, 768, 1024)
     assert ByteLM(corpus=[str(bytelm_corpus)], size="gpt2-small", context=256).cfg.context == 256
     assert ByteLM(corpus=[str(bytelm_corpus)]).cfg.context == 128
+
+
+def test_deferred_nonfinite_check_stops_at_the_next_log_step(tmp_path, capsys, monkeypatch):
+    """On a GPU, fused LAMB skips a NaN step on the device (no per-step sync) and the loop reports it
+    at the next log step: the run stops as diverged there, and no NaN reached the weights."""
+    import bigbatch.train.setup as setup_mod
+    from bigbatch.workloads import load_workload
+
+    monkeypatch.setattr(setup_mod, "_defers_nonfinite", lambda opt: True)  # as the fused path on CUDA
+    wl = load_workload("linreg", dim=8)
+    calls = {"n": 0}
+    plain_loss = wl.loss
+
+    def poisoned(model, batch):
+        calls["n"] += 1
+        loss, count = plain_loss(model, batch)
+        return (loss * float("nan") if calls["n"] in (13, 14) else loss), count
+
+    wl.loss = poisoned
+    res = train(TrainConfig(workload="linreg", batch_size=32, lr=0.01, optimizer="lamb", budget_samples=32 * 40,
+                            log_every_steps=5, checkpoint_every_samples=32 * 4, out=str(tmp_path), progress="none"),
+                workload=wl)
+    out = capsys.readouterr().out
+    assert res.summary["diverged"] and res.summary["steps"] == 15
+    assert "non-finite (nan/inf) gradient in 2 step(s) up to step 15" in out
+    assert all(torch.isfinite(p).all() for p in res.model.parameters())
+
+
+def test_deferred_nonfinite_check_runs_at_the_end_of_a_run(tmp_path, capsys, monkeypatch):
+    """A skipped step after the last log step is still reported (the run ends as diverged)."""
+    import bigbatch.train.setup as setup_mod
+    from bigbatch.workloads import load_workload
+
+    monkeypatch.setattr(setup_mod, "_defers_nonfinite", lambda opt: True)
+    wl = load_workload("linreg", dim=8)
+    calls = {"n": 0}
+    plain_loss = wl.loss
+
+    def poisoned(model, batch):
+        calls["n"] += 1
+        loss, count = plain_loss(model, batch)
+        return (loss * float("nan") if calls["n"] == 7 else loss), count
+
+    wl.loss = poisoned
+    res = train(TrainConfig(workload="linreg", batch_size=32, lr=0.01, optimizer="lamb", max_steps=8,
+                            log_every_steps=100, out=str(tmp_path), progress="none"), workload=wl)
+    assert res.summary["diverged"] and "non-finite" in capsys.readouterr().out

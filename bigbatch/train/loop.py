@@ -28,7 +28,7 @@ from bigbatch.train.parallel import full_model_state, full_optimizer_state, load
 from bigbatch.train.plan import BatchPlan, plan_batch
 from bigbatch.train.setup import Run, setup
 from bigbatch.train.state import Checkpoint, RunState
-from bigbatch.train.step import Interval, adapt, train_step
+from bigbatch.train.step import Interval, adapt, refused_steps, train_step
 from bigbatch.workloads import Workload
 
 __all__ = ["train", "TrainResult", "BatchPlan", "plan_batch", "evaluate", "save_checkpoint", "log_interval"]
@@ -72,9 +72,11 @@ def train(cfg: TrainConfig, workload: Workload | None = None) -> TrainResult:
             log_step = state.step % r.log_every == 0
             if run.controller is not None:
                 plan = adapt(run, state, plan, log_step)
-            if (log_step or state.samples >= r.budget) and not log_interval(run, state, plan, batch, interval):
-                stopped = "diverged"
-                break
+            if log_step or state.samples >= r.budget:
+                error = refused_steps(run, state)
+                if error is not None or not log_interval(run, state, plan, batch, interval):
+                    stopped = "diverged"
+                    break
             with interval.paused():  # step_time is training time: evaluations and checkpoints are left out
                 if state.samples >= state.next_eval or state.samples >= r.budget:
                     stopped = _evaluate_due(run, state)
@@ -240,6 +242,8 @@ def _unsharded_copy(wl: Workload, sharded: nn.Module, device: torch.device) -> n
 def _finish(run: Run, state: RunState, plan: BatchPlan, stopped: str, error: str | None, clock: list[float]) -> TrainResult:
     """Final checkpoint (or the divergence message), checkpoint average, summary; the process group ends."""
     wall = state.wall_before + time.perf_counter() - clock[0]
+    if stopped != "diverged" and (refused := refused_steps(run, state)) is not None:
+        stopped, error = "diverged", refused
     if stopped in ("budget", "target", "max_steps"):
         state.wall_before = wall
         clock[0] = time.perf_counter()

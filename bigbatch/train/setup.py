@@ -22,6 +22,7 @@ from bigbatch.adaptive import BatchSizeController, ControllerState, create_contr
 from bigbatch.averaging import EMA
 from bigbatch.noise import NoiseMonitor, NoiseReading, select_mode
 from bigbatch.optim import create_optimizer, optimizer_info
+from bigbatch.optim._base import TrustRatioOptimizer
 from bigbatch.scaling import Recipe, ScalingPlan
 from bigbatch.train.checkpoint import load_newest, remove_run, run_files, set_rng_state
 from bigbatch.train.config import Resolved, TrainConfig, resolve
@@ -61,6 +62,11 @@ class Run:
     hparams_batch: int | None = None  # the batch whose momentum/betas/eps are set in the optimizer
     lr: float = 0.0  # the LR of the last step
     reading: NoiseReading | None = None  # the noise monitor's reading of the last step
+    # Fused LARS/LAMB/MERIT on a GPU skip a non-finite step on the device instead of raising (raising
+    # needs a host sync every step, which idles the GPU while the host prepares the next step);
+    # the loop reads the skip count where it syncs anyway (log_interval) and stops the run there.
+    deferred_nonfinite: bool = False
+    skipped_seen: int = 0
 
     @property
     def ckpt_dir(self) -> Path:
@@ -160,6 +166,9 @@ def _build(cfg: TrainConfig, r: Resolved, wl: Workload, info: DistInfo, device: 
                                  **r.optimizer_args)
     for g in optimizer.param_groups:  # groups may carry their own LR; keep their ratio to the peak
         g.setdefault("lr_ratio", g["lr"] / peak)
+    deferred = _defers_nonfinite(optimizer)
+    if deferred:
+        optimizer.nonfinite = "skip"
     controller = None
     name, args = _controller_spec(cfg)
     if name is not None:
@@ -175,7 +184,13 @@ def _build(cfg: TrainConfig, r: Resolved, wl: Workload, info: DistInfo, device: 
     ema = None if cfg.ema_horizon_samples is None else EMA(raw_model, horizon_samples=cfg.ema_horizon_samples)
     return Run(cfg=cfg, r=r, wl=wl, info=info, device=device, out=out, raw_model=raw_model, optimizer=optimizer,
                scaling=scaling, sampler=wl.sampler(cfg.seed), controller=controller, ema=ema, sharded=sharded,
-               restarted=restarted)
+               restarted=restarted, deferred_nonfinite=deferred)
+
+
+def _defers_nonfinite(optimizer: torch.optim.Optimizer) -> bool:
+    """Whether the run checks non-finite steps at log points instead of every step (``Run.deferred_nonfinite``)."""
+    return (isinstance(optimizer, TrustRatioOptimizer) and optimizer.nonfinite == "raise"
+            and any(g.get("fused") for g in optimizer.param_groups))
 
 
 def _fresh_state(r: Resolved, plan: BatchPlan) -> RunState:

@@ -140,6 +140,22 @@ def train_step(run: Run, state: RunState, plan: BatchPlan, interval: Interval) -
     return None
 
 
+def refused_steps(run: Run, state: RunState) -> str | None:
+    """The optimizer's message if it skipped non-finite steps since the last call, else None.
+
+    Only for a run whose optimizer defers the check (``Run.deferred_nonfinite``: fused LARS/LAMB/
+    MERIT on a GPU); reading the count syncs, so the loop calls this where it syncs anyway.
+    """
+    if not run.deferred_nonfinite:
+        return None
+    total = run.optimizer.skipped_steps
+    new, run.skipped_seen = total - run.skipped_seen, total
+    if new <= 0:
+        return None
+    return (f"{type(run.optimizer).__name__}: non-finite (nan/inf) gradient in {new} step(s) up to step "
+            f"{state.step}; those steps were not applied and left the optimizer state unchanged")
+
+
 def controller_state(monitor: NoiseMonitor | None, state: RunState, batch_size: int) -> ControllerState:
     """The controller's view of the run: samples, batch, and the noise readings in examples.
 
