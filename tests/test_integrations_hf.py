@@ -137,6 +137,18 @@ def test_noise_every_n_steps(tmp_path):
     assert noise.monitor.estimator.n_updates == 2
 
 
+def test_noise_reading_waits_for_the_next_log(tmp_path):
+    """Measured every 3 steps, logged every 2: each reading is logged at the first log after it
+    (it used to be dropped when the log did not fall on the measured step)."""
+    noise, rec = NoiseScaleCallback(every=3), _Batches()
+    trainer = _run(tmp_path, [noise, rec], logging_steps=2)
+    trainer.train()
+    logged = [(h["step"], h["noise/b_simple"]) for h in trainer.state.log_history if "noise/b_simple" in h]
+    ref = _hand_loop(rec.batches, 4, every=3)
+    assert [s for s, _ in logged] == [2, 4]  # steps 0 and 3 (0-based) are measured
+    assert [v for _, v in logged] == pytest.approx([ref[0], ref[3]], rel=1e-5)
+
+
 def test_lr_follows_schedule_in_samples(tmp_path):
     sched = Schedule(peak_lr=0.05, warmup_samples=16, decay="cosine", total_samples=64)
     model = _model()

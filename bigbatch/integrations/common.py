@@ -136,7 +136,8 @@ class MonitorTap:
             if last and self.in_step:
                 self.in_step = False
                 self.last_reading = self.monitor.end_step()
-                self.new_reading = self.steps % self.monitor.every == 0
+                if self.steps % self.monitor.every == 0:  # a measured step: kept until a log takes it
+                    self.new_reading = True
                 self.steps += 1
 
         def on_loss_grad(g: torch.Tensor) -> None:
