@@ -127,6 +127,10 @@ class MonitorTap:
         if not self.in_step:
             self.monitor.begin_step()
             self.in_step = True
+        if not self.monitor.measuring:  # an unmeasured step: no hooks and no device work at all
+            if last:
+                self._end_step()
+            return
         mb = self.monitor.micro_batch(count, samples=samples, loss_scale=1.0)
         state = {"entered": False}
 
@@ -134,11 +138,7 @@ class MonitorTap:
             if state["entered"]:
                 mb.__exit__(None, None, None)
             if last and self.in_step:
-                self.in_step = False
-                self.last_reading = self.monitor.end_step()
-                if self.steps % self.monitor.every == 0:  # a measured step: kept until a log takes it
-                    self.new_reading = True
-                self.steps += 1
+                self._end_step()
 
         def on_loss_grad(g: torch.Tensor) -> None:
             mb.loss_scale = g.detach().reshape(()).float() * unit_scale
@@ -147,6 +147,14 @@ class MonitorTap:
             _queue_after_backward(finish)
 
         loss.register_hook(on_loss_grad)
+
+    def _end_step(self) -> None:
+        self.in_step = False
+        measured = self.monitor.measuring
+        reading = self.monitor.end_step()
+        if measured:  # kept until a log takes it
+            self.last_reading, self.new_reading = reading, True
+        self.steps += 1
 
     def abandon(self) -> None:
         """The optimizer step came without its last backward being seen: drop the partial step

@@ -248,6 +248,11 @@ class NoiseMonitor:
         self._n_micro = 0
         self._broken = False
 
+    @property
+    def measuring(self) -> bool:
+        """Whether the step begun by ``begin_step`` is measured (one in ``every``)."""
+        return self._in_step and self._measure
+
     def begin_step(self) -> None:
         """Start an optimizer step (clears what a previous unfinished step left)."""
         if self._closed:
