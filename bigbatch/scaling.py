@@ -16,6 +16,12 @@ rule           learning rate                       warmup (epochs)   other
 ``none``       same                                same              —
 =============  ==================================  ================  =======================================
 
+With ``b_noise`` given, :func:`rescale` checks the "surge" of Li et al. 2024 (*Surge Phenomenon
+in Optimal Learning Rate and Batch Size Scaling*, Eq. 2): for Adam-style optimizers the best LR is
+ε_max / (½(√(B_noise/B) + √(B/B_noise))), which peaks at B = B_noise (their Eq. 15) and falls
+beyond it, so a square-root rule that grows the batch past B_noise overshoots; the new recipe
+then carries a note saying by how much (:func:`surge_lr_factor`).
+
 Under every rule the model-EMA decay follows the EMA scaling rule ρ → ρ^k (Busbridge et al.
 2023, "How to Scale Your EMA", EMA scaling rule), and the Power scheduler's coefficient ``a`` scales
 like η (Shen et al. 2024 make it proportional to the batch size).
@@ -38,8 +44,11 @@ from bigbatch.recipe import _NEEDS_BUDGET, Recipe
 
 __all__ = [
     "RULES", "Recipe", "Change", "Rescaled", "ScalingPlan",
-    "rescale", "default_rule", "family", "lr_factor",
+    "rescale", "default_rule", "family", "lr_factor", "surge_lr_factor", "SURGE_RULES",
 ]
+
+SURGE_RULES = ("sqrt", "adam-sqrt")
+"""The square-root rules whose LR the surge check compares with Li et al. 2024's curve."""
 
 RULES: dict[str, str] = {
     "linear": "Goyal et al. 2017, linear scaling rule (§2.1)",
@@ -129,6 +138,42 @@ def lr_factor(rule: str, k: float) -> float:
     return {"linear": k, "none": 1.0}.get(rule, math.sqrt(k))
 
 
+def surge_lr_factor(batch_from: float, batch_to: float, b_noise: float) -> float:
+    """The optimal-LR ratio ε_opt(batch_to)/ε_opt(batch_from) of Li et al. 2024 (Eq. 2).
+
+    ε_opt(B) = ε_max / (½(√(B_noise/B) + √(B/B_noise))) for Adam-style optimizers: it grows like
+    √B well below B_noise (their Eq. 4), peaks at B = B_noise (Eq. 15) and falls beyond it. The
+    square-root rule's factor √(batch_to/batch_from) divided by this one is
+    (B_noise + batch_to)/(B_noise + batch_from): how far sqrt scaling overshoots the curve.
+    """
+    for name, v in (("batch_from", batch_from), ("batch_to", batch_to), ("b_noise", b_noise)):
+        check_positive(name, v)
+
+    def eps(b: float) -> float:
+        return 1.0 / (0.5 * (math.sqrt(b_noise / b) + math.sqrt(b / b_noise)))
+
+    return eps(batch_to) / eps(batch_from)
+
+
+def _surge_note(recipe: Recipe, rule: str, k: float, new_b: int, b_noise: float) -> str:
+    fam = optimizer_info(recipe.optimizer).family
+    if fam != "adam" or rule not in SURGE_RULES:
+        return (f"b_noise {b_noise:g} given, but the surge check (Li et al. 2024) is for Adam-family optimizers "
+                f"under {' or '.join(SURGE_RULES)}; not applied to optimizer {recipe.optimizer!r} ({fam} family) "
+                f"with rule {rule!r}")
+    if not (new_b > b_noise and new_b > recipe.batch_size):
+        return (f"surge check (Li et al. 2024): batch {new_b} is not past B_noise = {b_noise:g} on the way up, "
+                f"so the sqrt LR is at most x{(b_noise + new_b) / (b_noise + recipe.batch_size):.3g} above their "
+                "curve; no warning")
+    surge = surge_lr_factor(recipe.batch_size, new_b, b_noise)
+    over = lr_factor(rule, k) / surge
+    trend = "falls" if surge < 1 else "rises only"
+    return (f"WARNING: batch {new_b} is past B_noise = {b_noise:g}, where the best LR of Adam-style optimizers peaks "
+            f"(Li et al. 2024, 'Surge Phenomenon', Eq. 2 and 15): their curve gives lr x{surge:.3g} ({trend}), "
+            f"{rule} gives x{lr_factor(rule, k):.3g}, an overshoot of x{over:.3g}; check the LR with a sweep "
+            f"(B_noise must be in the batch's unit, samples)")
+
+
 def _warp(x: float, w_old: float, w_new: float, total: float) -> float:
     """Piecewise-linear map of epochs taking [0, w_old] → [0, w_new] and [w_old, total] → [w_new, total]."""
     if x >= total:
@@ -138,11 +183,17 @@ def _warp(x: float, w_old: float, w_new: float, total: float) -> float:
     return w_new + (x - w_old) * (total - w_new) / (total - w_old)
 
 
-def rescale(recipe: Recipe, batch_size: int, rule: str | None = None) -> Rescaled:
-    """``recipe`` moved to ``batch_size`` by ``rule`` (default: :func:`default_rule` of the optimizer)."""
+def rescale(recipe: Recipe, batch_size: int, rule: str | None = None, *, b_noise: float | None = None) -> Rescaled:
+    """``recipe`` moved to ``batch_size`` by ``rule`` (default: :func:`default_rule` of the optimizer).
+
+    ``b_noise`` (samples, e.g. a study's B_crit) turns on the surge check of Li et al. 2024: a
+    note, starting ``WARNING:`` when an Adam-family recipe is scaled by a square-root rule up to a
+    batch past B_noise, where that rule overshoots the best LR. Without it no such check is made."""
     if not isinstance(recipe, Recipe):
         raise ValueError(f"recipe must be a bigbatch.scaling.Recipe, got {type(recipe).__name__}")
     new_b = check_int_positive("batch_size", batch_size)
+    if b_noise is not None:
+        check_positive("b_noise", b_noise)
     notes: list[str] = []
     if rule is None:
         rule = default_rule(recipe.optimizer)
@@ -215,6 +266,8 @@ def rescale(recipe: Recipe, batch_size: int, rule: str | None = None) -> Rescale
         upd["ema_decay"] = recipe.ema_decay**k
         changes.append(Change("ema_decay", recipe.ema_decay, upd["ema_decay"], "rho^k: Busbridge et al. 2023, EMA scaling rule"))
     changes.append(Change("weight_decay", recipe.weight_decay, recipe.weight_decay, "unchanged by every rule"))
+    if b_noise is not None:
+        notes.append(_surge_note(recipe, rule, k, new_b, b_noise))
     new = dataclasses.replace(recipe, **upd)
     return Rescaled(old=recipe, recipe=new, rule=rule, k=k, changes=tuple(changes), notes=tuple(notes))
 

@@ -4,6 +4,10 @@ Every flag mirrors a :class:`bigbatch.plan.PlanConfig` field. Text output: the f
 B = B_noise, and a table of candidates for the selected target (one summary line per other
 target); ``--json`` prints everything (``candidates`` for the selected target, ``targets`` for
 all); ``--plot`` draws the time–compute frontier; ``--write-schedule`` writes a batch schedule.
+
+Without ``--study``, ``--params N --tokens D`` (``--target-loss L``, ``--seq-len S``) print the
+published priors instead: each estimate with its source, conditions and fitted range, and a
+warning when an input is outside that range (``--json``: ``{"mode": "priors", "priors": [...]}``).
 """
 
 from __future__ import annotations
@@ -15,7 +19,7 @@ import typer
 from bigbatch.cli._fields import Flag, build_command, flag_errors, flags_for
 from bigbatch._files import check_output_file, writing
 
-__all__ = ["register", "plan_command", "plan_flags", "format_plan", "plot_frontier"]
+__all__ = ["register", "plan_command", "plan_flags", "format_plan", "format_priors", "plot_frontier"]
 
 
 def _g(x: float | None, unit: str = "") -> str:
@@ -82,6 +86,39 @@ def format_plan(res) -> str:
     return "\n".join(lines)
 
 
+def format_priors(res) -> str:
+    """The published priors as text: inputs, then per quantity each estimate with source, conditions, range."""
+    from bigbatch.plan.priors import INPUTS
+
+    inputs = [f"{INPUTS[k][0]} {v:.4g}" for k, v in (("params", res.params), ("tokens", res.tokens),
+                                                     ("target_loss", res.target_loss)) if v is not None]
+    if res.seq_len is not None:
+        inputs.append(f"--seq-len {res.seq_len}")
+    lines = ["published priors (no study): " + ", ".join(inputs)]
+    for quantity, title in (("batch_size", "optimal batch size"), ("lr", "optimal learning rate")):
+        lines.append(f"{title}:")
+        for e in res.estimates:
+            p = e.prior
+            if p.quantity != quantity:
+                continue
+            if e.value is None:
+                need = " and ".join(INPUTS[k][0] for k in e.missing)
+                lines.append(f"  {p.name}: needs {need} ({p.formula}; {p.source})")
+                continue
+            seq = f" = {e.sequences:.4g} sequences of {res.seq_len}" if e.sequences is not None else ""
+            value = f" = {e.value:.4g}" if p.needs else ""  # a constant prior's formula is its value
+            lines.append(f"  {p.name}: {p.formula}{value} ({p.unit}){seq}")
+            lines.append(f"    source: {p.source}")
+            lines.append(f"    conditions: {p.conditions}")
+            lines.append("    fitted on: " + "; ".join(f"{INPUTS[r.input][1]} {r.text()} ({r.what})" for r in p.ranges)
+                         if p.ranges else "    fitted on: -")
+            for m in e.outside:
+                lines.append(f"    OUTSIDE THE FITTED RANGE: {m}; this is an extrapolation")
+            lines += [f"    note: {n}" for n in p.notes]
+    lines += [f"note: {n}" for n in res.notes]
+    return "\n".join(lines)
+
+
 def plot_frontier(res, path: Path, points: int = 300) -> Path:
     """Steps against samples (log–log) along S(B), E(B) for each target; the candidates and the knee on the selected one."""
     import matplotlib
@@ -131,11 +168,16 @@ def plot_frontier(res, path: Path, points: int = 300) -> Path:
 
 
 def _run(given: dict) -> None:
-    from bigbatch.plan import PlanConfig, plan_study
+    from bigbatch.plan import PlanConfig, plan_priors, plan_study
+    from bigbatch.plan.planner import PRIOR_FIELDS
 
     with flag_errors(_FLAGS):
         paths = {"study", "throughput_from", "write_schedule", "plot"}  # Path fields take text on the command line
         cfg = PlanConfig(**{k: Path(v) if k in paths else v for k, v in given.items()})
+        if cfg.study is None and any(k in given for k in PRIOR_FIELDS):
+            res = plan_priors(cfg)
+            typer.echo(json.dumps(res.to_dict(), indent=2) if cfg.json else format_priors(res))
+            return
         if cfg.span < 0 or cfg.span > 16:
             raise ValueError(f"span must be in [0, 16], got {cfg.span}")
         for name in ("write_schedule", "plot"):
@@ -172,7 +214,9 @@ def flag_name(field: str) -> str:
 
 _FLAGS = plan_flags()
 plan_command = build_command(_FLAGS, _run, doc=(
-    "Plan a run from a study: batch size, GPUs, steps, samples, wall time, GPU-hours, schedule."))
+    "Plan a run from a study: batch size, GPUs, steps, samples, wall time, GPU-hours, schedule.\n\n"
+    "Without --study, --params N --tokens D (and --target-loss L, --seq-len S) print the published "
+    "priors for the optimal batch size and LR, with their sources and fitted ranges."))
 
 
 def register(app: typer.Typer) -> None:

@@ -2,7 +2,7 @@
 
 The flags are generated from two dataclasses: every field of :class:`bigbatch.scaling.Recipe`
 (the recipe being moved; ``--from-batch`` is its ``batch_size``) and every field of
-:class:`ScaleConfig` (what to do with it: ``--to-batch``, ``--rule``, ``--recipe FILE``,
+:class:`ScaleConfig` (what to do with it: ``--to-batch``, ``--rule``, ``--b-noise``, ``--recipe FILE``,
 ``--json``, ``--out``, ``--plot``). ``--json`` prints ``{"old", "new", "reasons", ...}``;
 ``--out`` writes the new recipe as TOML; ``--plot`` draws both LR curves on one axis.
 """
@@ -17,7 +17,7 @@ from typing import Any, Optional
 
 import typer
 
-from bigbatch._checks import check_choice, check_int_positive
+from bigbatch._checks import check_choice, check_int_positive, check_positive
 from bigbatch._config import ConfigMixin
 from bigbatch.cli._fields import Flag, build_command, flag_errors, flags_for
 from bigbatch._files import check_output_file, writing
@@ -39,6 +39,9 @@ class ScaleConfig(ConfigMixin):
     """Batch size to move the recipe to (required)."""
     rule: str | None = None
     """Scaling rule: linear, sqrt, legw, adam-sqrt, none (default: the optimizer's)."""
+    b_noise: float | None = None
+    """Noise scale B_noise in samples (e.g. B_crit from ``bigbatch study``): warn when an Adam-family recipe is
+    scaled by sqrt/adam-sqrt past it, where the best LR falls (Li et al. 2024, Surge). Not given: no such check."""
     recipe: str | None = None
     """TOML file with Recipe fields (top-level keys or a [recipe] table); flags override it."""
     json: bool = False
@@ -57,6 +60,8 @@ class ScaleConfig(ConfigMixin):
         check_int_positive("to_batch", self.to_batch)
         if self.rule is not None:
             check_choice("rule", self.rule, RULES)
+        if self.b_noise is not None:
+            check_positive("b_noise", self.b_noise)
         return self
 
 
@@ -161,7 +166,8 @@ def _run(given: dict[str, Any]) -> None:
         out = None if cfg.out is None else check_output_file(Path(cfg.out), "--out")
         plot = None if cfg.plot is None else check_output_file(Path(cfg.plot), "--plot")
         recipe = None if cfg.recipe is None else Path(cfg.recipe)
-        res = rescale(recipe_from_options(recipe, {k: v for k, v in given.items() if k not in own}), cfg.to_batch, cfg.rule)
+        res = rescale(recipe_from_options(recipe, {k: v for k, v in given.items() if k not in own}), cfg.to_batch, cfg.rule,
+                      b_noise=cfg.b_noise)
     if out is not None:
         with writing("--out", out):
             out.write_text(res.recipe.to_toml())

@@ -10,13 +10,17 @@ A study (``bigbatch study``) measures the steps/samples trade-off of McCandlish 
   (Megatron's threshold form) that grows the batch as the loss passes each target; the trainer
   follows it with :class:`bigbatch.adaptive.schedule.ScheduleController`.
 - :func:`plan_study`: both, from a :class:`PlanConfig` (what ``bigbatch plan`` runs).
+- :func:`estimate_priors`, :func:`plan_priors`: before any study, the published estimates of the
+  optimal batch size and LR from N, D or a target loss, each with its source, conditions and
+  fitted range (``bigbatch plan --params N --tokens D``).
 """
 
 from __future__ import annotations
 
 from bigbatch.adaptive.schedule import format_batch_schedule, load_batch_schedule, parse_batch_schedule
 from bigbatch.plan.config import PlanConfig
-from bigbatch.plan.planner import PlanResult, plan_study
+from bigbatch.plan.planner import PlanResult, PriorsResult, plan_priors, plan_study
+from bigbatch.plan.priors import PRIORS, Estimate, FittedRange, Prior, estimate_priors
 from bigbatch.plan.schedule import DerivedSchedule, derive_schedule, round_batch
 from bigbatch.plan.study import StudyFits, TargetFit, fits_from_results, read_study
 from bigbatch.plan.tradeoff import (
@@ -36,6 +40,13 @@ __all__ = [
     "PlanConfig",
     "PlanResult",
     "plan_study",
+    "Prior",
+    "FittedRange",
+    "Estimate",
+    "PRIORS",
+    "estimate_priors",
+    "PriorsResult",
+    "plan_priors",
     "TargetFit",
     "StudyFits",
     "read_study",

@@ -10,10 +10,21 @@ __all__ = ["PlanConfig"]
 
 @dataclass(kw_only=True, slots=True)
 class PlanConfig:
-    """What ``bigbatch plan`` reads and how it turns the fit into a plan (docs/plan.md)."""
+    """What ``bigbatch plan`` reads and how it turns the fit into a plan (docs/plan.md).
+
+    With ``study`` it plans from the measured trade-off; without it, ``params``/``tokens``/
+    ``target_loss`` give the published priors (``bigbatch.plan.priors``) instead."""
 
     study: Path | None = None
     """Study directory (or its results.json) written by ``bigbatch study``."""
+    params: float | None = None
+    """Without ``study``: the model's non-embedding parameter count N (e.g. 1.2e9), for the published priors."""
+    tokens: float | None = None
+    """Without ``study``: the training tokens D (e.g. 1e11), for the published priors."""
+    target_loss: float | None = None
+    """Without ``study``: the C4 loss the run should reach, for MiniCPM's batch-size prior."""
+    seq_len: int | None = None
+    """Without ``study``: tokens per sequence, to give the priors' token batches in sequences too."""
     target: float | None = None
     """Target to plan for, when the study measured several (default: the hardest)."""
     batch_sizes: list[int] = field(default_factory=list)

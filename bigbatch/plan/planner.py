@@ -2,16 +2,21 @@
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
 from typing import Any
 
 from bigbatch._checks import check_int_positive
 from bigbatch.plan.config import PlanConfig
+from bigbatch.plan.priors import SURGE_NOTE, Estimate, estimate_priors
 from bigbatch.plan.schedule import DerivedSchedule, derive_schedule
 from bigbatch.plan.study import StudyFits, TargetFit, read_study
 from bigbatch.plan.tradeoff import Plan, candidate_batch_sizes, make_plan, parse_duration, throughput_from_run
 
-__all__ = ["PlanResult", "plan_study"]
+__all__ = ["PlanResult", "plan_study", "PriorsResult", "plan_priors", "PRIOR_FIELDS"]
+
+PRIOR_FIELDS = ("params", "tokens", "target_loss", "seq_len")
+"""PlanConfig fields that ask for the published priors (used without ``study``)."""
 
 
 @dataclass(slots=True)
@@ -59,10 +64,62 @@ class PlanResult:
         }
 
 
+@dataclass(slots=True)
+class PriorsResult:
+    """The published priors evaluated on the inputs of a :class:`PlanConfig` without a study."""
+
+    params: float | None
+    tokens: float | None
+    target_loss: float | None
+    seq_len: int | None
+    estimates: list[Estimate]
+    notes: list[str] = field(default_factory=list)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "mode": "priors",
+            "inputs": {"params": self.params, "tokens": self.tokens, "target_loss": self.target_loss,
+                       "seq_len": self.seq_len},
+            "priors": [e.to_dict(self.seq_len) for e in self.estimates],
+            "notes": list(self.notes),
+        }
+
+
+def _given_flags(cfg: PlanConfig, names) -> list[str]:
+    """The flags of the fields in ``names`` whose value differs from the default."""
+    defaults = PlanConfig()
+    return ["--" + n.replace("_", "-") for n in names if getattr(cfg, n) != getattr(defaults, n)]
+
+
+def plan_priors(cfg: PlanConfig) -> PriorsResult:
+    """The published priors for ``cfg.params``/``tokens``/``target_loss`` (no study); ValueError on bad input."""
+    if cfg.study is not None:
+        raise ValueError("plan_priors is for a plan without a study; use plan_study")
+    study_only = [f.name for f in dataclasses.fields(PlanConfig) if f.name not in PRIOR_FIELDS + ("study", "json")]
+    extra = _given_flags(cfg, study_only)
+    if extra:
+        raise ValueError(
+            f"{', '.join(extra)}: only with --study DIR (they plan from a measured study); without it only --params, "
+            "--tokens, --target-loss and --seq-len (the published priors) take effect")
+    estimates = estimate_priors(params=cfg.params, tokens=cfg.tokens, target_loss=cfg.target_loss,
+                                seq_len=cfg.seq_len)
+    notes = ["these are published fits made under their papers' conditions: starting points to check with "
+             "`bigbatch study`, not measurements of this model"]
+    if cfg.seq_len is None and any(e.value is not None and e.prior.unit.startswith("tokens") for e in estimates):
+        notes.append("give --seq-len to see the token batches in sequences")
+    notes.append(SURGE_NOTE)
+    return PriorsResult(cfg.params, cfg.tokens, cfg.target_loss, cfg.seq_len, estimates, notes)
+
+
 def plan_study(cfg: PlanConfig) -> PlanResult:
     """Read ``cfg.study`` and plan every determined target; ValueError (one line) on bad input."""
     if cfg.study is None:
-        raise ValueError("--study DIR is required (a directory written by `bigbatch study`)")
+        raise ValueError("--study DIR is required (a directory written by `bigbatch study`) to plan from a "
+                         "measurement; without one, give --params N and --tokens D for the published priors")
+    extra = _given_flags(cfg, PRIOR_FIELDS)
+    if extra:
+        raise ValueError(f"{', '.join(extra)} give the published priors without a study; with --study they cannot "
+                         "take effect (drop them, or drop --study)")
     if cfg.throughput is not None and cfg.throughput_from is not None:
         raise ValueError("give --throughput or --throughput-from, not both")
     study = read_study(cfg.study)

@@ -1,0 +1,204 @@
+"""Published estimates of the optimal batch size and learning rate, before any study.
+
+A study (``bigbatch study``) measures B_crit for *your* model and data. Before one has been run,
+the published fits below give a starting point from the model size N (non-embedding
+parameters), the training tokens D or the loss the run is meant to reach. Each :class:`Prior`
+records its formula, the paper and place it comes from, the unit of its output, the conditions
+it was fitted under, and the range of inputs it was fitted on; :func:`estimate_priors` evaluates
+every prior on the inputs given and says which inputs fall outside that range.
+
+Only fits whose constants could be checked against the paper are listed (docs/plan.md,
+"Priors before any study"). The numbers are the papers' as printed; they are not re-fitted here.
+
+Related, but not a prior for a number: for Adam-style optimizers the best LR peaks at
+B = B_noise and falls beyond it (Li et al. 2024, "Surge Phenomenon", Eq. 2 and 15); that
+is :func:`bigbatch.scaling.surge_lr_factor`, and ``bigbatch scale --b-noise`` warns about it.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any, Callable, Mapping
+
+from bigbatch._checks import check_int_positive, check_positive
+
+__all__ = ["FittedRange", "Prior", "Estimate", "PRIORS", "INPUTS", "estimate_priors", "SURGE_NOTE"]
+
+INPUTS: dict[str, tuple[str, str]] = {
+    "params": ("--params", "non-embedding parameters"),
+    "tokens": ("--tokens", "training tokens"),
+    "target_loss": ("--target-loss", "C4 loss the run should reach"),
+}
+"""Input name → (its flag, what it is)."""
+
+
+@dataclass(frozen=True, slots=True)
+class FittedRange:
+    """The span of one input that a fit saw; ``None`` for an end the paper's text does not fix."""
+
+    input: str
+    """``params``, ``tokens`` or ``target_loss``."""
+    low: float | None
+    high: float | None
+    what: str
+    """Where the range comes from, in a few words."""
+
+    def outside(self, value: float) -> str | None:
+        """A sentence when ``value`` is outside the range, else None."""
+        flag, unit = INPUTS[self.input]
+        if self.low is not None and value < self.low:
+            return f"{flag} {value:.3g} is below the fitted range ({self.text()} {unit}; {self.what})"
+        if self.high is not None and value > self.high:
+            return f"{flag} {value:.3g} is above the fitted range ({self.text()} {unit}; {self.what})"
+        return None
+
+    def text(self) -> str:
+        if self.low is not None and self.high is not None:
+            return f"{self.low:.3g} to {self.high:.3g}"
+        if self.high is not None:
+            return f"up to {self.high:.3g}"
+        return f"from {self.low:.3g}"
+
+
+@dataclass(frozen=True, slots=True)
+class Prior:
+    """One published fit for the optimal batch size or learning rate."""
+
+    key: str
+    quantity: str
+    """``batch_size`` or ``lr``."""
+    name: str
+    """Short name, e.g. ``Step Law``."""
+    source: str
+    """Paper (authors, year, title, arXiv id) and where in it: equation, section, table or figure."""
+    formula: str
+    unit: str
+    """What the number is: tokens per optimizer step, or which LR for which optimizer."""
+    conditions: str
+    """Optimizer, architecture, schedule and data the fit was made under."""
+    needs: tuple[str, ...]
+    """The inputs the formula reads (keys of :data:`INPUTS`)."""
+    ranges: tuple[FittedRange, ...]
+    fn: Callable[[Mapping[str, float]], float]
+    notes: tuple[str, ...] = ()
+
+    def __call__(self, **inputs: float) -> float:
+        missing = [k for k in self.needs if inputs.get(k) is None]
+        if missing:
+            raise ValueError(f"{self.key} needs {', '.join(INPUTS[k][0] for k in missing)}")
+        return self.fn(inputs)
+
+
+@dataclass(frozen=True, slots=True)
+class Estimate:
+    """A prior evaluated on the given inputs (``value`` None when an input it needs is missing)."""
+
+    prior: Prior
+    value: float | None
+    sequences: float | None
+    """For a batch in tokens: ``value / seq_len`` when a sequence length was given."""
+    outside: tuple[str, ...]
+    missing: tuple[str, ...]
+
+    def to_dict(self, seq_len: int | None = None) -> dict[str, Any]:
+        p = self.prior
+        return {
+            "key": p.key, "quantity": p.quantity, "name": p.name, "value": self.value, "unit": p.unit,
+            "sequences": self.sequences, "seq_len": seq_len if self.sequences is not None else None,
+            "formula": p.formula, "source": p.source, "conditions": p.conditions,
+            "fitted_range": [{"input": r.input, "low": r.low, "high": r.high, "what": r.what} for r in p.ranges],
+            "outside_range": list(self.outside), "in_range": self.value is not None and not self.outside,
+            "missing_inputs": [INPUTS[k][0] for k in self.missing], "notes": list(p.notes),
+        }
+
+
+# -- the fits ----------------------------------------------------------------------------------
+# Step Law (Li et al. 2025): optimal LR and batch from a grid search over (LR, batch) at every
+# (N, D); the batch is in tokens (the authors' fitting code multiplies sequences by the sequence
+# length before fitting, and their prediction tool divides by it to give sequences).
+_STEP_SOURCE = ("Li et al. 2025, \"Predictable Scale: Part I — Optimal Hyperparameter Scaling Law in Large "
+                "Language Model Pretraining\" (Step Law), arXiv:2503.04715: the Step Law fit")
+_STEP_CONDITIONS = ("AdamW; decoder-only transformers with pre-RMSNorm, SwiGLU and ALiBi (dense, also checked on "
+                    "MoE); LR decayed to a fixed final value of 1e-5; N = non-embedding parameters, D = training "
+                    "tokens; optimum of a grid search over LR and batch size at each (N, D)")
+_STEP_RANGES = (
+    FittedRange("params", 5.9e7, 1.0e9, "models of 59M to 1B parameters"),
+    FittedRange("tokens", None, 1.0e11, "largest run: the held-out 1B-parameter, 100B-token test point"),
+)
+
+STEP_LAW_BATCH = Prior(
+    key="step-law-batch", quantity="batch_size", name="Step Law", source=_STEP_SOURCE,
+    formula="B = 0.58 * D^0.571", unit="tokens per optimizer step", conditions=_STEP_CONDITIONS,
+    needs=("tokens",), ranges=_STEP_RANGES, fn=lambda x: 0.58 * x["tokens"] ** 0.571,
+    notes=("fitted on D alone: the paper finds the optimal batch primarily dependent on D, not on N",),
+)
+STEP_LAW_LR = Prior(
+    key="step-law-lr", quantity="lr", name="Step Law", source=_STEP_SOURCE,
+    formula="eta = 1.79 * N^-0.713 * D^0.307", unit="peak LR of AdamW", conditions=_STEP_CONDITIONS,
+    needs=("params", "tokens"), ranges=_STEP_RANGES,
+    fn=lambda x: 1.79 * x["params"] ** -0.713 * x["tokens"] ** 0.307,
+    notes=("the LR rises with D at fixed N here; fits made with a horizon-independent schedule "
+           "(e.g. WSD) may differ",),
+)
+
+# MiniCPM (Hu et al. 2024): batch as a function of the C4 loss to reach; "optimal" minimises the
+# tokens spent to reach that loss on a fixed number of GPUs (their App. A.2), not Kaplan's trade-off.
+_MINICPM = "Hu et al. 2024, \"MiniCPM: Unveiling the Potential of Small Language Models\", arXiv:2404.06395"
+MINICPM_BATCH = Prior(
+    key="minicpm-batch", quantity="batch_size", name="MiniCPM", source=f"{_MINICPM}, §3.2 (Figure 2)",
+    formula="bs = 1.21e9 / L^6.24", unit="tokens per optimizer step",
+    conditions=("Adam; MiniCPM's Tensor Program (muP) width and depth scaling (their Table 7); LR 0.01, cosine "
+                "schedule; L = loss on C4 (MiniCPM tokenizer); optimal = fewest tokens to reach L on a fixed "
+                "number of GPUs (their App. A.2)"),
+    needs=("target_loss",),
+    ranges=(FittedRange("params", 9e6, 1.66e8, "models of 0.009B, 0.036B and 0.17B, 6 batch sizes each"),),
+    fn=lambda x: 1.21e9 / x["target_loss"] ** 6.24,
+    notes=("the paper trained MiniCPM-2.4B at 3.93M tokens per batch (§6.2)",
+           "the C4 losses the fit spans are shown only in the paper's Figure 2; no loss range is checked here"),
+)
+MINICPM_LR = Prior(
+    key="minicpm-lr", quantity="lr", name="MiniCPM", source=f"{_MINICPM}, §3.3 (Figure 3)",
+    formula="eta = 0.01, the same at every N", unit="base LR of Adam under MiniCPM's muP (2-D tensors get 1/(d_m/d_base) of it)",
+    conditions=("Adam with MiniCPM's Tensor Program parameterization (Table 7: scale_emb 12, scale_depth 1.4, "
+                "init_std 0.1); the optimum stayed near 0.01 from 0.04B to 0.5B and was confirmed at 2.1B; "
+                "without muP this number does not apply"),
+    needs=(), ranges=(FittedRange("params", 4e7, 2.1e9, "swept at 0.04B-0.5B, checked at 2.1B"),),
+    fn=lambda x: 0.01,
+)
+
+PRIORS: tuple[Prior, ...] = (STEP_LAW_BATCH, MINICPM_BATCH, STEP_LAW_LR, MINICPM_LR)
+"""Every prior, batch sizes first."""
+
+SURGE_NOTE = ("Adam-style optimizers: the best LR peaks at B = B_noise and falls for larger batches (Li et al. "
+              "2024, \"Surge Phenomenon in Optimal Learning Rate and Batch Size Scaling\", arXiv:2405.14578, "
+              "Eq. 2 and 15); `bigbatch scale --b-noise B` warns when sqrt scaling goes past it")
+
+
+def estimate_priors(
+    *,
+    params: float | None = None,
+    tokens: float | None = None,
+    target_loss: float | None = None,
+    seq_len: int | None = None,
+) -> list[Estimate]:
+    """Every prior of :data:`PRIORS` on the given inputs; ValueError naming the field on bad input."""
+    inputs = {"params": params, "tokens": tokens, "target_loss": target_loss}
+    for name, v in inputs.items():
+        if v is not None:
+            check_positive(name, v)
+    if seq_len is not None:
+        check_int_positive("seq_len", seq_len)
+    if params is None and tokens is None and target_loss is None:
+        raise ValueError("priors need --params N, --tokens D or --target-loss L")
+    out = []
+    for p in PRIORS:
+        missing = tuple(k for k in p.needs if inputs[k] is None)
+        value = None if missing else p(**{k: v for k, v in inputs.items() if v is not None})
+        outside = tuple(m for r in p.ranges if inputs[r.input] is not None
+                        for m in [r.outside(float(inputs[r.input]))] if m)
+        seqs = value / seq_len if (value is not None and seq_len and p.unit.startswith("tokens")) else None
+        if value is not None and not math.isfinite(value):
+            raise ValueError(f"{p.key}: the formula overflowed for these inputs")
+        out.append(Estimate(p, value, seqs, outside, missing))
+    return out

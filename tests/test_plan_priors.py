@@ -1,0 +1,153 @@
+"""Priors before any study: the published fits, their ranges, and ``bigbatch plan --params/--tokens``.
+
+The constants are the papers' as printed:
+  * Step Law (Li et al. 2025, arXiv:2503.04715): eta = 1.79 N^-0.713 D^0.307, B = 0.58 D^0.571 (tokens);
+    the authors' prediction tool (step-law/steplaw, code/fit_tool.py, ``pred_opt_lr_bs``) gives the batch
+    in sequences as bs / seq_len.
+  * MiniCPM (Hu et al. 2024, arXiv:2404.06395, §3.2): bs = 1.21e9 / L^6.24 (tokens, L = C4 loss);
+    §3.3: optimal base LR 0.01 under their muP.
+Each test below states which printed number it checks.
+"""
+
+import json
+import math
+
+import pytest
+
+import bigbatch.cli as cli
+from bigbatch.plan import PRIORS, PlanConfig, estimate_priors, plan_priors
+from bigbatch.cli import plan as plan_cli
+
+if not any(c.name == "plan" for c in cli.app.registered_commands):
+    plan_cli.register(cli.app)
+
+
+def by_key(estimates):
+    return {e.prior.key: e for e in estimates}
+
+
+def test_step_law_reproduces_the_printed_constants():
+    # Step Law fit as printed: B(D) = 0.58 D^0.571 tokens and eta(N, D) = 1.79 N^-0.713 D^0.307.
+    # At D = 1 and N = 1 the formulas return their printed prefactors; each decade of D multiplies B by
+    # 10^0.571 and eta by 10^0.307, each decade of N multiplies eta by 10^-0.713 (the printed exponents).
+    est = by_key(estimate_priors(params=1.0, tokens=1.0))
+    assert est["step-law-batch"].value == pytest.approx(0.58, rel=1e-12)
+    assert est["step-law-lr"].value == pytest.approx(1.79, rel=1e-12)
+    a = by_key(estimate_priors(params=1e8, tokens=1e10))
+    b = by_key(estimate_priors(params=1e9, tokens=1e11))
+    assert b["step-law-batch"].value / a["step-law-batch"].value == pytest.approx(10 ** 0.571, rel=1e-12)
+    assert b["step-law-lr"].value / a["step-law-lr"].value == pytest.approx(10 ** (0.307 - 0.713), rel=1e-12)
+    # The paper's held-out test point (1B parameters, 100B tokens): log10 B = log10 0.58 + 11 * 0.571.
+    assert b["step-law-batch"].value == pytest.approx(10 ** (math.log10(0.58) + 11 * 0.571), rel=1e-12)
+    assert b["step-law-batch"].value == pytest.approx(1.108e6, rel=1e-3)
+    assert b["step-law-lr"].value == pytest.approx(1.632e-3, rel=1e-3)
+    assert b["step-law-batch"].outside == () and b["step-law-lr"].outside == ()  # the test point is in range
+
+
+def test_step_law_batch_in_sequences_as_the_authors_tool_gives_it():
+    # fit_tool.pred_opt_lr_bs: bs_in_sample = bs / seq_len (the fit is in tokens).
+    e = by_key(estimate_priors(tokens=1e11, seq_len=2048))["step-law-batch"]
+    assert e.sequences == pytest.approx(e.value / 2048) and e.prior.unit.startswith("tokens")
+    assert by_key(estimate_priors(tokens=1e11, seq_len=2048))["step-law-lr"].sequences is None
+
+
+def test_minicpm_batch_reproduces_the_printed_fit():
+    # §3.2: bs = 1.21e9 / L^6.24 tokens. At L = 1 the prefactor 1.21e9; halving the loss multiplies bs by 2^6.24.
+    assert by_key(estimate_priors(target_loss=1.0))["minicpm-batch"].value == pytest.approx(1.21e9, rel=1e-12)
+    r = by_key(estimate_priors(target_loss=1.5))["minicpm-batch"].value / by_key(estimate_priors(target_loss=3.0))["minicpm-batch"].value
+    assert r == pytest.approx(2 ** 6.24, rel=1e-12)
+    # §6.2 trains MiniCPM-2.4B at 3.93M tokens per batch; the fit gives that batch at a C4 loss of about 2.5
+    # (a consistency check of units: tokens, not sequences; the paper prints no loss for that run).
+    loss = (1.21e9 / 3.93e6) ** (1 / 6.24)
+    assert loss == pytest.approx(2.50, abs=0.01)
+
+
+def test_minicpm_lr_is_the_printed_constant_and_needs_nothing():
+    # §3.3: the optimal base LR stays around 0.01 from 0.04B to 0.5B (muP), confirmed at 2.1B.
+    e = by_key(estimate_priors(params=3e8))["minicpm-lr"]
+    assert e.value == 0.01 and e.outside == () and "muP" in e.prior.unit
+    assert by_key(estimate_priors(params=7e9))["minicpm-lr"].outside  # past 2.1B
+
+
+@pytest.mark.parametrize("kwargs, key, fragment", [
+    ({"params": 2e9, "tokens": 1e10}, "step-law-lr", "--params 2e+09 is above the fitted range"),
+    ({"params": 3e7, "tokens": 1e10}, "step-law-lr", "--params 3e+07 is below the fitted range"),
+    ({"params": 3e8, "tokens": 4e11}, "step-law-batch", "--tokens 4e+11 is above the fitted range"),
+    ({"params": 1e9, "target_loss": 2.5}, "minicpm-batch", "--params 1e+09 is above the fitted range"),
+])
+def test_out_of_range_inputs_are_flagged(kwargs, key, fragment):
+    e = by_key(estimate_priors(**kwargs))[key]
+    assert e.value is not None and any(fragment in m for m in e.outside), e.outside
+
+
+def test_in_range_inputs_are_not_flagged_and_missing_inputs_are_named():
+    est = by_key(estimate_priors(params=3e8, tokens=3e10))
+    assert est["step-law-batch"].outside == () and est["step-law-lr"].outside == ()
+    assert est["minicpm-batch"].value is None and est["minicpm-batch"].missing == ("target_loss",)
+    only_d = by_key(estimate_priors(tokens=3e10))
+    assert only_d["step-law-lr"].value is None and only_d["step-law-lr"].missing == ("params",)
+    assert only_d["step-law-batch"].value is not None
+
+
+def test_every_prior_records_source_conditions_unit_and_range():
+    for p in PRIORS:
+        assert "arXiv:" in p.source and p.conditions and p.unit and p.ranges, p.key
+        assert p.quantity in ("batch_size", "lr")
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    ({}, "priors need --params N, --tokens D or --target-loss L"),
+    ({"params": -1.0}, "params must be > 0"),
+    ({"tokens": 1e10, "seq_len": 0}, "seq_len must be a positive integer"),
+])
+def test_bad_inputs(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        estimate_priors(**kwargs)
+
+
+def test_plan_priors_refuses_study_only_options():
+    with pytest.raises(ValueError, match="--gpus, --deadline: only with --study DIR"):
+        plan_priors(PlanConfig(params=1e8, tokens=1e10, gpus=[8], deadline="1h"))
+
+
+# -- CLI ----------------------------------------------------------------------------------------
+def run(capsys, *args):
+    with pytest.raises(SystemExit) as e:
+        cli.main(["plan", *map(str, args)])
+    out = capsys.readouterr()
+    return e.value.code or 0, out.out, out.err
+
+
+def test_cli_text_shows_value_source_range_and_extrapolation(capsys):
+    code, out, err = run(capsys, "--params", "7e9", "--tokens", "1e12", "--seq-len", "4096", "--target-loss", "2.2")
+    assert code == 0, err
+    assert "Step Law: B = 0.58 * D^0.571 = " in out and "sequences of 4096" in out
+    assert "arXiv:2503.04715" in out and "arXiv:2404.06395" in out and "AdamW" in out
+    assert out.count("OUTSIDE THE FITTED RANGE") >= 3  # N past 1B (Step Law x2), past 0.17B and 2.1B (MiniCPM)
+    assert "--tokens 1e+12 is above the fitted range" in out
+    assert "not measurements of this model" in out and "Surge" in out
+
+
+def test_cli_json(capsys):
+    code, out, err = run(capsys, "--params", "3e8", "--tokens", "3e10", "--json")
+    assert code == 0, err
+    d = json.loads(out)
+    assert d["mode"] == "priors" and d["inputs"]["params"] == 3e8
+    p = {x["key"]: x for x in d["priors"]}
+    assert p["step-law-batch"]["value"] == pytest.approx(0.58 * 3e10 ** 0.571)
+    assert p["step-law-batch"]["in_range"] is True and p["step-law-batch"]["outside_range"] == []
+    assert p["minicpm-batch"]["value"] is None and p["minicpm-batch"]["missing_inputs"] == ["--target-loss"]
+    assert {r["input"] for r in p["step-law-lr"]["fitted_range"]} == {"params", "tokens"}
+
+
+@pytest.mark.parametrize("args, message", [
+    ([], "--study DIR is required"),
+    (["--params", "1e8", "--tokens", "1e10", "--throughput", "100"], "--throughput: only with --study DIR"),
+    (["--study", "{tmp}", "--params", "1e8"], "--params give the published priors without a study"),
+    (["--params", "-5"], "--params must be > 0"),
+    (["--tokens", "1e10", "--seq-len", "0"], "--seq-len must be a positive integer"),
+])
+def test_cli_bad_input_is_one_line_exit_2(capsys, tmp_path, args, message):
+    code, out, err = run(capsys, *[a.format(tmp=tmp_path) for a in args])
+    assert code == 2
+    assert err.startswith("error: ") and message in err and err.count("\n") == 1, err
