@@ -8,8 +8,9 @@ records its formula, the paper and place it comes from, the unit of its output, 
 it was fitted under, and the range of inputs it was fitted on; :func:`estimate_priors` evaluates
 every prior on the inputs given and says which inputs fall outside that range.
 
-Only fits whose constants could be checked against the paper are listed (docs/plan.md,
-"Priors before any study"). The numbers are the papers' as printed; they are not re-fitted here.
+Only fits whose constants could be checked are listed: against the paper itself, or (the
+token-horizon exponent, whose paper text was not reachable) in independent places that agree
+(docs/plan.md, "Priors before any study"). The numbers are the papers'; they are not re-fitted here.
 
 Related, but not a prior for a number: for Adam-style optimizers the best LR peaks at
 B = B_noise and falls beyond it (Li et al. 2024, "Surge Phenomenon", Eq. 2 and 15); that
