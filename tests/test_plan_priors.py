@@ -6,6 +6,9 @@ The constants are the papers' as printed:
     in sequences as bs / seq_len.
   * MiniCPM (Hu et al. 2024, arXiv:2404.06395, §3.2): bs = 1.21e9 / L^6.24 (tokens, L = C4 loss);
     §3.3: optimal base LR 0.01 under their muP.
+  * Token horizons (Bjorck et al. 2024, arXiv:2409.19913): LR*(D) = B D^-beta with the recommended
+    beta = 0.32, B from an LR tuned at a shorter horizon (the paper's rule of thumb; its text was not
+    reachable here, the exponent is the one its ICLR 2025 reviews quote and later work reuses).
 Each test below states which printed number it checks.
 """
 
@@ -69,11 +72,41 @@ def test_minicpm_lr_is_the_printed_constant_and_needs_nothing():
     assert by_key(estimate_priors(params=7e9))["minicpm-lr"].outside  # past 2.1B
 
 
+def test_token_horizon_lr_moves_a_tuned_lr_by_the_rule_of_thumb():
+    # Rule of thumb: LR*(D) = B * D^-0.32 with B fixed by the LR tuned at the reference horizon, so
+    # LR*(D) / LR*(D_ref) = (D / D_ref)^-0.32 whatever the unit of D.
+    same = by_key(estimate_priors(tokens=2.5e10, ref_lr=3e-4, ref_tokens=2.5e10))["token-horizon-lr"]
+    assert same.value == pytest.approx(3e-4, rel=1e-12) and same.outside == ()
+    four = by_key(estimate_priors(tokens=1e11, ref_lr=3e-4, ref_tokens=2.5e10))["token-horizon-lr"]
+    assert four.value == pytest.approx(3e-4 * 4 ** -0.32, rel=1e-12)
+    assert four.value == pytest.approx(1.925e-4, rel=1e-3)  # a 4x longer run: the LR falls by 36%
+    decade = by_key(estimate_priors(tokens=1e11, ref_lr=1e-3, ref_tokens=1e10))["token-horizon-lr"].value
+    assert decade == pytest.approx(1e-3 * 10 ** -0.32, rel=1e-12)
+    shorter = by_key(estimate_priors(tokens=1e10, ref_lr=1e-3, ref_tokens=1e11))["token-horizon-lr"].value
+    assert shorter == pytest.approx(1e-3 * 10 ** 0.32, rel=1e-12) and shorter > 1e-3  # works both ways
+    # N does not enter; it is only checked against the paper's largest model.
+    big = by_key(estimate_priors(params=7e9, tokens=1e11, ref_lr=3e-4, ref_tokens=2.5e10))["token-horizon-lr"]
+    assert big.value == four.value and any("--params 7e+09 is above the fitted range" in m for m in big.outside)
+
+
+def test_token_horizon_lr_needs_both_reference_inputs():
+    e = by_key(estimate_priors(tokens=1e11))["token-horizon-lr"]
+    assert e.value is None and e.missing == ("ref_lr", "ref_tokens")
+    for kwargs in ({"ref_lr": 3e-4}, {"ref_tokens": 1e10}):
+        with pytest.raises(ValueError, match="--ref-lr and --ref-tokens go together"):
+            estimate_priors(tokens=1e11, **kwargs)
+    with pytest.raises(ValueError, match="ref_tokens must be > 0"):
+        estimate_priors(tokens=1e11, ref_lr=3e-4, ref_tokens=0.0)
+
+
 @pytest.mark.parametrize("kwargs, key, fragment", [
     ({"params": 2e9, "tokens": 1e10}, "step-law-lr", "--params 2e+09 is above the fitted range"),
     ({"params": 3e7, "tokens": 1e10}, "step-law-lr", "--params 3e+07 is below the fitted range"),
     ({"params": 3e8, "tokens": 4e11}, "step-law-batch", "--tokens 4e+11 is above the fitted range"),
     ({"params": 1e9, "target_loss": 2.5}, "minicpm-batch", "--params 1e+09 is above the fitted range"),
+    ({"tokens": 1e12, "ref_lr": 3e-4, "ref_tokens": 1e11}, "token-horizon-lr", "--tokens 1e+12 is above the fitted range"),
+    ({"tokens": 1e11, "ref_lr": 3e-4, "ref_tokens": 9e11}, "token-horizon-lr",
+     "--ref-tokens 9e+11 is above the fitted range"),
 ])
 def test_out_of_range_inputs_are_flagged(kwargs, key, fragment):
     e = by_key(estimate_priors(**kwargs))[key]
@@ -138,6 +171,21 @@ def test_cli_json(capsys):
     assert p["step-law-batch"]["in_range"] is True and p["step-law-batch"]["outside_range"] == []
     assert p["minicpm-batch"]["value"] is None and p["minicpm-batch"]["missing_inputs"] == ["--target-loss"]
     assert {r["input"] for r in p["step-law-lr"]["fitted_range"]} == {"params", "tokens"}
+    assert p["token-horizon-lr"]["value"] is None
+    assert p["token-horizon-lr"]["missing_inputs"] == ["--ref-lr", "--ref-tokens"]
+
+
+def test_cli_token_horizon_transfer(capsys):
+    code, out, err = run(capsys, "--tokens", "1e11", "--ref-lr", "3e-4", "--ref-tokens", "2.5e10", "--json")
+    assert code == 0, err
+    d = json.loads(out)
+    assert d["inputs"]["ref_lr"] == 3e-4 and d["inputs"]["ref_tokens"] == 2.5e10
+    p = {x["key"]: x for x in d["priors"]}
+    assert p["token-horizon-lr"]["value"] == pytest.approx(3e-4 * 4 ** -0.32) and p["token-horizon-lr"]["in_range"]
+    code, out, err = run(capsys, "--tokens", "1e11", "--ref-lr", "3e-4", "--ref-tokens", "2.5e10")
+    assert code == 0, err
+    assert "Token horizons: eta = ref_lr * (D / ref_tokens)^-0.32 = 0.0001925" in out and "arXiv:2409.19913" in out
+    assert "--ref-lr 0.0003, --ref-tokens 2.5e+10" in out
 
 
 @pytest.mark.parametrize("args, message", [
@@ -146,6 +194,9 @@ def test_cli_json(capsys):
     (["--study", "{tmp}", "--params", "1e8"], "--params give the published priors without a study"),
     (["--params", "-5"], "--params must be > 0"),
     (["--tokens", "1e10", "--seq-len", "0"], "--seq-len must be a positive integer"),
+    (["--tokens", "1e11", "--ref-lr", "3e-4"], "--ref-lr and --ref-tokens go together"),
+    (["--tokens", "1e11", "--ref-lr", "-1", "--ref-tokens", "1e10"], "--ref-lr must be > 0"),
+    (["--study", "{tmp}", "--ref-lr", "3e-4"], "--ref-lr give the published priors without a study"),
 ])
 def test_cli_bad_input_is_one_line_exit_2(capsys, tmp_path, args, message):
     code, out, err = run(capsys, *[a.format(tmp=tmp_path) for a in args])

@@ -5,7 +5,7 @@ B = B_noise, and a table of candidates for the selected target (one summary line
 target); ``--json`` prints everything (``candidates`` for the selected target, ``targets`` for
 all); ``--plot`` draws the time–compute frontier; ``--write-schedule`` writes a batch schedule.
 
-Without ``--study``, ``--params N --tokens D`` (``--target-loss L``, ``--seq-len S``) print the
+Without ``--study``, ``--params N --tokens D`` (``--target-loss L``, ``--seq-len S``, ``--ref-lr``/``--ref-tokens``) print the
 published priors instead: each estimate with its source, conditions and fitted range, and a
 warning when an input is outside that range (``--json``: ``{"mode": "priors", "priors": [...]}``).
 """
@@ -91,7 +91,8 @@ def format_priors(res) -> str:
     from bigbatch.plan.priors import INPUTS
 
     inputs = [f"{INPUTS[k][0]} {v:.4g}" for k, v in (("params", res.params), ("tokens", res.tokens),
-                                                     ("target_loss", res.target_loss)) if v is not None]
+                                                     ("target_loss", res.target_loss), ("ref_lr", res.ref_lr),
+                                                     ("ref_tokens", res.ref_tokens)) if v is not None]
     if res.seq_len is not None:
         inputs.append(f"--seq-len {res.seq_len}")
     lines = ["published priors (no study): " + ", ".join(inputs)]
@@ -215,8 +216,8 @@ def flag_name(field: str) -> str:
 _FLAGS = plan_flags()
 plan_command = build_command(_FLAGS, _run, doc=(
     "Plan a run from a study: batch size, GPUs, steps, samples, wall time, GPU-hours, schedule.\n\n"
-    "Without --study, --params N --tokens D (and --target-loss L, --seq-len S) print the published "
-    "priors for the optimal batch size and LR, with their sources and fitted ranges."))
+    "Without --study, --params N --tokens D (and --target-loss L, --seq-len S, --ref-lr/--ref-tokens) print "
+    "the published priors for the optimal batch size and LR, with their sources and fitted ranges."))
 
 
 def register(app: typer.Typer) -> None:

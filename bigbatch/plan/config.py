@@ -13,7 +13,7 @@ class PlanConfig:
     """What ``bigbatch plan`` reads and how it turns the fit into a plan (docs/plan.md).
 
     With ``study`` it plans from the measured trade-off; without it, ``params``/``tokens``/
-    ``target_loss`` give the published priors (``bigbatch.plan.priors``) instead."""
+    ``target_loss`` (and ``ref_lr``/``ref_tokens``) give the published priors (``bigbatch.plan.priors``) instead."""
 
     study: Path | None = None
     """Study directory (or its results.json) written by ``bigbatch study``."""
@@ -25,6 +25,10 @@ class PlanConfig:
     """Without ``study``: the C4 loss the run should reach, for MiniCPM's batch-size prior."""
     seq_len: int | None = None
     """Without ``study``: tokens per sequence, to give the priors' token batches in sequences too."""
+    ref_lr: float | None = None
+    """Without ``study``: a peak LR tuned on a shorter run (with ``ref_tokens``), moved to ``tokens`` by the token-horizon rule."""
+    ref_tokens: float | None = None
+    """Without ``study``: the training tokens of the run ``ref_lr`` was tuned on."""
     target: float | None = None
     """Target to plan for, when the study measured several (default: the hardest)."""
     batch_sizes: list[int] = field(default_factory=list)

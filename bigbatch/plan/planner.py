@@ -15,7 +15,7 @@ from bigbatch.plan.tradeoff import Plan, candidate_batch_sizes, make_plan, parse
 
 __all__ = ["PlanResult", "plan_study", "PriorsResult", "plan_priors", "PRIOR_FIELDS"]
 
-PRIOR_FIELDS = ("params", "tokens", "target_loss", "seq_len")
+PRIOR_FIELDS = ("params", "tokens", "target_loss", "seq_len", "ref_lr", "ref_tokens")
 """PlanConfig fields that ask for the published priors (used without ``study``)."""
 
 
@@ -74,12 +74,14 @@ class PriorsResult:
     seq_len: int | None
     estimates: list[Estimate]
     notes: list[str] = field(default_factory=list)
+    ref_lr: float | None = None
+    ref_tokens: float | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return {
             "mode": "priors",
             "inputs": {"params": self.params, "tokens": self.tokens, "target_loss": self.target_loss,
-                       "seq_len": self.seq_len},
+                       "seq_len": self.seq_len, "ref_lr": self.ref_lr, "ref_tokens": self.ref_tokens},
             "priors": [e.to_dict(self.seq_len) for e in self.estimates],
             "notes": list(self.notes),
         }
@@ -100,15 +102,16 @@ def plan_priors(cfg: PlanConfig) -> PriorsResult:
     if extra:
         raise ValueError(
             f"{', '.join(extra)}: only with --study DIR (they plan from a measured study); without it only --params, "
-            "--tokens, --target-loss and --seq-len (the published priors) take effect")
+            "--tokens, --target-loss, --seq-len, --ref-lr and --ref-tokens (the published priors) take effect")
     estimates = estimate_priors(params=cfg.params, tokens=cfg.tokens, target_loss=cfg.target_loss,
-                                seq_len=cfg.seq_len)
+                                seq_len=cfg.seq_len, ref_lr=cfg.ref_lr, ref_tokens=cfg.ref_tokens)
     notes = ["these are published fits made under their papers' conditions: starting points to check with "
              "`bigbatch study`, not measurements of this model"]
     if cfg.seq_len is None and any(e.value is not None and e.prior.unit.startswith("tokens") for e in estimates):
         notes.append("give --seq-len to see the token batches in sequences")
     notes.append(SURGE_NOTE)
-    return PriorsResult(cfg.params, cfg.tokens, cfg.target_loss, cfg.seq_len, estimates, notes)
+    return PriorsResult(cfg.params, cfg.tokens, cfg.target_loss, cfg.seq_len, estimates, notes,
+                        ref_lr=cfg.ref_lr, ref_tokens=cfg.ref_tokens)
 
 
 def plan_study(cfg: PlanConfig) -> PlanResult:

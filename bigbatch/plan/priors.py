@@ -2,13 +2,15 @@
 
 A study (``bigbatch study``) measures B_crit for *your* model and data. Before one has been run,
 the published fits below give a starting point from the model size N (non-embedding
-parameters), the training tokens D or the loss the run is meant to reach. Each :class:`Prior`
+parameters), the training tokens D or the loss the run is meant to reach; one rule (token
+horizons) moves an LR tuned on a shorter run to the run's horizon instead. Each :class:`Prior`
 records its formula, the paper and place it comes from, the unit of its output, the conditions
 it was fitted under, and the range of inputs it was fitted on; :func:`estimate_priors` evaluates
 every prior on the inputs given and says which inputs fall outside that range.
 
-Only fits whose constants could be checked against the paper are listed (docs/plan.md,
-"Priors before any study"). The numbers are the papers' as printed; they are not re-fitted here.
+Only fits whose constants could be checked are listed: against the paper itself, or (the
+token-horizon exponent, whose paper text was not reachable) in independent places that agree
+(docs/plan.md, "Priors before any study"). The numbers are the papers'; they are not re-fitted here.
 
 Related, but not a prior for a number: for Adam-style optimizers the best LR peaks at
 B = B_noise and falls beyond it (Li et al. 2024, "Surge Phenomenon", Eq. 2 and 15); that
@@ -29,6 +31,8 @@ INPUTS: dict[str, tuple[str, str]] = {
     "params": ("--params", "non-embedding parameters"),
     "tokens": ("--tokens", "training tokens"),
     "target_loss": ("--target-loss", "C4 loss the run should reach"),
+    "ref_lr": ("--ref-lr", "peak LR tuned on a shorter run"),
+    "ref_tokens": ("--ref-tokens", "training tokens of the run --ref-lr was tuned on"),
 }
 """Input name → (its flag, what it is)."""
 
@@ -38,7 +42,7 @@ class FittedRange:
     """The span of one input that a fit saw; ``None`` for an end the paper's text does not fix."""
 
     input: str
-    """``params``, ``tokens`` or ``target_loss``."""
+    """A key of :data:`INPUTS` (``params``, ``tokens``, ``target_loss``, ``ref_tokens``)."""
     low: float | None
     high: float | None
     what: str
@@ -167,7 +171,35 @@ MINICPM_LR = Prior(
     fn=lambda x: 0.01,
 )
 
-PRIORS: tuple[Prior, ...] = (STEP_LAW_BATCH, MINICPM_BATCH, STEP_LAW_LR, MINICPM_LR)
+# Token horizons (Bjorck et al. 2024): at a fixed model the optimal LR falls with the training
+# horizon as LR*(D) = B * D^-beta. The paper fits B and beta per model size and gives practitioners
+# beta = 0.32 with B taken from an LR tuned at a shorter horizon. Only that exponent is used here:
+# its joint fit in N and D (LR* = C N^-alpha D^-beta) is left out, because its constant C could not be
+# checked against the paper's text (docs/plan.md, "Left out").
+HORIZON_BETA = 0.32
+"""Exponent of the token-horizon rule of thumb (Bjorck et al. 2024): LR* ∝ D^-0.32."""
+
+TOKEN_HORIZON_LR = Prior(
+    key="token-horizon-lr", quantity="lr", name="Token horizons",
+    source=("Bjorck et al. 2024, \"Scaling Optimal LR Across Token Horizons\" (ICLR 2025), arXiv:2409.19913: "
+            "the rule of thumb LR*(D) = B * D^-beta with beta = 0.32, B from an LR tuned at a shorter horizon"),
+    formula="eta = ref_lr * (D / ref_tokens)^-0.32",
+    unit="peak LR, for the optimizer and schedule of the run --ref-lr was tuned on",
+    conditions=("AdamW; GPT-3-style decoder transformers (also checked on LLaMA-1-style models and under muP); "
+                "a transfer along the token horizon only: same model, batch size and schedule shape as the "
+                "reference run, whose LR must be the tuned optimum at --ref-tokens"),
+    needs=("tokens", "ref_lr", "ref_tokens"),
+    ranges=(FittedRange("params", None, 2.7e9, "largest model in the paper's runs: 2.7B parameters"),
+            FittedRange("tokens", None, 8e11, "longest horizon in the paper's runs: 800B tokens"),
+            FittedRange("ref_tokens", None, 8e11, "longest horizon in the paper's runs: 800B tokens")),
+    fn=lambda x: x["ref_lr"] * (x["tokens"] / x["ref_tokens"]) ** -HORIZON_BETA,
+    notes=("a transfer rule, not an absolute estimate: it moves an LR tuned at --ref-tokens to --tokens",
+           "the paper fits beta per model size and finds it varies with size; 0.32 is the value it recommends",
+           "the sign disagrees with the Step Law's LR, which rises with D: there the batch is re-optimised "
+           "with D, here it is held fixed"),
+)
+
+PRIORS: tuple[Prior, ...] = (STEP_LAW_BATCH, MINICPM_BATCH, STEP_LAW_LR, MINICPM_LR, TOKEN_HORIZON_LR)
 """Every prior, batch sizes first."""
 
 SURGE_NOTE = ("Adam-style optimizers: the best LR peaks at B = B_noise and falls for larger batches (Li et al. "
@@ -181,9 +213,15 @@ def estimate_priors(
     tokens: float | None = None,
     target_loss: float | None = None,
     seq_len: int | None = None,
+    ref_lr: float | None = None,
+    ref_tokens: float | None = None,
 ) -> list[Estimate]:
-    """Every prior of :data:`PRIORS` on the given inputs; ValueError naming the field on bad input."""
-    inputs = {"params": params, "tokens": tokens, "target_loss": target_loss}
+    """Every prior of :data:`PRIORS` on the given inputs; ValueError naming the field on bad input.
+
+    ``ref_lr``/``ref_tokens`` (given together) are an LR tuned on a run of ``ref_tokens`` tokens, for the
+    priors that transfer an LR along the token horizon rather than estimate one from nothing."""
+    inputs = {"params": params, "tokens": tokens, "target_loss": target_loss, "ref_lr": ref_lr,
+              "ref_tokens": ref_tokens}
     for name, v in inputs.items():
         if v is not None:
             check_positive(name, v)
@@ -191,6 +229,8 @@ def estimate_priors(
         check_int_positive("seq_len", seq_len)
     if params is None and tokens is None and target_loss is None:
         raise ValueError("priors need --params N, --tokens D or --target-loss L")
+    if (ref_lr is None) != (ref_tokens is None):
+        raise ValueError("--ref-lr and --ref-tokens go together: the LR tuned on a shorter run and that run's tokens")
     out = []
     for p in PRIORS:
         missing = tuple(k for k in p.needs if inputs[k] is None)
