@@ -204,8 +204,10 @@ class DenseEval:
         return [t for t in self.targets if t not in done]
 
     def evaluated(self, state: RunState, plan: BatchPlan) -> None:
-        """After an evaluation: keep a snapshot here while some target is still to be crossed."""
-        self.snap = take_snapshot(self.run, state, plan) if self._uncrossed(state) else None
+        """After an evaluation: keep a snapshot here while some target is still to be crossed
+        (and the next evaluation is more than one step away: one step cannot be split)."""
+        one_step = state.next_eval - state.samples <= plan.batch_size
+        self.snap = take_snapshot(self.run, state, plan) if self._uncrossed(state) and not one_step else None
 
     def locate(self, state: RunState, plan: BatchPlan, value: float) -> dict[float, dict[str, Any]]:
         """The crossings of targets first reached by ``value`` (the evaluation at ``state``),
