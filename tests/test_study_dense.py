@@ -94,3 +94,27 @@ def test_cells_per_gpu_with_fake_gpus_starts_that_many_workers(tmp_path, monkeyp
     res = ramp_study(tmp_path / "g", cells_per_gpu=2, jobs=0, batch_sizes=[32, 64], device="auto")
     assert started == [(4, ["0", "1"], ["0", "1", "0", "1"])]
     assert res["timing"]["workers"] == 4 and res["timing"]["cells_per_gpu"] == 2 and res["timing"]["cells"] == 2
+
+
+def test_bytelm_preset_resolves_to_three_targets_and_dense_cells(tmp_path):
+    from types import SimpleNamespace
+
+    from bigbatch.study.cells import Cell
+    from bigbatch.study.runner import _train_config, resolve_study
+    from bigbatch.workloads.base import WorkloadDefaults
+
+    wl = SimpleNamespace(name="bytelm", metric_name="val_bpb", higher_is_better=False,
+                         defaults=WorkloadDefaults(batch_size=64, lr=2e-3, budget_samples=64 * 300))
+    cfg = StudyConfig(workload="bytelm").resolve()
+    r = resolve_study(cfg, wl)
+    bs = r["batch_sizes"]
+    assert len(bs) >= 5 and bs[-1] / bs[0] >= 32
+    assert r["targets"] == sorted(r["targets"], reverse=True) and len(r["targets"]) == 3  # easiest (highest bpb) first
+    assert r["target"] == r["targets"][-1] and r["warmup_samples"] == runner.PRESETS["bytelm"]["warmup_samples"]
+    tc = _train_config(cfg, r, Cell(16, 1.0, 0), tmp_path, "cpu")
+    assert tc["record_targets"] == r["targets"] and tc["target_resolution"] == 0.02 and tc["warmup_samples"] == 1280
+    # A target given on the command line replaces the preset's list.
+    one = resolve_study(StudyConfig(workload="bytelm", target=2.8).resolve(), wl)
+    assert one["targets"] is None and one["target"] == 2.8
+    assert _train_config(StudyConfig(workload="bytelm", target_resolution=0).resolve(), r, Cell(16, 1.0, 0), tmp_path,
+                         "cpu")["target_resolution"] is None

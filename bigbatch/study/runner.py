@@ -53,6 +53,24 @@ PRESETS: dict[str, dict[str, Any]] = {
         eval_every_samples=2000,
         eval_every_steps=5,
     ),
+    # A 2-layer GPT (d 128, context 128, bytes of the standard library's .py files; bytelm.py's
+    # default shape) on a GPU: three bits-per-byte targets, early to late, that every batch size
+    # reaches at its best LR well inside the step budget; an evaluation every 20 steps (dense
+    # evaluation locates the early crossings to 2%). Tuned on 2 CPU cores up to B = 128
+    # (docs/study.md); cells_per_gpu is the measured best on an H200 (benchmarks/study_gpu.sh).
+    "bytelm": dict(
+        batch_sizes=[16, 32, 64, 128, 256, 512],
+        lr=2e-3,
+        base_batch_size=64,
+        rule="sqrt",
+        warmup_samples=1280,
+        targets=[3.0, 2.75, 2.5],
+        budget=512 * 600,
+        budget_steps=3000,
+        eval_every_samples=320,
+        eval_every_steps=20,
+        cells_per_gpu=1,
+    ),
 }
 
 
@@ -86,7 +104,10 @@ def resolve_study(cfg: StudyConfig, workload: Any) -> dict[str, Any]:
         "workload_name": getattr(workload, "name", cfg.workload),
     }
     r["eval_every_samples"] = int(pick("eval_every_samples", max(1, r["budget"] // 200)))
+    r["warmup_samples"] = pick("warmup_samples", None)
     r["targets"] = None
+    if cfg.targets is None and cfg.target is None and preset.get("targets"):
+        cfg = cfg.replace(targets=list(preset["targets"]))  # the preset's target list, unless one was given
     if cfg.targets is not None:
         r["targets"] = _resolve_targets(cfg, r["higher_is_better"])
         r["target"] = r["targets"][-1]  # cells run to the hardest
@@ -135,7 +156,7 @@ def _train_config(cfg: StudyConfig, r: dict[str, Any], cell: Cell, cell_dir: Pat
         optimizer=cfg.optimizer,
         momentum=cfg.momentum,
         weight_decay=cfg.weight_decay,
-        warmup_samples=cfg.warmup_samples,
+        warmup_samples=r.get("warmup_samples"),
         target=float(r["target"]),
         record_targets=list(r["targets"] or []),
         target_resolution=cfg.target_resolution or None,
