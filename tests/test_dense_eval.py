@@ -125,3 +125,23 @@ def test_target_resolution_is_checked(tmp_path):
         ramp_run(tmp_path, "x", target=99.0, target_resolution=1.5)
     with pytest.raises(ValueError, match="record_targets must be finite"):
         ramp_run(tmp_path, "y", record_targets=[float("nan")])
+
+
+def test_a_resumed_run_locates_the_same_crossings(tmp_path):
+    # Stopped at 200 steps, an evaluation: the resumed run takes its snapshot there again and
+    # locates the crossings as the uninterrupted run does, with the same final weights.
+    kw = dict(record_targets=[100 - 237 / 64, 100 - 537 / 64], budget_samples=8 * 700, target_resolution=0.02)
+    whole = ramp_run(tmp_path, "whole", **kw)
+    ramp_run(tmp_path, "cut", max_steps=200, **kw)
+    resumed = ramp_run(tmp_path, "cut", resume=True, **kw)
+    assert resumed.summary["crossings"] == whole.summary["crossings"]
+    assert [c["steps"] for c in whole.summary["crossings"]][0] < 240
+    for name in ("w", "v"):
+        assert torch.equal(getattr(resumed.model, name), getattr(whole.model, name))
+    # Stopped between evaluations (250 steps): the next crossing is placed at its evaluation,
+    # and its resolution says so (the run cannot know what happened since the last one).
+    ramp_run(tmp_path, "off", max_steps=250, **kw)
+    off = ramp_run(tmp_path, "off", resume=True, **kw)
+    first = off.summary["crossings"][0]
+    assert (first["steps"], first["resolution"]) == (300, pytest.approx(100 / 300))
+    assert off.summary["crossings"][1] == whole.summary["crossings"][1]
