@@ -143,8 +143,9 @@ class StudyConfig(ConfigMixin):
             check_int_positive("cells_per_gpu", self.cells_per_gpu)
             if self.jobs:
                 raise ValueError("jobs and cells_per_gpu were both given (--jobs, --cells-per-gpu): give one")
-        if self.target_resolution != 0:
-            check_in_range("target_resolution", self.target_resolution, 0.0, 1.0, lo_inclusive=False)
+        r = self.target_resolution
+        if isinstance(r, bool) or not isinstance(r, (int, float)) or not 0 <= r < 1:
+            raise ValueError(f"target_resolution must be 0 (off) or a fraction in (0, 1), got {r!r}")
         if not (self.device in ("auto", "cpu", "cuda") or self.device.startswith("cuda:")):
             raise ValueError(f"device must be auto, cpu, cuda or cuda:N, got {self.device!r}")
         if isinstance(self.bootstrap, bool) or not isinstance(self.bootstrap, int) or self.bootstrap < 10:
