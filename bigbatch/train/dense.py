@@ -70,7 +70,7 @@ def take_snapshot(run: Run, state: RunState, plan: BatchPlan) -> Snapshot:
         monitor=None if run.monitor is None else copy.deepcopy(run.monitor.state_dict()),
         hparams_batch=run.hparams_batch,
         lr=run.lr,
-        reading=copy.deepcopy(run.reading),
+        reading=run.reading,  # resolved by the monitor's state_dict() above, and never changed after
     )
 
 
@@ -86,7 +86,7 @@ def restore_snapshot(run: Run, snap: Snapshot) -> None:
         run.ema.load_state_dict(snap.ema)
     if run.monitor is not None and snap.monitor is not None:
         run.monitor.load_state_dict(copy.deepcopy(snap.monitor))
-    run.hparams_batch, run.lr, run.reading = snap.hparams_batch, snap.lr, copy.deepcopy(snap.reading)
+    run.hparams_batch, run.lr, run.reading = snap.hparams_batch, snap.lr, snap.reading
 
 
 def dense_every(samples: int, resolution: float) -> float:
