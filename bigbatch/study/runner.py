@@ -54,10 +54,10 @@ PRESETS: dict[str, dict[str, Any]] = {
         eval_every_steps=5,
     ),
     # A 2-layer GPT (d 128, context 128, bytes of the standard library's .py files; bytelm.py's
-    # default shape) on a GPU: three bits-per-byte targets, early to late, that every batch size
-    # reaches at its best LR well inside the step budget; an evaluation every 20 steps (dense
-    # evaluation locates the early crossings to 2%). Tuned on 2 CPU cores up to B = 128
-    # (docs/study.md); cells_per_gpu is the measured best on an H200 (benchmarks/study_gpu.sh).
+    # default shape) on a GPU: three bits-per-byte targets, early to late, the hardest reached by
+    # B = 16 at the rule's LR in about half the step budget; an evaluation every 20 steps (dense
+    # evaluation locates the early crossings to 2%). Read off CPU runs at B = 16, 32, 64
+    # (docs/study.md); cells_per_gpu is to be set from benchmarks/study_gpu.py on an H200.
     "bytelm": dict(
         batch_sizes=[16, 32, 64, 128, 256, 512],
         lr=2e-3,
