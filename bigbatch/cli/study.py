@@ -72,6 +72,11 @@ def _run(given: dict[str, Any], *, config: Optional[Path]) -> None:
     for note in res["notes"]:
         if not note.startswith(("B_simple", "B_crit undetermined")):  # already said above
             typer.echo(f"note: {note}")
+    t = res.get("timing") or {}
+    if t.get("cells"):
+        per_gpu = f", {t['cells_per_gpu']} per GPU" if t.get("cells_per_gpu") else ""
+        typer.echo(f"{t['cells']} cells trained in {t['wall_seconds'] / 60:.1f} min: {t['cells_per_hour']:.0f} cells/hour "
+                   f"({t['workers']} worker(s){per_gpu})")
     typer.echo(f"report:  {outdir / 'report.html'}")
     typer.echo(f"results: {outdir / 'results.json'}")
 

@@ -28,8 +28,8 @@ from bigbatch.study.fit import (
 
 __all__ = ["analyze", "best_per_batch", "lr_extensions", "fit_rows", "analyze_targets", "RESOLUTION_GOAL"]
 
-#: Samples-to-target is measured to within one evaluation interval; a note says where that is
-#: coarser than this fraction of the samples-to-target.
+#: A crossing is known to within the gap since the evaluation before it; a note says where that
+#: is coarser than this fraction of the samples-to-target (and more than one step).
 RESOLUTION_GOAL = 0.02
 
 
@@ -50,7 +50,8 @@ def best_per_batch(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
         row: dict[str, Any] = {"batch_size": b, "lr_multipliers_tried": sorted(by_b[b])}
         if best is None:
             row.update(reached=False, best_lr_multiplier=None, best_lr=None, steps=None, samples=None,
-                       steps_per_seed=[], samples_per_seed=[], resolution_per_seed=[], seeds=[])
+                       steps_per_seed=[], samples_per_seed=[], resolution_per_seed=[], resolution_steps_per_seed=[],
+                       seeds=[])
         else:
             med, mult, rs = best
             rs = sorted(rs, key=lambda r: r["seed"])
@@ -62,7 +63,8 @@ def best_per_batch(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
                 samples=statistics.median(r["samples_to_target"] for r in rs),
                 steps_per_seed=[r["steps_to_target"] for r in rs],
                 samples_per_seed=[r["samples_to_target"] for r in rs],
-                resolution_per_seed=[_resolution(r, r["samples_to_target"]) for r in rs],
+                resolution_per_seed=[_resolution(r) for r in rs],
+                resolution_steps_per_seed=[r.get("resolution_steps") for r in rs],
                 seeds=[r["seed"] for r in rs],
                 best_at_grid_edge=len(by_b[b]) > 1 and mult in (min(by_b[b]), max(by_b[b])),
             )
@@ -125,20 +127,45 @@ def fit_rows(rows: list[dict[str, Any]], cfg: Any, *, bootstrap_seed: int = 0) -
     }, fit
 
 
-def _resolution(record: dict[str, Any], samples_to_target: Any) -> float | None:
-    """The evaluation interval as a fraction of the samples to target (the crossing lies within it)."""
-    every = (record.get("train") or {}).get("eval_every_samples")
-    if not every or not samples_to_target:
+def _resolution(record: dict[str, Any]) -> float | None:
+    """The gap before the crossing as a fraction of the samples to target (the crossing lies in it).
+
+    The trainer's own (``resolution``: to the evaluation before it, dense or not); for a record
+    without it (written before it existed), the evaluation interval.
+    """
+    if not record.get("reached_target"):
         return None
-    return float(every) / float(samples_to_target)
+    if record.get("resolution") is not None:
+        return float(record["resolution"])
+    every = (record.get("train") or {}).get("eval_every_samples")
+    samples = record.get("samples_to_target")
+    if not every or not samples:
+        return None
+    return float(every) / float(samples)
+
+
+_ENTRY_KEYS = ("reached_target", "steps_to_target", "samples_to_target", "b_simple_at_target", "resolution", "resolution_steps")
 
 
 def _at_target(record: dict[str, Any], target: float) -> dict[str, Any]:
     """``record`` as if ``target`` were its only target (its ``by_target`` entry for it)."""
     entry = next((e for e in record.get("by_target") or [] if e["target"] == target), None)
     if entry is None:  # no crossing information: not counted as reached
-        entry = {"reached_target": False, "steps_to_target": None, "samples_to_target": None, "b_simple_at_target": None}
-    return {**record, **{k: entry[k] for k in ("reached_target", "steps_to_target", "samples_to_target", "b_simple_at_target")}}
+        entry = {"reached_target": False}
+    return {**record, **{k: entry.get(k) for k in _ENTRY_KEYS}}
+
+
+def _coarse(rows: list[dict[str, Any]]) -> list[tuple[int, float]]:
+    """``(batch size, resolution)`` of every fitted crossing known less precisely than the goal
+    (one step is as precise as a crossing can be known, whatever fraction it is)."""
+    out = []
+    for row in rows:
+        if not row["reached"]:
+            continue
+        steps = row.get("resolution_steps_per_seed") or [None] * len(row["resolution_per_seed"])
+        out += [(row["batch_size"], x) for x, k in zip(row["resolution_per_seed"], steps)
+                if x is not None and x > RESOLUTION_GOAL and k != 1]
+    return out
 
 
 def _b_simple_at_target(records: list[dict[str, Any]]) -> list[float]:
@@ -168,7 +195,8 @@ def analyze_targets(records: list[dict[str, Any]], targets: list[float], cfg: An
             "cells_reached": sum(1 for r in view if r.get("reached_target")),
             "resolution_max": max(res) if res else None,
             "batch_sizes": [{k: row.get(k) for k in ("batch_size", "reached", "best_lr_multiplier", "best_lr", "steps", "samples",
-                                                     "steps_per_seed", "samples_per_seed", "resolution_per_seed")} for row in rows],
+                                                     "steps_per_seed", "samples_per_seed", "resolution_per_seed",
+                                                     "resolution_steps_per_seed")} for row in rows],
         })
     return out
 
@@ -187,7 +215,7 @@ def analyze(
     for row in rows:
         row["lr_extensions"] = _outside(row["lr_multipliers_tried"], cfg.lr_grid)
     records = [{**r, "lr_extension": bool(_outside([r["lr_multiplier"]], cfg.lr_grid)),
-                "resolution": _resolution(r, r.get("samples_to_target"))} for r in records]
+                "resolution": _resolution(r)} for r in records]
     notes: list[str] = []
     curve, fit = fit_rows(rows, cfg, bootstrap_seed=bootstrap_seed)
     if curve["b_crit_undetermined"]:
@@ -224,16 +252,15 @@ def analyze(
 
     targets = resolved.get("targets")
     by_target = analyze_targets(records, targets, cfg, bootstrap_seed=bootstrap_seed) if targets else None
-    coarse = [(row["batch_size"], x) for row in rows if row["reached"] for x in row["resolution_per_seed"] if x and x > RESOLUTION_GOAL]
+    coarse = _coarse(rows)
     for entry in by_target or []:
-        coarse += [(row["batch_size"], x) for row in entry["batch_sizes"] if row["reached"]
-                   for x in row["resolution_per_seed"] if x and x > RESOLUTION_GOAL]
+        coarse += _coarse(entry["batch_sizes"])
     if coarse:
         worst = max(coarse, key=lambda bx: bx[1])
         notes.append(
             f"samples to target are known only to within one evaluation interval: up to {worst[1]:.0%} of them "
-            f"(at B={worst[0]}), coarser than {RESOLUTION_GOAL:.0%}; lower --eval-every-samples / --eval-every-steps "
-            f"for a finer measurement"
+            f"(at B={worst[0]}), coarser than {RESOLUTION_GOAL:.0%}; set --target-resolution 0.02 (dense evaluation "
+            f"around each crossing) or lower --eval-every-samples / --eval-every-steps"
         )
     lo_b, hi_b = regime_bounds(fit.b_noise) if fit else (None, None)
     results = {

@@ -40,10 +40,15 @@ RESULT_FIELDS = (
     "wall_seconds",
     "lr",
     "device",
+    "resolution",
+    "dense_replays",
+    "dense_replayed_steps",
 )
 
 #: TrainConfig fields that do not change a cell's outcome: a finished cell is reused across them.
-IGNORED_FOR_RESUME = ("out", "progress", "device", "resume", "overwrite")
+#: ``record_targets`` only adds crossings to record: a cell serves a study whose easier targets
+#: changed (target_crossings reads them from its evaluations, at the resolution they have there).
+IGNORED_FOR_RESUME = ("out", "progress", "device", "resume", "overwrite", "record_targets")
 
 
 @dataclass(frozen=True, slots=True, order=True)
@@ -113,9 +118,13 @@ def target_crossings(
     """For each target, when a run's evaluations first reached it, from its ``metrics.jsonl`` records.
 
     One entry per target, in the order given: ``target``, ``reached_target``,
-    ``steps_to_target``, ``samples_to_target`` (of the first evaluation at or past it), and
+    ``steps_to_target``, ``samples_to_target`` (of the first evaluation at or past it),
     ``b_simple_at_target`` — the noise monitor's last finite reading logged at or before that
-    step, as the trainer itself reports for its one target.
+    step, as the trainer itself reports for its one target — and ``resolution``: the samples
+    since the evaluation before it, as a fraction of its samples (the crossing lies in that
+    gap), with ``resolution_steps`` the same gap in steps. Evaluations are taken in the order
+    written, which is the order of their steps (the trainer writes the dense evaluations of a
+    replay before the evaluation that started it).
     """
     better = (lambda a, b: a >= b) if higher_is_better else (lambda a, b: a <= b)
     evals = [r for r in metrics if r.get("kind") == "eval" and r.get(metric_name) is not None]
@@ -127,13 +136,18 @@ def target_crossings(
                 readings.append((r["step"], float(b)))
     out = []
     for t in targets:
-        hit = next((r for r in evals if better(r[metric_name], t)), None)
-        entry: dict[str, Any] = {"target": t, "reached_target": hit is not None, "steps_to_target": None,
-                                 "samples_to_target": None, "b_simple_at_target": None}
-        if hit is not None:
+        i = next((i for i, r in enumerate(evals) if better(r[metric_name], t)), None)
+        entry: dict[str, Any] = {"target": t, "reached_target": i is not None, "steps_to_target": None,
+                                 "samples_to_target": None, "b_simple_at_target": None, "resolution": None,
+                                 "resolution_steps": None}
+        if i is not None:
+            hit = evals[i]
+            prev = evals[i - 1] if i > 0 else {"step": 0, "samples": 0}
             before = [b for step, b in readings if step <= hit["step"]]
             entry.update(steps_to_target=hit["step"], samples_to_target=hit["samples"],
-                         b_simple_at_target=before[-1] if before else None)
+                         b_simple_at_target=before[-1] if before else None,
+                         resolution=(hit["samples"] - prev["samples"]) / hit["samples"] if hit["samples"] else 0.0,
+                         resolution_steps=hit["step"] - prev["step"])
         out.append(entry)
     return out
 

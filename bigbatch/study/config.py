@@ -75,11 +75,19 @@ class StudyConfig(ConfigMixin):
     eval_every_steps: int | None = None
     """Evaluate at least this many steps apart: the resolution of steps-to-target at large
     batch sizes (a cell evaluates every max(eval_every_samples, eval_every_steps·B) samples)."""
+    target_resolution: float = 0.02
+    """Locate each cell's first crossing of every target to within this fraction of its samples:
+    where an evaluation shows a target crossed and the previous one is further back, the cell
+    replays that interval from an in-memory snapshot, evaluating densely (docs/study.md); 0: off
+    (crossings known to one evaluation interval)."""
     device: str = "auto"
     """cpu, cuda or auto. With cuda and several visible GPUs, cells run one per GPU in parallel."""
     jobs: int = 0
-    """Cells run at the same time in worker processes; 0: one per visible GPU with cuda, on a
-    CPU one single-threaded worker per core (at most 8); 1: in this process."""
+    """Cells run at the same time in worker processes; 0: ``cells_per_gpu`` per visible GPU with
+    cuda, on a CPU one single-threaded worker per core (at most 8); 1: in this process."""
+    cells_per_gpu: int | None = None
+    """With cuda: cells run at the same time on each GPU (worker processes sharing it), so that
+    small cells fill it; default: the workload's study preset, else 1. Not for a CPU (use jobs)."""
     out: str = "runs/study"
     """Run directory: results.json, report.html, PNG plots, cells/<cell>/."""
     bootstrap: int = 1000
@@ -131,6 +139,13 @@ class StudyConfig(ConfigMixin):
             check_in_range("target", self.target, float("-inf"), float("inf"), lo_inclusive=False)
         if isinstance(self.jobs, bool) or not isinstance(self.jobs, int) or self.jobs < 0:
             raise ValueError(f"jobs must be an integer >= 0, got {self.jobs!r}")
+        if self.cells_per_gpu is not None:
+            check_int_positive("cells_per_gpu", self.cells_per_gpu)
+            if self.jobs:
+                raise ValueError("jobs and cells_per_gpu were both given (--jobs, --cells-per-gpu): give one")
+        r = self.target_resolution
+        if isinstance(r, bool) or not isinstance(r, (int, float)) or not 0 <= r < 1:
+            raise ValueError(f"target_resolution must be 0 (off) or a fraction in (0, 1), got {r!r}")
         if not (self.device in ("auto", "cpu", "cuda") or self.device.startswith("cuda:")):
             raise ValueError(f"device must be auto, cpu, cuda or cuda:N, got {self.device!r}")
         if isinstance(self.bootstrap, bool) or not isinstance(self.bootstrap, int) or self.bootstrap < 10:

@@ -19,6 +19,7 @@ import os
 import shutil
 import subprocess
 import sys
+import time
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
@@ -35,7 +36,7 @@ from bigbatch.study.cells import (
 from bigbatch.study.config import StudyConfig
 from bigbatch.study.progress import StudyProgress
 
-__all__ = ["run_study", "resolve_study", "plan_cells", "load_results", "PRESETS", "StudyOutcome"]
+__all__ = ["run_study", "resolve_study", "plan_cells", "load_results", "PRESETS", "StudyOutcome", "plan_workers"]
 
 #: Study settings per built-in workload, used where the config leaves a field ``None``. Tuned on
 #: 2 CPU cores (docs/study.md): MNIST-1D's CNN reaches 90% test accuracy in ~1 epoch at small
@@ -51,6 +52,24 @@ PRESETS: dict[str, dict[str, Any]] = {
         budget_steps=6000,
         eval_every_samples=2000,
         eval_every_steps=5,
+    ),
+    # A 2-layer GPT (d 128, context 128, bytes of the standard library's .py files; bytelm.py's
+    # default shape) on a GPU: three bits-per-byte targets, early to late, the hardest reached by
+    # B = 16 at the rule's LR in about half the step budget; an evaluation every 20 steps (dense
+    # evaluation locates the early crossings to 2%). Read off CPU runs at B = 16, 32, 64
+    # (docs/study.md); cells_per_gpu is to be set from benchmarks/study_gpu.py on an H200.
+    "bytelm": dict(
+        batch_sizes=[16, 32, 64, 128, 256, 512],
+        lr=2e-3,
+        base_batch_size=64,
+        rule="sqrt",
+        warmup_samples=1280,
+        targets=[3.2, 2.9, 2.6],
+        budget=512 * 500,
+        budget_steps=2400,
+        eval_every_samples=320,
+        eval_every_steps=20,
+        cells_per_gpu=1,
     ),
 }
 
@@ -85,7 +104,10 @@ def resolve_study(cfg: StudyConfig, workload: Any) -> dict[str, Any]:
         "workload_name": getattr(workload, "name", cfg.workload),
     }
     r["eval_every_samples"] = int(pick("eval_every_samples", max(1, r["budget"] // 200)))
+    r["warmup_samples"] = pick("warmup_samples", None)
     r["targets"] = None
+    if cfg.targets is None and cfg.target is None and preset.get("targets"):
+        cfg = cfg.replace(targets=list(preset["targets"]))  # the preset's target list, unless one was given
     if cfg.targets is not None:
         r["targets"] = _resolve_targets(cfg, r["higher_is_better"])
         r["target"] = r["targets"][-1]  # cells run to the hardest
@@ -134,8 +156,10 @@ def _train_config(cfg: StudyConfig, r: dict[str, Any], cell: Cell, cell_dir: Pat
         optimizer=cfg.optimizer,
         momentum=cfg.momentum,
         weight_decay=cfg.weight_decay,
-        warmup_samples=cfg.warmup_samples,
+        warmup_samples=r.get("warmup_samples"),
         target=float(r["target"]),
+        record_targets=list(r["targets"] or []),
+        target_resolution=cfg.target_resolution or None,
         budget_samples=r["budget"],
         max_steps=r["budget_steps"],
         eval_every_samples=max(r["eval_every_samples"], r["eval_every_steps"] * cell.batch_size),
@@ -174,6 +198,34 @@ def _visible_gpus(device: str) -> list[str]:
     ids = [x.strip() for x in env.split(",") if x.strip()] if env else []
     n = torch.cuda.device_count()
     return ids[:n] if ids else [str(i) for i in range(n)]
+
+
+def plan_workers(cfg: StudyConfig, gpus: list[str], cpu_count: int) -> tuple[int, int | None]:
+    """``(jobs, cells_per_gpu)``: how many worker processes run cells at once, and how many share a GPU.
+
+    With GPUs: ``jobs`` if given (spread over the GPUs in turn), else ``cells_per_gpu`` per GPU
+    (the flag, else the workload's preset, else 1). On a CPU ``cells_per_gpu`` has no meaning
+    and is refused; the default there is one single-threaded worker per core, at most 8, which
+    beats one multi-threaded process for the small models a CPU study can afford.
+    """
+    if not gpus:
+        if cfg.cells_per_gpu is not None:
+            raise ValueError("cells_per_gpu (--cells-per-gpu) applies to --device cuda; this study runs on the CPU, "
+                             "where --jobs sets the cells run at once")
+        return cfg.jobs or min(8, cpu_count), None
+    if cfg.jobs:
+        return cfg.jobs, None
+    per_gpu = cfg.cells_per_gpu or int(PRESETS.get(cfg.workload, {}).get("cells_per_gpu", 1))
+    return len(gpus) * per_gpu, per_gpu
+
+
+def _worker_env(slot: int, gpus: list[str], threads: int) -> dict[str, str]:
+    """The environment of worker ``slot``: its GPU (slots take the GPUs in turn) and its CPU threads."""
+    env = dict(os.environ)
+    if gpus:
+        env["CUDA_VISIBLE_DEVICES"] = gpus[slot % len(gpus)]
+    env["OMP_NUM_THREADS"] = env["BIGBATCH_THREADS"] = str(threads)
+    return env
 
 
 def _resolve_device(device: str) -> str:
@@ -245,9 +297,8 @@ def _run_study(cfg: StudyConfig, out: Path, run_cell_fn: Callable[..., dict[str,
     resolved = resolve_study(cfg, workload)
     device = _resolve_device(cfg.device)
     gpus = _visible_gpus(device)
-    # Auto: one worker per GPU; on a CPU one single-threaded worker per core (up to 8), which
-    # beats one multi-threaded process for the small models a CPU study can afford.
-    jobs = cfg.jobs or (len(gpus) if gpus else min(8, os.cpu_count() or 1))
+    jobs, cells_per_gpu = plan_workers(cfg, gpus, os.cpu_count() or 1)
+    t0, ran = time.perf_counter(), [0]
     write_json_atomic({"config": cfg.to_dict(), "resolved": resolved}, out / "study.json")
 
     cells = plan_cells(cfg, resolved)
@@ -313,6 +364,7 @@ def _run_study(cfg: StudyConfig, out: Path, run_cell_fn: Callable[..., dict[str,
         """A cell this invocation ran: check it is this attempt's, write result.json, count it."""
         record = with_targets(record)
         write_result(cell_dir, record, attempt)
+        ran[0] += 1
         records[record["name"]] = record
         progress.cell_done(record, resolved["metric_name"])
 
@@ -320,6 +372,10 @@ def _run_study(cfg: StudyConfig, out: Path, run_cell_fn: Callable[..., dict[str,
         ordered = [records[c.name] for c in cells if c.name in records]
         results = analyze(ordered, cfg, resolved, total_cells=len(cells), bootstrap_seed=0)
         results["complete"] = complete
+        wall = time.perf_counter() - t0
+        # Cells trained by this invocation per wall-clock hour: what --cells-per-gpu is measured by.
+        results["timing"] = {"wall_seconds": wall, "cells": ran[0], "cells_per_hour": ran[0] * 3600 / wall if wall > 0 else None,
+                             "workers": jobs, "cells_per_gpu": cells_per_gpu, "device": device}
         write_outputs(results, out)
         return StudyOutcome(results, out=str(out))
 
@@ -371,8 +427,9 @@ def _run_parallel(
 ) -> None:
     """``jobs`` worker processes (worker.py), each fed one cell at a time.
 
-    On GPUs each worker owns one device through ``CUDA_VISIBLE_DEVICES``; on a CPU the cores
-    are shared out (small models run best on one thread each, several cells side by side).
+    On GPUs each worker sees one device through ``CUDA_VISIBLE_DEVICES`` (``cells_per_gpu``
+    workers share each); the CPU cores are shared out among the workers (small models run best
+    on one thread each, several cells side by side).
     Workers die with this process, however it ends (worker.py: a parent-death signal on Linux,
     and everywhere a pipe whose write end only this process holds: its end of file, when this
     process is gone, stops the worker). The records they answer are written here, and only for
@@ -404,11 +461,7 @@ def _run_parallel(
 
     try:
         for slot in range(n):
-            env = dict(os.environ)
-            if gpus:
-                env["CUDA_VISIBLE_DEVICES"] = gpus[slot % len(gpus)]
-            else:
-                env["OMP_NUM_THREADS"] = env["BIGBATCH_THREADS"] = str(threads)
+            env = _worker_env(slot, gpus, threads)
             log = open(out / f"worker{slot}.log", "a")
             # os.pipe() is not inherited: the write end stays here alone, the read end goes to
             # this worker only (pass_fds), so no other child keeps it open after we die.

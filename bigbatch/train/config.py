@@ -59,6 +59,10 @@ class TrainConfig(ConfigMixin):
     """Write a metrics record every this many optimizer steps."""
     target: float | None = None
     """Stop when the evaluation metric reaches this value (in its direction)."""
+    record_targets: list[float] = field(default_factory=list)
+    """Further metric values whose first crossing is recorded (summary.json ``crossings``) without stopping the run."""
+    target_resolution: float | None = None
+    """Locate each first crossing of ``target`` and ``record_targets`` to within this fraction of its samples: where an evaluation shows one crossed and the last evaluation is further back, the interval is replayed from an in-memory snapshot with dense evaluation (docs/training.md); None: at the evaluations only."""
     seed: int = 0
     """Seed for the model initialisation and the data order."""
     device: str = "auto"
@@ -162,6 +166,13 @@ def resolve(cfg: TrainConfig, workload: Any) -> Resolved:
         raise ValueError(f"checkpoint_every_samples must be >= 0, got {cfg.checkpoint_every_samples}")
     if cfg.target is not None and not math.isfinite(cfg.target):
         raise ValueError(f"target must be a finite number, got {cfg.target}")
+    for t in cfg.record_targets:
+        if isinstance(t, bool) or not isinstance(t, (int, float)) or not math.isfinite(t):
+            raise ValueError(f"record_targets must be finite numbers, got {t!r}")
+    if cfg.target_resolution is not None:
+        from bigbatch._checks import check_in_range
+
+        check_in_range("target_resolution", cfg.target_resolution, 0.0, 1.0, lo_inclusive=False)
     base = batch if cfg.base_batch_size is None else check_int_positive("base_batch_size", cfg.base_batch_size)
     noise_every = None if cfg.noise_every is None else check_int_positive("noise_every", cfg.noise_every)
     return Resolved(

@@ -22,6 +22,7 @@ from torch import nn
 from bigbatch.averaging import average_checkpoints, last_checkpoints
 from bigbatch.train.checkpoint import list_checkpoints, rng_state, save_atomic, write_json_atomic
 from bigbatch.train.config import TrainConfig
+from bigbatch.train.dense import DenseEval
 from bigbatch.train.dist import shutdown_distributed
 from bigbatch.train.faults import with_fault
 from bigbatch.train.parallel import full_model_state, full_optimizer_state, load_full_model_state
@@ -52,12 +53,15 @@ def train(cfg: TrainConfig, workload: Workload | None = None) -> TrainResult:
     stopped: str | None = None
     error: str | None = None
     steps_this_run = 0
+    dense = _dense_eval(run)
+    if dense is not None and state.step > 0 and state.last_eval_samples == state.samples:
+        dense.evaluated(state, plan)  # resumed from a checkpoint taken at an evaluation
     run.model.train()
     try:
         if state.samples == 0 and state.next_eval == 0:
             state.next_eval = r.eval_every
             with interval.paused():
-                if record_eval(run, state, evaluate(run)):
+                if _record(run, state, plan, evaluate(run), dense):
                     stopped = "target"
         while stopped is None and state.samples < r.budget:
             if cfg.max_steps is not None and steps_this_run >= cfg.max_steps:
@@ -79,7 +83,7 @@ def train(cfg: TrainConfig, workload: Workload | None = None) -> TrainResult:
                     break
             with interval.paused():  # step_time is training time: evaluations and checkpoints are left out
                 if state.samples >= state.next_eval or state.samples >= r.budget:
-                    stopped = _evaluate_due(run, state)
+                    stopped = _evaluate_due(run, state, plan, dense)
                     if stopped == "diverged":
                         break
                 if state.next_ckpt is not None and state.samples >= state.next_ckpt:
@@ -88,7 +92,7 @@ def train(cfg: TrainConfig, workload: Workload | None = None) -> TrainResult:
                     _checkpoint_now(run, state, clock)
     finally:
         run.progress.close()
-    return _finish(run, state, plan, stopped or "budget", error, clock)
+    return _finish(run, state, plan, stopped or "budget", error, clock, dense)
 
 
 def evaluate(run: Run, use_ema: bool = False) -> float:
@@ -105,8 +109,18 @@ def _better(run: Run, a: float, b: float) -> bool:
     return a >= b if run.wl.higher_is_better else a <= b
 
 
-def record_eval(run: Run, state: RunState, value: float) -> bool:
-    """Log an evaluation (and the EMA's); True when the target is reached now."""
+def watched_targets(cfg: TrainConfig) -> list[float]:
+    """The targets whose first crossing a run records: ``target`` and ``record_targets``."""
+    return sorted({float(t) for t in cfg.record_targets} | ({float(cfg.target)} if cfg.target is not None else set()))
+
+
+def record_eval(run: Run, state: RunState, value: float, located: dict[float, dict[str, Any]] | None = None) -> bool:
+    """Log an evaluation (and the EMA's) and the targets it shows crossed for the first time;
+    True when the stopping target is reached now.
+
+    ``located``: crossings that a dense replay placed before this evaluation (dense.py); any
+    other new crossing is placed here, its resolution the gap to the previous evaluation.
+    """
     state.last_metric = value
     if state.best_metric is None or _better(run, value, state.best_metric):
         state.best_metric = value
@@ -115,16 +129,46 @@ def record_eval(run: Run, state: RunState, value: float) -> bool:
     if run.ema is not None:
         rec[f"ema_{name}"] = state.ema_metric = evaluate(run, use_ema=True)
     run.metrics.write(rec)
+    done = {c["target"] for c in state.crossings}
+    for t in watched_targets(run.cfg):
+        if t in done or not _better(run, value, t):
+            continue
+        c = (located or {}).get(t) or {
+            "step": state.step, "samples": state.samples, "prev_step": state.last_eval_step or 0,
+            "prev_samples": state.last_eval_samples or 0, "b_simple": None}
+        b = c["b_simple"] if c["b_simple"] is not None else (state.b_simple_log[-1] if state.b_simple_log else None)
+        state.crossings.append({
+            "target": t, "steps": c["step"], "samples": c["samples"],
+            "resolution": (c["samples"] - c["prev_samples"]) / c["samples"] if c["samples"] else 0.0,
+            "resolution_steps": c["step"] - c["prev_step"], "b_simple_at_target": b})
+    state.last_eval_step, state.last_eval_samples = state.step, state.samples
     target = run.cfg.target
     hit = target is not None and state.steps_to_target is None and _better(run, value, target)
     if hit:
-        state.steps_to_target, state.samples_to_target = state.step, state.samples
-        if state.b_simple_log:
-            state.b_simple_at_target = state.b_simple_log[-1]
+        c = next(c for c in state.crossings if c["target"] == float(target))
+        state.steps_to_target, state.samples_to_target = c["steps"], c["samples"]
+        state.b_simple_at_target = c["b_simple_at_target"]
     return hit
 
 
-def _evaluate_due(run: Run, state: RunState) -> str | None:
+def _dense_eval(run: Run) -> DenseEval | None:
+    """The dense evaluation of ``target_resolution``, when it is set and a target is watched."""
+    targets = watched_targets(run.cfg)
+    if run.cfg.target_resolution is None or not targets:
+        return None
+    return DenseEval(run, targets, lambda a, b: _better(run, a, b), lambda: evaluate(run))
+
+
+def _record(run: Run, state: RunState, plan: BatchPlan, value: float, dense: DenseEval | None) -> bool:
+    """``record_eval`` with the crossings located densely first (when asked); keeps the snapshot."""
+    located = dense.locate(state, plan, value) if dense is not None and math.isfinite(value) else None
+    hit = record_eval(run, state, value, located)
+    if dense is not None:
+        dense.evaluated(state, plan)
+    return hit
+
+
+def _evaluate_due(run: Run, state: RunState, plan: BatchPlan, dense: DenseEval | None = None) -> str | None:
     """The evaluation at a sample boundary: "diverged", "target" or None (go on)."""
     while state.next_eval <= state.samples:
         state.next_eval += run.r.eval_every
@@ -132,7 +176,7 @@ def _evaluate_due(run: Run, state: RunState) -> str | None:
     run.progress.update(state.samples, {run.wl.metric_name: value}, force=True)
     if not math.isfinite(value):
         return "diverged"
-    return "target" if record_eval(run, state, value) and run.cfg.target is not None else None
+    return "target" if _record(run, state, plan, value, dense) and run.cfg.target is not None else None
 
 
 def log_interval(run: Run, state: RunState, plan: BatchPlan, batch: int, interval: Interval) -> bool:
@@ -239,7 +283,8 @@ def _unsharded_copy(wl: Workload, sharded: nn.Module, device: torch.device) -> n
     return model.to(device)
 
 
-def _finish(run: Run, state: RunState, plan: BatchPlan, stopped: str, error: str | None, clock: list[float]) -> TrainResult:
+def _finish(run: Run, state: RunState, plan: BatchPlan, stopped: str, error: str | None, clock: list[float],
+            dense: DenseEval | None = None) -> TrainResult:
     """Final checkpoint (or the divergence message), checkpoint average, summary; the process group ends."""
     wall = state.wall_before + time.perf_counter() - clock[0]
     if stopped != "diverged" and (refused := refused_steps(run, state)) is not None:
@@ -254,6 +299,8 @@ def _finish(run: Run, state: RunState, plan: BatchPlan, stopped: str, error: str
     averaged = _evaluate_average(run) if run.cfg.average_last > 0 and stopped != "diverged" else None
     run.metrics.close()
     summary = summarise(run, state, plan, stopped, wall, averaged)
+    if dense is not None:
+        summary.update(dense_replays=dense.replays, dense_replayed_steps=dense.replayed_steps)
     if run.info.is_main:
         write_json_atomic(summary, run.out / "summary.json")
     model = run.raw_model
@@ -279,6 +326,9 @@ def summarise(run: Run, state: RunState, plan: BatchPlan, stopped: str, wall: fl
         "lr": run.scaling.recipe_for(plan.batch_size).lr, "base_lr": run.r.lr, "base_batch_size": run.r.base_batch,
         "rule": run.scaling.rule, "stopped": stopped, "diverged": stopped == "diverged", "wall_seconds": wall,
         "resumed_from": run.resumed_from, "device": str(run.device), "config": cfg.to_dict(),
+        "crossings": list(state.crossings), "target_resolution": cfg.target_resolution,
+        "resolution": next((c["resolution"] for c in state.crossings if cfg.target is not None
+                            and c["target"] == float(cfg.target)), None),
     }
     if run.monitor is not None:
         blog = state.b_simple_log

@@ -27,7 +27,8 @@ _READABLE = (0, 1)
 RESUMABLE_FIELDS = (
     "out", "resume", "overwrite", "progress", "device", "nproc", "max_restarts", "fsdp", "compile",
     "max_steps", "budget_samples", "budget_epochs", "target", "eval_every_samples",
-    "checkpoint_every_samples", "keep_checkpoints", "log_every_steps", "average_last",
+    "checkpoint_every_samples", "keep_checkpoints", "log_every_steps", "average_last", "target_resolution",
+    "record_targets",
 )
 
 
@@ -49,6 +50,12 @@ class RunState:
     batch_size: int = 0
     batch_changes: int = 0
     b_simple_log: list[float] = field(default_factory=list)
+    last_eval_step: int | None = None
+    last_eval_samples: int | None = None
+    crossings: list[dict[str, Any]] = field(default_factory=list)
+    """First crossing of each target (``target`` and ``record_targets``): ``target``, ``steps``,
+    ``samples``, ``resolution`` (gap to the evaluation before it, as a fraction of ``samples``),
+    ``resolution_steps``, ``b_simple_at_target``."""
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -59,7 +66,7 @@ class RunState:
         unknown = sorted(set(d) - names)
         if unknown:
             raise ValueError(f"{where}: unknown run state field(s) {', '.join(unknown)}; written by another bigbatch version?")
-        return cls(**{k: (list(v) if k == "b_simple_log" else v) for k, v in d.items()})
+        return cls(**{k: (list(v) if k in ("b_simple_log", "crossings") else v) for k, v in d.items()})
 
 
 @dataclass(slots=True)
