@@ -43,7 +43,7 @@ RESULT_FIELDS = (
 )
 
 #: TrainConfig fields that do not change a cell's outcome: a finished cell is reused across them.
-IGNORED_FOR_RESUME = ("out", "progress", "device", "resume", "overwrite")
+IGNORED_FOR_RESUME = ("out", "progress", "device", "resume", "overwrite", "nnodes", "node_rank", "rdzv_endpoint")
 
 
 @dataclass(frozen=True, slots=True, order=True)
