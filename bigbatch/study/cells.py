@@ -12,7 +12,8 @@ not: worker.py ties its life to the driver's) can therefore only write into its 
 
 ``python -m bigbatch.study.worker`` (worker.py) runs the cells it is sent and answers with their
 records; the study starts one per GPU (``CUDA_VISIBLE_DEVICES``) or per CPU slot to run cells in
-parallel.
+parallel. On a Ray cluster (ray_executor.py) a cell trains in a scratch directory of its worker
+and its files come back to the driver, which writes them here before ``result.json``.
 """
 
 from __future__ import annotations

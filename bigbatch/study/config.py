@@ -91,7 +91,7 @@ class StudyConfig(ConfigMixin):
     ray_address: str | None = None
     """Ray cluster to run cells on with ``executor`` ray: the head's host:port, ray://host:port,
     or auto (the cluster started on this host by ``ray start``); default: the RAY_ADDRESS
-    environment variable, else a new Ray instance on this host."""
+    environment variable, else a cluster started on this host, else a new Ray instance here."""
     ray_cpus_per_cell: float = 1.0
     """CPUs each cell's Ray task asks for (and its torch threads); a cell on a GPU may ask for 0."""
     cell_retries: int = 2

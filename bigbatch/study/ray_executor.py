@@ -23,6 +23,7 @@ ownership model), as the local workers die with theirs.
 from __future__ import annotations
 
 import json
+import logging
 import os
 import shutil
 import socket
@@ -161,7 +162,7 @@ class RayExecutor:
             if address is not None:
                 check_address(address)
             try:
-                ray.init(address=address, log_to_driver=False, include_dashboard=False)
+                ray.init(address=address, log_to_driver=False, include_dashboard=False, logging_level=logging.WARNING)
             except ConnectionError as e:
                 raise ValueError(f"ray_address {address}: cannot connect to the Ray cluster: {e}") from None
         resources = ray.cluster_resources()
