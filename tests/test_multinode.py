@@ -49,11 +49,19 @@ def _final_params(outdir: Path) -> dict[str, torch.Tensor]:
 @pytest.mark.slow
 def test_two_nodes_equal_two_processes_on_one_node(tmp_path):
     endpoint = f"127.0.0.1:{_free_port()}"
-    nodes = [_train(tmp_path / "nodes", "--nnodes", "2", "--node-rank", str(r), "--rdzv-endpoint", endpoint)
-             for r in (1, 0)]  # the joining node first: it waits for node 0's rendezvous store
-    logs = [_finish(p) for p in nodes]
+    # All three launches at once (most of their time is start-up and rendezvous); the joining
+    # node first: it waits for node 0's rendezvous store.
+    procs = [_train(tmp_path / "nodes", "--nnodes", "2", "--node-rank", str(r), "--rdzv-endpoint", endpoint)
+             for r in (1, 0)] + [_train(tmp_path / "one", "--nproc", "2")]
+    try:
+        logs = [_finish(p) for p in procs]
+    finally:  # one that failed leaves none of the others running
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+                p.wait()
     assert "--rdzv-backend=c10d" in logs[0] and "is_host=false" in logs[0] and "is_host=true" in logs[1]
-    _finish(_train(tmp_path / "one", "--nproc", "2"))
+    assert "--standalone" in logs[2]
     a, b = _final_params(tmp_path / "nodes"), _final_params(tmp_path / "one")
     assert a.keys() == b.keys()
     for k in a:
