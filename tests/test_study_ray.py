@@ -1,5 +1,6 @@
 """``bigbatch study --executor ray`` on a local Ray instance: the same cells and fit as the local
-executor, a worker killed mid-cell is retried and its cell recorded once, a re-run skips every cell.
+executor, a worker killed mid-cell is retried and its cell recorded once, a re-run skips every cell;
+and ``bigbatch train`` across two "nodes" launched on Ray (examples/ray_train_nodes.py).
 
 One ``ray.init`` for the module (starting Ray takes seconds); skipped where Ray is not installed.
 """
@@ -107,6 +108,30 @@ def test_killed_worker_is_retried_cell_recorded_once_rerun_skips_all(tmp_path, c
     assert "4/4 cells already finished in this directory: skipped" in shown and "/4] " not in shown
     assert {p: p.stat().st_mtime_ns for p in out.glob("cells/*/result.json")} == before
     assert again["cells_done"] == 4 and [c["name"] for c in again["cells"]] == [c["name"] for c in res["cells"]]
+
+
+def test_multinode_training_launched_on_ray(tmp_path):
+    """examples/ray_train_nodes.py on this Ray instance: two "nodes" (SPREAD: they may share the host)."""
+    import subprocess
+    import sys
+
+    out = tmp_path / "run"
+    cmd = [sys.executable, str(ROOT / "examples" / "ray_train_nodes.py"), "--nodes", "2", "--strategy", "SPREAD",
+           "--address", ray.get_runtime_context().gcs_address, "--port", str(_free_port()), "--",
+           "--workload", "linreg", "-w", "dim=16", "--batch-size", "32", "--lr", "0.05", "--optimizer", "sgd",
+           "--budget-samples", str(32 * 12), "--progress", "none", "--device", "cpu", "--out", str(out)]
+    r = subprocess.run(cmd, capture_output=True, text=True, timeout=240, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["world_size"] == 2 and summary["steps"] == 12
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 def test_unreachable_ray_address_is_a_one_line_error(tmp_path, capsys):
