@@ -110,6 +110,17 @@ def test_killed_worker_is_retried_cell_recorded_once_rerun_skips_all(tmp_path, c
     assert again["cells_done"] == 4 and [c["name"] for c in again["cells"]] == [c["name"] for c in res["cells"]]
 
 
+@pytest.mark.parametrize("kw,match", [
+    (dict(device="cuda"), "device cuda was asked for but the Ray cluster has no GPUs"),
+    (dict(device="cuda:1"), "names one GPU of this host"),
+    (dict(ray_cpus_per_cell=0.0), "ray_cpus_per_cell must be > 0 for cells on CPUs"),
+])
+def test_cells_the_cluster_cannot_run_are_refused(tmp_path, kw, match):
+    with pytest.raises(ValueError, match=match):
+        run_study(mnist1d(tmp_path, executor="ray", **kw))
+    assert ray.is_initialized()  # a Ray instance the study did not start is left running
+
+
 def test_multinode_training_launched_on_ray(tmp_path):
     """examples/ray_train_nodes.py on this Ray instance: two "nodes" (SPREAD: they may share the host)."""
     import subprocess

@@ -156,6 +156,7 @@ class RayExecutor:
         self._jobs = int(cfg.jobs)
         self._retries = int(cfg.cell_retries)
         self.on_note: Callable[[str], None] | None = None
+        self._running: dict[Any, tuple[CellJob, int]] = {}  # object ref → (job, restarts so far)
         address = cfg.ray_address or os.environ.get("RAY_ADDRESS") or None
         self._owns_ray = not ray.is_initialized()
         if self._owns_ray:
@@ -172,11 +173,11 @@ class RayExecutor:
             device = "cuda" if n_gpus > 0 else "cpu"
         elif device.startswith("cuda:"):
             self.close(clean=False)
-            raise ValueError(f"device {device} names one GPU of this host; with executor ray give cuda "
-                             f"(Ray gives each cell its GPU) or cpu")
+            raise ValueError(f"device {device} names one GPU of this host; device must be cuda, cpu or auto "
+                             f"with the Ray executor (Ray gives each cell its GPU)")
         if device == "cuda" and n_gpus <= 0:
             self.close(clean=False)
-            raise ValueError("device cuda was asked for but the Ray cluster has no GPUs; give device cpu")
+            raise ValueError("device cuda was asked for but the Ray cluster has no GPUs; device must be cpu or auto there")
         self.device = device
         self._gpu = gpus_per_cell(cfg) if device == "cuda" else 0.0
         self._cpus = float(cfg.ray_cpus_per_cell)
@@ -186,7 +187,6 @@ class RayExecutor:
         self._threads = max(1, int(self._cpus))
         self._task = ray.remote(run_cell_task).options(
             num_gpus=self._gpu, num_cpus=self._cpus, max_retries=0, retry_exceptions=False)
-        self._running: dict[Any, tuple[CellJob, int]] = {}  # object ref → (job, restarts so far)
 
     def capacity(self) -> int:
         if self._jobs > 0:
