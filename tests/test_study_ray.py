@@ -114,6 +114,7 @@ def test_killed_worker_is_retried_cell_recorded_once_rerun_skips_all(tmp_path, c
     (dict(device="cuda"), "device cuda was asked for but the Ray cluster has no GPUs"),
     (dict(device="cuda:1"), "names one GPU of this host"),
     (dict(ray_cpus_per_cell=0.0), "ray_cpus_per_cell must be > 0 for cells on CPUs"),
+    (dict(ray_address="127.0.0.1:6379"), "already connected to a Ray cluster"),
 ])
 def test_cells_the_cluster_cannot_run_are_refused(tmp_path, kw, match):
     with pytest.raises(ValueError, match=match):

@@ -157,15 +157,20 @@ class RayExecutor:
         self._retries = int(cfg.cell_retries)
         self.on_note: Callable[[str], None] | None = None
         self._running: dict[Any, tuple[CellJob, int]] = {}  # object ref → (job, restarts so far)
-        address = cfg.ray_address or os.environ.get("RAY_ADDRESS") or None
         self._owns_ray = not ray.is_initialized()
+        if not self._owns_ray and cfg.ray_address is not None:
+            raise ValueError(f"ray_address {cfg.ray_address} was given but this process is already connected to "
+                             f"a Ray cluster (ray.init was called); leave ray_address unset to use that one")
         if self._owns_ray:
-            if address is not None:
-                check_address(address)
+            if cfg.ray_address is not None:
+                check_address(cfg.ray_address)
+            # No address: Ray's own order (RAY_ADDRESS, a cluster started on this host, else a new one).
             try:
-                ray.init(address=address, log_to_driver=False, include_dashboard=False, logging_level=logging.WARNING)
+                ray.init(address=cfg.ray_address, log_to_driver=False, include_dashboard=False,
+                         logging_level=logging.WARNING)
             except ConnectionError as e:
-                raise ValueError(f"ray_address {address}: cannot connect to the Ray cluster: {e}") from None
+                where = cfg.ray_address or os.environ.get("RAY_ADDRESS") or "(none given)"
+                raise ValueError(f"ray_address {where}: cannot connect to the Ray cluster: {e}") from None
         resources = ray.cluster_resources()
         n_gpus = float(resources.get("GPU", 0))
         device = cfg.device
