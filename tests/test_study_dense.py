@@ -6,6 +6,8 @@ import pytest
 
 from bigbatch.study import StudyConfig, run_study
 from bigbatch.study import runner
+from bigbatch.study.cells import run_cell
+from bigbatch.study.executors import InProcessExecutor, worker_env
 from bigbatch.study.runner import plan_workers
 
 # test_dense_eval.Ramp: the metric falls by exactly 1/64 a step at any batch size (LR 1/64, rule none).
@@ -62,7 +64,7 @@ def test_worker_plan(monkeypatch):
     with pytest.raises(ValueError, match="cells_per_gpu must be a positive integer"):
         StudyConfig(cells_per_gpu=0).resolve()
     # Worker slots take the GPUs in turn: cells_per_gpu workers see each GPU.
-    envs = [runner._worker_env(slot, gpus, 4) for slot in range(12)]
+    envs = [worker_env(slot, gpus, 4) for slot in range(12)]
     seen = [e["CUDA_VISIBLE_DEVICES"] for e in envs]
     assert sorted(seen) == sorted(gpus * 4) and all(e["OMP_NUM_THREADS"] == "4" for e in envs)
 
@@ -77,20 +79,22 @@ def test_cells_per_gpu_with_fake_gpus_starts_that_many_workers(tmp_path, monkeyp
     # id is given to two of them.
     started = []
 
-    def fake_parallel(pending, jobs, gpus, out, progress, finished):
-        started.append((jobs, list(gpus), [runner._worker_env(s, gpus, 1)["CUDA_VISIBLE_DEVICES"] for s in range(jobs)]))
-        from bigbatch.study.cells import run_cell
+    class FakePool(InProcessExecutor):
+        def __init__(self, jobs, gpus, out):
+            super().__init__(None)
+            started.append((jobs, list(gpus), [worker_env(s, gpus, 1)["CUDA_VISIBLE_DEVICES"] for s in range(jobs)]))
 
-        for cell, cell_dir, attempt in pending:
-            spec = json.loads((cell_dir / "cell.json").read_text())
+        def next_finished(self):
+            job = self._todo.pop(0)
+            spec = json.loads((job.cell_dir / "cell.json").read_text())
             assert spec["train"]["device"] == "cuda"
             spec["train"]["device"] = "cpu"  # the fake GPUs' cells train on the CPU
-            (cell_dir / "cell.json").write_text(json.dumps(spec))
-            finished(cell_dir, run_cell(cell_dir), attempt)
+            (job.cell_dir / "cell.json").write_text(json.dumps(spec))
+            return job, run_cell(job.cell_dir)
 
     monkeypatch.setattr(runner, "_visible_gpus", lambda device: ["0", "1"])
     monkeypatch.setattr(runner, "_resolve_device", lambda device: "cpu")
-    monkeypatch.setattr(runner, "_run_parallel", fake_parallel)
+    monkeypatch.setattr(runner, "WorkerPoolExecutor", FakePool)
     res = ramp_study(tmp_path / "g", cells_per_gpu=2, jobs=0, batch_sizes=[32, 64], device="auto")
     assert started == [(4, ["0", "1"], ["0", "1", "0", "1"])]
     assert res["timing"]["workers"] == 4 and res["timing"]["cells_per_gpu"] == 2 and res["timing"]["cells"] == 2

@@ -370,7 +370,7 @@ def test_interrupted_lr_extension_resumes_to_the_same_result(tmp_path):
     calls = []
 
     def dying(cell_dir, workload=None):
-        if len(calls) == 8:  # Ctrl-C during the second extension cell (6 planned cells)
+        if len(calls) == 8:  # Ctrl-C in the 9th cell (6 planned ones and the extensions)
             raise KeyboardInterrupt
         calls.append(os.path.basename(cell_dir))
         return cells_mod.run_cell(cell_dir, workload)
@@ -380,7 +380,10 @@ def test_interrupted_lr_extension_resumes_to_the_same_result(tmp_path):
     partial = json.loads((tmp_path / "r" / "results.json").read_text())
     assert partial["complete"] is False and partial["cells_done"] == 8
     extended = [c["name"] for c in partial["cells"] if c["lr_extension"]]
-    assert len(extended) == 2
+    # A batch size's extensions are queued first as soon as its cells are in: B=1's two ran, and
+    # B=2's first, before the last planned cell (B=4 at x0.5).
+    assert extended == ["B1_lr2_s0", "B1_lr4_s0", "B2_lr2_s0"]
+    assert "B4_lr0.5_s0" not in calls
     mtimes = {n: (tmp_path / "r" / "cells" / n / "result.json").stat().st_mtime_ns for n in calls}
 
     rerun = []

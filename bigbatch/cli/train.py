@@ -113,8 +113,9 @@ def _train_and_report(cfg: Any) -> None:
         raise ValueError(f"nproc must be >= 1, got {cfg.nproc}")
     if cfg.max_restarts < 0:
         raise ValueError(f"max_restarts must be >= 0, got {cfg.max_restarts}")
-    if cfg.nproc > 1 and "LOCAL_RANK" not in os.environ:
-        raise typer.Exit(_launch_torchrun(cfg.nproc, cfg.max_restarts))
+    check_nodes(cfg.nnodes, cfg.node_rank, cfg.rdzv_endpoint)
+    if (cfg.nproc > 1 or cfg.nnodes > 1) and "LOCAL_RANK" not in os.environ:
+        raise typer.Exit(_launch_torchrun(cfg.nproc, cfg.max_restarts, cfg.nnodes, cfg.node_rank, cfg.rdzv_endpoint))
     result = train(cfg)
     s = result.summary
     if s.get("world_size", 1) > 1 and _rank() != 0:
@@ -157,14 +158,42 @@ def _strip_option(args: list[str], names: tuple[str, ...]) -> list[str]:
     return out
 
 
-def _launch_torchrun(nproc: int, max_restarts: int) -> int:
-    """Re-run this very command under ``torchrun --standalone --nproc-per-node N``."""
+def check_nodes(nnodes: int, node_rank: int, rdzv_endpoint: str | None) -> None:
+    """``ValueError`` naming the field unless the multi-node settings fit together."""
+    if isinstance(nnodes, bool) or not isinstance(nnodes, int) or nnodes < 1:
+        raise ValueError(f"nnodes must be an integer >= 1, got {nnodes!r}")
+    if isinstance(node_rank, bool) or not isinstance(node_rank, int) or not 0 <= node_rank < nnodes:
+        raise ValueError(f"node_rank must be an integer in [0, {nnodes - 1}] (nnodes is {nnodes}), got {node_rank!r}")
+    if nnodes == 1:
+        if rdzv_endpoint is not None:
+            raise ValueError(f"rdzv_endpoint is for a run on several hosts; nnodes is 1, got rdzv_endpoint={rdzv_endpoint!r}")
+        return
+    if rdzv_endpoint is None:
+        raise ValueError(f"rdzv_endpoint is required with nnodes={nnodes}: host:port on the first host (node_rank 0)")
+    host, sep, port = rdzv_endpoint.rpartition(":")
+    if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
+        raise ValueError(f"rdzv_endpoint must be host:port with a port in [1, 65535], got {rdzv_endpoint!r}")
+
+
+def _launch_torchrun(nproc: int, max_restarts: int, nnodes: int = 1, node_rank: int = 0,
+                     rdzv_endpoint: str | None = None) -> int:
+    """Re-run this very command under torchrun: ``--standalone`` on one host, else c10d rendezvous.
+
+    On several hosts the node_rank 0 host hosts the rendezvous store (``is_host``) and the others
+    connect to it, so which host serves it does not rest on torchrun matching the endpoint's
+    name against its own. The ranks of the processes follow the order in which hosts join.
+    """
     import subprocess
     import sys
 
-    args = _strip_option(sys.argv[1:], ("--nproc", "--max-restarts"))
+    args = _strip_option(sys.argv[1:], ("--nproc", "--max-restarts", "--nnodes", "--node-rank", "--rdzv-endpoint"))
+    if nnodes > 1:
+        where = [f"--nnodes={nnodes}", "--rdzv-backend=c10d", f"--rdzv-endpoint={rdzv_endpoint}",
+                 "--rdzv-id=bigbatch", f"--rdzv-conf=is_host={'true' if node_rank == 0 else 'false'}"]
+    else:
+        where = ["--standalone"]
     cmd = [
-        sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}",
+        sys.executable, "-m", "torch.distributed.run", *where, f"--nproc-per-node={nproc}",
         f"--max-restarts={max_restarts}", "-m", "bigbatch", *args,
     ]
     typer.echo("launching: " + " ".join(cmd[1:]), err=True)

@@ -12,7 +12,8 @@ not: worker.py ties its life to the driver's) can therefore only write into its 
 
 ``python -m bigbatch.study.worker`` (worker.py) runs the cells it is sent and answers with their
 records; the study starts one per GPU (``CUDA_VISIBLE_DEVICES``) or per CPU slot to run cells in
-parallel.
+parallel. On a Ray cluster (ray_executor.py) a cell trains in a scratch directory of its worker
+and its files come back to the driver, which writes them here before ``result.json``.
 """
 
 from __future__ import annotations
@@ -48,7 +49,8 @@ RESULT_FIELDS = (
 #: TrainConfig fields that do not change a cell's outcome: a finished cell is reused across them.
 #: ``record_targets`` only adds crossings to record: a cell serves a study whose easier targets
 #: changed (target_crossings reads them from its evaluations, at the resolution they have there).
-IGNORED_FOR_RESUME = ("out", "progress", "device", "resume", "overwrite", "record_targets")
+IGNORED_FOR_RESUME = ("out", "progress", "device", "resume", "overwrite", "record_targets", "nnodes", "node_rank",
+                      "rdzv_endpoint")
 
 
 @dataclass(frozen=True, slots=True, order=True)

@@ -13,10 +13,13 @@ from bigbatch._checks import (
 )
 from bigbatch._config import ConfigMixin
 
-__all__ = ["StudyConfig", "RULES"]
+__all__ = ["StudyConfig", "RULES", "EXECUTORS"]
 
 #: Scaling rules the trainer applies from ``base_batch_size`` to each cell's batch size.
 RULES = ("linear", "sqrt", "none", "legw", "adam-sqrt")
+
+#: Where a study's cells run (``StudyConfig.executor``).
+EXECUTORS = ("local", "ray")
 
 
 @dataclass(kw_only=True, slots=True)
@@ -84,10 +87,24 @@ class StudyConfig(ConfigMixin):
     """cpu, cuda or auto. With cuda and several visible GPUs, cells run one per GPU in parallel."""
     jobs: int = 0
     """Cells run at the same time in worker processes; 0: ``cells_per_gpu`` per visible GPU with
-    cuda, on a CPU one single-threaded worker per core (at most 8); 1: in this process."""
+    cuda, on a CPU one single-threaded worker per core (at most 8); 1: in this process. With
+    ``executor`` ray: cells in flight on the cluster; 0: as many as its resources hold."""
     cells_per_gpu: int | None = None
     """With cuda: cells run at the same time on each GPU (worker processes sharing it), so that
     small cells fill it; default: the workload's study preset, else 1. Not for a CPU (use jobs)."""
+    executor: str = "local"
+    """Where cells run: local (this host: in this process or worker processes, see ``jobs``)
+    or ray (one Ray task per cell on a Ray cluster; needs ``pip install bigbatch[ray]``;
+    docs/cluster.md)."""
+    ray_address: str | None = None
+    """Ray cluster to run cells on with ``executor`` ray: the head's host:port, ray://host:port,
+    or auto (the cluster started on this host by ``ray start``); default: the RAY_ADDRESS
+    environment variable, else a cluster started on this host, else a new Ray instance here."""
+    ray_cpus_per_cell: float = 1.0
+    """CPUs each cell's Ray task asks for (and its torch threads); a cell on a GPU may ask for 0."""
+    cell_retries: int = 2
+    """With ``executor`` ray: times a cell is started again when its worker process or node dies
+    mid-cell (it restarts from scratch); a cell that raises an error is not retried."""
     out: str = "runs/study"
     """Run directory: results.json, report.html, PNG plots, cells/<cell>/."""
     bootstrap: int = 1000
@@ -146,6 +163,19 @@ class StudyConfig(ConfigMixin):
         r = self.target_resolution
         if isinstance(r, bool) or not isinstance(r, (int, float)) or not 0 <= r < 1:
             raise ValueError(f"target_resolution must be 0 (off) or a fraction in (0, 1), got {r!r}")
+        check_choice("executor", self.executor, EXECUTORS)
+        if self.executor != "ray":
+            for name, default in (("ray_address", None), ("ray_cpus_per_cell", 1.0), ("cell_retries", 2)):
+                if getattr(self, name) != default:
+                    raise ValueError(f"{name} applies to the Ray executor only; executor must be ray "
+                                     f"when {name} is given (got {name}={getattr(self, name)!r})")
+        if self.ray_address is not None and (not isinstance(self.ray_address, str) or not self.ray_address.strip()):
+            raise ValueError(f"ray_address must be host:port, ray://host:port or auto, got {self.ray_address!r}")
+        if (isinstance(self.ray_cpus_per_cell, bool) or not isinstance(self.ray_cpus_per_cell, (int, float))
+                or not 0 <= self.ray_cpus_per_cell < float("inf")):
+            raise ValueError(f"ray_cpus_per_cell must be a number >= 0, got {self.ray_cpus_per_cell!r}")
+        if isinstance(self.cell_retries, bool) or not isinstance(self.cell_retries, int) or self.cell_retries < 0:
+            raise ValueError(f"cell_retries must be an integer >= 0, got {self.cell_retries!r}")
         if not (self.device in ("auto", "cpu", "cuda") or self.device.startswith("cuda:")):
             raise ValueError(f"device must be auto, cpu, cuda or cuda:N, got {self.device!r}")
         if isinstance(self.bootstrap, bool) or not isinstance(self.bootstrap, int) or self.bootstrap < 10:

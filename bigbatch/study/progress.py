@@ -83,5 +83,9 @@ class StudyProgress:
         self._p.line(f"[{self.done}/{self.total}{self._plus}] {record['name']}: {what} "
                      f"({record.get('wall_seconds') or 0:.1f} s); ~{eta} left", force=True)
 
+    def note(self, text: str) -> None:
+        """Say ``text`` once (in every mode but none), e.g. that a cell is started again."""
+        self._p.message(f"[study] {text}")
+
     def close(self) -> None:
         self._p.close()

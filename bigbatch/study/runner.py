@@ -1,11 +1,13 @@
-"""The sweep: plan the cells, run the unfinished ones (in-process or one process per GPU), report.
+"""The sweep: plan the cells, run the unfinished ones (in-process, one process per GPU, or on Ray), report.
 
 Order of events in ``run_study``: resolve the config against the workload (and its study
 preset), write ``study.json``, list the cells, skip those with a ``result.json`` (checking they
 were run with the same settings), run the rest while a progress display counts cells and
 estimates the time left; then, where a batch size's best LR multiplier is at the edge of those
 tried, run the next multiplier outward (``lr_extend``, analysis.lr_extensions) until it is
-interior; then analyse, plot and write ``results.json`` and ``report.html``.
+interior; then analyse, plot and write ``results.json`` and ``report.html``. Where the cells
+run is an executor's business (executors.py, ray_executor.py); this driver alone decides what
+runs and writes results.
 On Ctrl-C the running cells are stopped, a partial ``results.json`` is written, and the
 interrupt propagates; every file in the directory is then either complete or absent.
 """
@@ -17,9 +19,8 @@ import json
 import math
 import os
 import shutil
-import subprocess
-import sys
 import time
+from collections import deque
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
@@ -29,11 +30,11 @@ from bigbatch.study.cells import (
     attempt_dir,
     new_attempt,
     read_result,
-    run_cell,
     target_crossings,
     write_result,
 )
 from bigbatch.study.config import StudyConfig
+from bigbatch.study.executors import CellJob, Executor, InProcessExecutor, WorkerPoolExecutor
 from bigbatch.study.progress import StudyProgress
 
 __all__ = ["run_study", "resolve_study", "plan_cells", "load_results", "PRESETS", "StudyOutcome", "plan_workers"]
@@ -221,15 +222,6 @@ def plan_workers(cfg: StudyConfig, gpus: list[str], cpu_count: int) -> tuple[int
     return len(gpus) * per_gpu, per_gpu
 
 
-def _worker_env(slot: int, gpus: list[str], threads: int) -> dict[str, str]:
-    """The environment of worker ``slot``: its GPU (slots take the GPUs in turn) and its CPU threads."""
-    env = dict(os.environ)
-    if gpus:
-        env["CUDA_VISIBLE_DEVICES"] = gpus[slot % len(gpus)]
-    env["OMP_NUM_THREADS"] = env["BIGBATCH_THREADS"] = str(threads)
-    return env
-
-
 def _resolve_device(device: str) -> str:
     if device != "auto":
         return device
@@ -297,15 +289,11 @@ def _run_study(cfg: StudyConfig, out: Path, run_cell_fn: Callable[..., dict[str,
 
     workload = load_workload(cfg.workload, **cfg.workload_args)
     resolved = resolve_study(cfg, workload)
-    device = _resolve_device(cfg.device)
-    gpus = _visible_gpus(device)
-    jobs, cells_per_gpu = plan_workers(cfg, gpus, os.cpu_count() or 1)
     t0, ran = time.perf_counter(), [0]
     write_json_atomic({"config": cfg.to_dict(), "resolved": resolved}, out / "study.json")
-
     cells = plan_cells(cfg, resolved)
     records: dict[str, dict[str, Any]] = {}
-    cell_device = "cuda" if gpus and jobs > 1 else device
+    executor, cell_device, jobs, cells_per_gpu = _executor(cfg, out, workload, run_cell_fn)
 
     def with_targets(record: dict[str, Any]) -> dict[str, Any]:
         """The record with ``by_target``: when its run first reached each target (from metrics.jsonl).
@@ -326,10 +314,10 @@ def _run_study(cfg: StudyConfig, out: Path, run_cell_fn: Callable[..., dict[str,
                 metrics, resolved["targets"], resolved["metric_name"], resolved["higher_is_better"])}
         return record
 
-    def prepare(new_cells: list[Cell]) -> list[tuple[Cell, Path, str]]:
+    def prepare(new_cells: list[Cell]) -> list[CellJob]:
         """The cells among ``new_cells`` still to run (with the attempt token each starts under);
         finished ones go straight into ``records``."""
-        pending: list[tuple[Cell, Path, str]] = []
+        pending: list[CellJob] = []
         for cell in new_cells:
             cell_dir = out / "cells" / cell.name
             attempt = new_attempt()
@@ -353,61 +341,85 @@ def _run_study(cfg: StudyConfig, out: Path, run_cell_fn: Callable[..., dict[str,
             for old in cell_dir.glob("run-*"):
                 shutil.rmtree(old, ignore_errors=True)
             write_json_atomic(spec, cell_dir / "cell.json")
-            pending.append((cell, cell_dir, attempt))
+            pending.append(CellJob(cell, cell_dir, attempt))
         return pending
 
-    pending = prepare(cells)
+    grid = list(cells)  # the planned cells; extensions are listed after them, sorted (see ordered())
     # "+" on the progress count: LR-grid extensions may still add cells (analysis.lr_extensions).
     may_extend = cfg.lr_extend > 0 and len(cfg.lr_grid) > 1
-    progress = StudyProgress(cfg.progress, total=len(cells), done=len(records), jobs=jobs,
-                             title=resolved["workload_name"], open_ended=may_extend)
+    queue: deque[CellJob] = deque()
+    running: dict[str, CellJob] = {}
+    progress: StudyProgress | None = None
 
-    def finished(cell_dir: Path, record: dict[str, Any], attempt: str) -> None:
+    def ordered() -> list[dict[str, Any]]:
+        """The finished records in a fixed order, whatever order they finished in."""
+        extra = sorted(set(cells[len(grid):]))
+        return [records[c.name] for c in [*grid, *extra] if c.name in records]
+
+    def finished(job: CellJob, record: dict[str, Any]) -> None:
         """A cell this invocation ran: check it is this attempt's, write result.json, count it."""
         record = with_targets(record)
-        write_result(cell_dir, record, attempt)
+        write_result(job.cell_dir, record, job.attempt)
         ran[0] += 1
         records[record["name"]] = record
         progress.cell_done(record, resolved["metric_name"])
 
-    def report(complete: bool) -> StudyOutcome:
-        ordered = [records[c.name] for c in cells if c.name in records]
-        results = analyze(ordered, cfg, resolved, total_cells=len(cells), bootstrap_seed=0)
-        results["complete"] = complete
-        wall = time.perf_counter() - t0
-        # Cells trained by this invocation per wall-clock hour: what --cells-per-gpu is measured by.
-        results["timing"] = {"wall_seconds": wall, "cells": ran[0], "cells_per_hour": ran[0] * 3600 / wall if wall > 0 else None,
-                             "workers": jobs, "cells_per_gpu": cells_per_gpu, "device": device}
-        write_outputs(results, out)
-        return StudyOutcome(results, out=str(out))
+    def extend(batch_size: int) -> None:
+        """Queue the LR-grid extension at ``batch_size`` once none of its cells is left to run.
 
-    def run(pending: list[tuple[Cell, Path, str]]) -> None:
-        if jobs > 1:
-            _run_parallel(pending, jobs, gpus, out, progress, finished)
-        else:
-            runner = run_cell_fn or run_cell
-            for cell, cell_dir, attempt in pending:
-                progress.cell_started(cell)
-                finished(cell_dir, runner(cell_dir, workload), attempt)
-
-    try:
-        run(pending)
-        # Extend the LR grid where the best multiplier is at its edge, round by round. The next
-        # cells are a function of the finished records only, so a resumed study finds the same
-        # extension cells (already finished: reused) and ends with the same result.
+        The next multiplier at a batch size depends only on that batch size's finished records
+        (analysis.lr_extensions), so it is scheduled as soon as they are in, at the front of the
+        queue (each extension may need another after it), and a resumed study finds the same
+        extension cells (already finished: reused) and ends with the same result.
+        """
         while may_extend:
-            ordered = [records[c.name] for c in cells if c.name in records]
-            new_cells = sorted(Cell(b, m, s) for b, m in lr_extensions(ordered, cfg.lr_grid, cfg.lr_extend)
+            if any(j.cell.batch_size == batch_size for j in [*queue, *running.values()]):
+                return
+            mine = [records[c.name] for c in cells if c.batch_size == batch_size and c.name in records]
+            new_cells = sorted(Cell(b, m, s) for b, m in lr_extensions(mine, cfg.lr_grid, cfg.lr_extend)
                                for s in cfg.seeds)
             if not new_cells:
-                break
+                return
             cells.extend(new_cells)
             n_before = len(records)
             pending = prepare(new_cells)
             progress.add_cells(len(new_cells), done=len(records) - n_before)
-            run(pending)
+            queue.extendleft(reversed(pending))
+
+    def report(complete: bool) -> StudyOutcome:
+        results = analyze(ordered(), cfg, resolved, total_cells=len(cells), bootstrap_seed=0)
+        results["complete"] = complete
+        wall = time.perf_counter() - t0
+        # Cells trained by this invocation per wall-clock hour: what --cells-per-gpu is measured by.
+        results["timing"] = {"wall_seconds": wall, "cells": ran[0], "cells_per_hour": ran[0] * 3600 / wall if wall > 0 else None,
+                             "workers": jobs, "cells_per_gpu": cells_per_gpu, "device": cell_device,
+                             "executor": cfg.executor}
+        write_outputs(results, out)
+        return StudyOutcome(results, out=str(out))
+
+    clean = False
+    try:
+        queue.extend(prepare(cells))
+        progress = StudyProgress(cfg.progress, total=len(cells), done=len(records), jobs=jobs,
+                                 title=resolved["workload_name"], open_ended=may_extend)
+        executor.on_note = progress.note
+        for b in resolved["batch_sizes"]:  # a resumed study: batch sizes whose cells all finished earlier
+            extend(b)
+        while queue or running:
+            while queue and len(running) < max(1, executor.capacity()):
+                job = queue.popleft()
+                progress.cell_started(job.cell)
+                executor.submit(job)
+                running[job.cell.name] = job
+            job, record = executor.next_finished()
+            del running[job.cell.name]
+            finished(job, record)
+            extend(job.cell.batch_size)
+        clean = True
     except BaseException:  # Ctrl-C or a failed cell: keep what finished readable, then re-raise
-        progress.close()
+        if progress is not None:
+            progress.close()
+        executor.close(clean=False)
         if records:
             try:
                 report(complete=False)
@@ -415,104 +427,28 @@ def _run_study(cfg: StudyConfig, out: Path, run_cell_fn: Callable[..., dict[str,
                 pass
         raise
     finally:
-        progress.close()
+        if progress is not None:
+            progress.close()
+        if clean:
+            executor.close(clean=True)
     return report(complete=len(records) == len(cells))
 
 
-def _run_parallel(
-    pending: list[tuple[Cell, Path, str]],
-    jobs: int,
-    gpus: list[str],
-    out: Path,
-    progress: StudyProgress,
-    finished: Callable[[Path, dict[str, Any], str], None],
-) -> None:
-    """``jobs`` worker processes (worker.py), each fed one cell at a time.
+def _executor(cfg: StudyConfig, out: Path, workload: Any,
+              run_cell_fn: Callable[..., dict[str, Any]] | None) -> tuple[Executor, str, int, int | None]:
+    """The executor ``cfg`` asks for, the device its cells train on, its width (for the display)
+    and the cells sharing each GPU (None on a CPU)."""
+    if cfg.executor == "ray":
+        from bigbatch.study.ray_executor import RayExecutor, gpus_per_cell
 
-    On GPUs each worker sees one device through ``CUDA_VISIBLE_DEVICES`` (``cells_per_gpu``
-    workers share each); the CPU cores are shared out among the workers (small models run best
-    on one thread each, several cells side by side).
-    Workers die with this process, however it ends (worker.py: a parent-death signal on Linux,
-    and everywhere a pipe whose write end only this process holds: its end of file, when this
-    process is gone, stops the worker). The records they answer are written here, and only for
-    the attempt this study started (cells.write_result).
-    """
-    import queue as queue_mod
-    import threading
-
-    todo = list(pending)
-    answers: queue_mod.Queue = queue_mod.Queue()
-    workers: list[tuple[subprocess.Popen, Any]] = []
-    busy: dict[int, tuple[Cell, Path, str]] = {}
-    lifelines: list[int] = []  # write ends of the pipes the workers watch; closed once they have exited
-    threads = max(1, (os.cpu_count() or 1) // jobs)
-    n = min(jobs, len(todo))
-    clean = False
-
-    def reader(slot: int, proc: subprocess.Popen) -> None:
-        for line in proc.stdout:  # one JSON answer per cell; EOF when the worker exits
-            answers.put((slot, json.loads(line)))
-        answers.put((slot, None))
-
-    def send(slot: int) -> None:
-        cell, cell_dir, attempt = todo.pop(0)
-        busy[slot] = (cell, cell_dir, attempt)
-        progress.cell_started(cell)
-        workers[slot][0].stdin.write(f"{cell_dir}\n")
-        workers[slot][0].stdin.flush()
-
-    try:
-        for slot in range(n):
-            env = _worker_env(slot, gpus, threads)
-            log = open(out / f"worker{slot}.log", "a")
-            # os.pipe() is not inherited: the write end stays here alone, the read end goes to
-            # this worker only (pass_fds), so no other child keeps it open after we die.
-            watch_r, watch_w = os.pipe()
-            lifelines.append(watch_w)
-            env["BIGBATCH_PARENT_PID"] = str(os.getpid())
-            env["BIGBATCH_PARENT_FD"] = str(watch_r)
-            try:
-                proc = subprocess.Popen(
-                    [sys.executable, "-m", "bigbatch.study.worker"],
-                    env=env, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=log, text=True, bufsize=1,
-                    pass_fds=(watch_r,),
-                )
-            finally:
-                os.close(watch_r)
-            workers.append((proc, log))
-            threading.Thread(target=reader, args=(slot, proc), daemon=True).start()
-            send(slot)
-        while busy:
-            try:
-                slot, answer = answers.get(timeout=0.5)  # a timeout keeps Ctrl-C responsive
-            except queue_mod.Empty:
-                continue
-            cell, cell_dir, attempt = busy.pop(slot)
-            if answer is None:
-                raise RuntimeError(f"study worker {slot} exited while running {cell.name}; see {out / f'worker{slot}.log'}")
-            record = answer.get("record") if answer["ok"] else None
-            if record is None:
-                raise ValueError(f"cell {cell.name} failed: {answer.get('error', 'no result')}; log: {out / f'worker{slot}.log'}")
-            finished(cell_dir, record, attempt)
-            if todo:
-                send(slot)
-        clean = True
-    finally:
-        for proc, _ in workers:
-            if proc.poll() is None:
-                if clean:
-                    proc.stdin.close()  # the worker exits at end of input
-                else:  # interrupted or failed: stop the running cells now
-                    proc.terminate()
-        for proc, log in workers:
-            try:
-                proc.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
-            log.close()
-        for fd in lifelines:
-            os.close(fd)
+        ex = RayExecutor(cfg, out)
+        return ex, ex.device, ex.capacity(), (round(1 / gpus_per_cell(cfg)) if ex.device == "cuda" else None)
+    device = _resolve_device(cfg.device)
+    gpus = _visible_gpus(device)
+    jobs, cells_per_gpu = plan_workers(cfg, gpus, os.cpu_count() or 1)
+    if jobs > 1:
+        return WorkerPoolExecutor(jobs, gpus, out), ("cuda" if gpus else device), jobs, cells_per_gpu
+    return InProcessExecutor(workload, run_cell_fn), device, 1, cells_per_gpu
 
 
 def load_results(out: str | Path) -> dict[str, Any]:

@@ -72,9 +72,18 @@ class TrainConfig(ConfigMixin):
     fsdp: bool = False
     """Shard parameters, gradients and optimizer state with FSDP2 (``fully_shard``) instead of DDP."""
     nproc: int = 1
-    """``bigbatch train`` launches torchrun with this many processes on this host (1: no launch)."""
+    """``bigbatch train`` launches torchrun with this many processes on this host (1: no launch;
+    with ``nnodes`` > 1, processes per host)."""
     max_restarts: int = 0
     """torchrun restarts after a worker failure; restarted workers resume from the newest checkpoint."""
+    nnodes: int = 1
+    """Hosts in the run: each runs the same ``bigbatch train`` command with its own ``node_rank``,
+    and torchrun joins them through the c10d rendezvous at ``rdzv_endpoint`` (docs/cluster.md)."""
+    node_rank: int = 0
+    """This host's index among ``nnodes`` (0 to nnodes-1); node 0 hosts the rendezvous."""
+    rdzv_endpoint: str | None = None
+    """host:port of the c10d rendezvous for a run on several hosts: an address of the node_rank 0
+    host that the others reach, and a free port there."""
     compile: bool = False
     """Wrap the model in ``torch.compile``."""
     out: str = "runs/train"

@@ -25,7 +25,7 @@ _READABLE = (0, 1)
 #: TrainConfig fields that may differ between a checkpoint and the run resuming it (docs/training.md).
 #: They say where, how long and how to report; none changes what one optimizer step computes.
 RESUMABLE_FIELDS = (
-    "out", "resume", "overwrite", "progress", "device", "nproc", "max_restarts", "fsdp", "compile",
+    "out", "resume", "overwrite", "progress", "device", "nproc", "max_restarts", "nnodes", "node_rank", "rdzv_endpoint", "fsdp", "compile",
     "max_steps", "budget_samples", "budget_epochs", "target", "eval_every_samples",
     "checkpoint_every_samples", "keep_checkpoints", "log_every_steps", "average_last", "target_resolution",
     "record_targets",
