@@ -122,8 +122,8 @@ def test_cli_train_runs_and_reports(tmp_path):
     assert (tmp_path / "metrics.jsonl").exists() and (tmp_path / "summary.json").exists()
 
 
-def test_nonfinite_gradient_refused_by_optimizer_stops_as_diverged(tmp_path, capsys):
-    """LAMB refuses a NaN gradient (state untouched); the trainer stops with a message, not a traceback."""
+def _poisoned_linreg(bad_calls):
+    """linreg whose loss is NaN on the given (1-based) calls of ``loss``."""
     from bigbatch.workloads import load_workload
 
     wl = load_workload("linreg", dim=8)
@@ -133,9 +133,15 @@ def test_nonfinite_gradient_refused_by_optimizer_stops_as_diverged(tmp_path, cap
     def poisoned(model, batch):
         calls["n"] += 1
         loss, count = plain_loss(model, batch)
-        return (loss * float("nan") if calls["n"] > 12 else loss), count
+        return (loss * float("nan") if bad_calls(calls["n"]) else loss), count
 
     wl.loss = poisoned
+    return wl
+
+
+def test_nonfinite_gradient_refused_by_optimizer_stops_as_diverged(tmp_path, capsys):
+    """LAMB refuses a NaN gradient (state untouched); the trainer stops with a message, not a traceback."""
+    wl = _poisoned_linreg(lambda n: n > 12)
     res = train(TrainConfig(workload="linreg", batch_size=32, lr=0.01, optimizer="lamb", budget_samples=32 * 40,
                             log_every_steps=100, checkpoint_every_samples=32 * 4, out=str(tmp_path), progress="none"),
                 workload=wl)
@@ -160,19 +166,9 @@ def test_deferred_nonfinite_check_stops_at_the_next_log_step(tmp_path, capsys, m
     """On a GPU, fused LAMB skips a NaN step on the device (no per-step sync) and the loop reports it
     at the next log step: the run stops as diverged there, and no NaN reached the weights."""
     import bigbatch.train.setup as setup_mod
-    from bigbatch.workloads import load_workload
 
     monkeypatch.setattr(setup_mod, "_defers_nonfinite", lambda opt: True)  # as the fused path on CUDA
-    wl = load_workload("linreg", dim=8)
-    calls = {"n": 0}
-    plain_loss = wl.loss
-
-    def poisoned(model, batch):
-        calls["n"] += 1
-        loss, count = plain_loss(model, batch)
-        return (loss * float("nan") if calls["n"] in (13, 14) else loss), count
-
-    wl.loss = poisoned
+    wl = _poisoned_linreg(lambda n: n in (13, 14))
     res = train(TrainConfig(workload="linreg", batch_size=32, lr=0.01, optimizer="lamb", budget_samples=32 * 40,
                             log_every_steps=5, checkpoint_every_samples=32 * 4, out=str(tmp_path), progress="none"),
                 workload=wl)
@@ -185,19 +181,9 @@ def test_deferred_nonfinite_check_stops_at_the_next_log_step(tmp_path, capsys, m
 def test_deferred_nonfinite_check_runs_at_the_end_of_a_run(tmp_path, capsys, monkeypatch):
     """A skipped step after the last log step is still reported (the run ends as diverged)."""
     import bigbatch.train.setup as setup_mod
-    from bigbatch.workloads import load_workload
 
     monkeypatch.setattr(setup_mod, "_defers_nonfinite", lambda opt: True)
-    wl = load_workload("linreg", dim=8)
-    calls = {"n": 0}
-    plain_loss = wl.loss
-
-    def poisoned(model, batch):
-        calls["n"] += 1
-        loss, count = plain_loss(model, batch)
-        return (loss * float("nan") if calls["n"] == 7 else loss), count
-
-    wl.loss = poisoned
+    wl = _poisoned_linreg(lambda n: n == 7)
     res = train(TrainConfig(workload="linreg", batch_size=32, lr=0.01, optimizer="lamb", max_steps=8,
                             log_every_steps=100, out=str(tmp_path), progress="none"), workload=wl)
     assert res.summary["diverged"] and "non-finite" in capsys.readouterr().out
