@@ -117,7 +117,8 @@ def main() -> None:
         name = "accuracy" if isinstance(target, float) and target <= 1 else None
         fig, axes = plt.subplots(1, 2, figsize=(11, 4))
         colors = {"schedule": "C0", "first": "C1", "last": "C2"}
-        for arm, runs in rows.items():
+        for arm in ("first", "last", "schedule"):  # the schedule last, on top: it follows "first" at the start
+            runs = rows[arm]
             for i, r in enumerate(runs):
                 summary = json.loads((r["dir"] / "summary.json").read_text())
                 name = summary.get("metric_name", name) or "metric"
@@ -126,8 +127,9 @@ def main() -> None:
                     continue
                 steps, samples, vals = zip(*curve)
                 lab = arm if i == 0 else None
-                axes[0].plot(samples, vals, color=colors[arm], alpha=0.7, label=lab)
-                axes[1].plot(steps, vals, color=colors[arm], alpha=0.7, label=lab)
+                lw = 1.8 if arm == "schedule" else 1.2
+                axes[0].plot(samples, vals, color=colors[arm], alpha=0.8, lw=lw, label=lab)
+                axes[1].plot(steps, vals, color=colors[arm], alpha=0.8, lw=lw, label=lab)
         for ax, x in zip(axes, ("samples", "optimizer steps")):
             ax.axhline(target, color="gray", ls=":", lw=1)
             ax.set_xlabel(x)
