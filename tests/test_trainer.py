@@ -187,3 +187,28 @@ def test_deferred_nonfinite_check_runs_at_the_end_of_a_run(tmp_path, capsys, mon
     res = train(TrainConfig(workload="linreg", batch_size=32, lr=0.01, optimizer="lamb", max_steps=8,
                             log_every_steps=100, out=str(tmp_path), progress="none"), workload=wl)
     assert res.summary["diverged"] and "non-finite" in capsys.readouterr().out
+
+
+def test_a_run_that_never_beats_its_first_evaluation_stops_as_stalled(tmp_path, capsys):
+    from bigbatch.workloads import load_workload
+
+    wl = load_workload("linreg", dim=8)
+    wl.evaluate = lambda model, device: 1.0  # never better than at step 0
+    res = train(TrainConfig(workload="linreg", batch_size=32, lr=0.01, budget_samples=32 * 100,
+                            eval_every_samples=32 * 5, stall_fraction=0.1, out=str(tmp_path), progress="none"),
+                workload=wl)
+    assert res.summary["stopped"] == "stalled" and res.summary["steps"] == 10 and not res.summary["reached_target"]
+    assert "no evaluation beat the first" in capsys.readouterr().out
+    # A run that learns is not stopped: it runs out its budget.
+    ok = train(TrainConfig(workload="linreg", batch_size=32, lr=0.01, budget_samples=32 * 100, eval_every_samples=32 * 5,
+                           stall_fraction=0.1, out=str(tmp_path / "ok"), progress="none"))
+    assert ok.summary["stopped"] == "budget" and ok.summary["steps"] == 100
+
+
+def test_stall_fraction_is_checked(tmp_path):
+    with pytest.raises(ValueError, match="stall_fraction"):
+        train(TrainConfig(workload="linreg", batch_size=32, stall_fraction=1.5, out=str(tmp_path), progress="none"))
+    from bigbatch.study import StudyConfig
+
+    with pytest.raises(ValueError, match="stall_fraction must be 0"):
+        StudyConfig(stall_fraction=1.0).resolve()

@@ -49,7 +49,7 @@ RESULT_FIELDS = (
 #: TrainConfig fields that do not change a cell's outcome: a finished cell is reused across them.
 #: ``record_targets`` only adds crossings to record: a cell serves a study whose easier targets
 #: changed (target_crossings reads them from its evaluations, at the resolution they have there).
-IGNORED_FOR_RESUME = ("out", "progress", "device", "resume", "overwrite", "record_targets", "nnodes", "node_rank",
+IGNORED_FOR_RESUME = ("out", "progress", "device", "resume", "overwrite", "record_targets", "stall_fraction", "nnodes", "node_rank",
                       "rdzv_endpoint")
 
 

@@ -83,6 +83,10 @@ class StudyConfig(ConfigMixin):
     where an evaluation shows a target crossed and the previous one is further back, the cell
     replays that interval from an in-memory snapshot, evaluating densely (docs/study.md); 0: off
     (crossings known to one evaluation interval)."""
+    stall_fraction: float = 0.1
+    """A cell stops as "stalled" (not reached) once this fraction of its budget is spent and no
+    evaluation has beaten its first: an LR so high that the run never learns frees its worker
+    instead of running out the budget; 0: off (every cell runs to its target or budget)."""
     device: str = "auto"
     """cpu, cuda or auto. With cuda and several visible GPUs, cells run one per GPU in parallel."""
     jobs: int = 0
@@ -160,6 +164,9 @@ class StudyConfig(ConfigMixin):
             check_int_positive("cells_per_gpu", self.cells_per_gpu)
             if self.jobs:
                 raise ValueError("jobs and cells_per_gpu were both given (--jobs, --cells-per-gpu): give one")
+        f = self.stall_fraction
+        if isinstance(f, bool) or not isinstance(f, (int, float)) or not 0 <= f < 1:
+            raise ValueError(f"stall_fraction must be 0 (off) or a fraction in (0, 1), got {f!r}")
         r = self.target_resolution
         if isinstance(r, bool) or not isinstance(r, (int, float)) or not 0 <= r < 1:
             raise ValueError(f"target_resolution must be 0 (off) or a fraction in (0, 1), got {r!r}")

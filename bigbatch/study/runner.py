@@ -163,6 +163,7 @@ def _train_config(cfg: StudyConfig, r: dict[str, Any], cell: Cell, cell_dir: Pat
         target=float(r["target"]),
         record_targets=list(r["targets"] or []),
         target_resolution=cfg.target_resolution or None,
+        stall_fraction=cfg.stall_fraction or None,
         budget_samples=r["budget"],
         max_steps=r["budget_steps"],
         eval_every_samples=max(r["eval_every_samples"], r["eval_every_steps"] * cell.batch_size),

@@ -63,6 +63,8 @@ class TrainConfig(ConfigMixin):
     """Further metric values whose first crossing is recorded (summary.json ``crossings``) without stopping the run."""
     target_resolution: float | None = None
     """Locate each first crossing of ``target`` and ``record_targets`` to within this fraction of its samples: where an evaluation shows one crossed and the last evaluation is further back, the interval is replayed from an in-memory snapshot with dense evaluation (docs/training.md); None: at the evaluations only."""
+    stall_fraction: float | None = None
+    """Stop the run as "stalled" once this fraction of its budget (samples, or ``max_steps`` if that comes first) has passed and no evaluation has been better than the first one, at step 0: a run that never learns (an LR far too high) then frees its worker instead of running out its budget; None: never."""
     seed: int = 0
     """Seed for the model initialisation and the data order."""
     device: str = "auto"
@@ -178,10 +180,13 @@ def resolve(cfg: TrainConfig, workload: Any) -> Resolved:
     for t in cfg.record_targets:
         if isinstance(t, bool) or not isinstance(t, (int, float)) or not math.isfinite(t):
             raise ValueError(f"record_targets must be finite numbers, got {t!r}")
-    if cfg.target_resolution is not None:
+    if cfg.target_resolution is not None or cfg.stall_fraction is not None:
         from bigbatch._checks import check_in_range
 
-        check_in_range("target_resolution", cfg.target_resolution, 0.0, 1.0, lo_inclusive=False)
+        if cfg.target_resolution is not None:
+            check_in_range("target_resolution", cfg.target_resolution, 0.0, 1.0, lo_inclusive=False)
+        if cfg.stall_fraction is not None:
+            check_in_range("stall_fraction", cfg.stall_fraction, 0.0, 1.0, lo_inclusive=False)
     base = batch if cfg.base_batch_size is None else check_int_positive("base_batch_size", cfg.base_batch_size)
     noise_every = None if cfg.noise_every is None else check_int_positive("noise_every", cfg.noise_every)
     return Resolved(

@@ -61,7 +61,8 @@ def train(cfg: TrainConfig, workload: Workload | None = None) -> TrainResult:
         if state.samples == 0 and state.next_eval == 0:
             state.next_eval = r.eval_every
             with interval.paused():
-                if _record(run, state, plan, evaluate(run), dense):
+                state.initial_metric = evaluate(run)
+                if _record(run, state, plan, state.initial_metric, dense):
                     stopped = "target"
         while stopped is None and state.samples < r.budget:
             if cfg.max_steps is not None and steps_this_run >= cfg.max_steps:
@@ -169,14 +170,27 @@ def _record(run: Run, state: RunState, plan: BatchPlan, value: float, dense: Den
 
 
 def _evaluate_due(run: Run, state: RunState, plan: BatchPlan, dense: DenseEval | None = None) -> str | None:
-    """The evaluation at a sample boundary: "diverged", "target" or None (go on)."""
+    """The evaluation at a sample boundary: "diverged", "target", "stalled" or None (go on)."""
     while state.next_eval <= state.samples:
         state.next_eval += run.r.eval_every
     value = evaluate(run)
     run.progress.update(state.samples, {run.wl.metric_name: value}, force=True)
     if not math.isfinite(value):
         return "diverged"
-    return "target" if _record(run, state, plan, value, dense) and run.cfg.target is not None else None
+    if _record(run, state, plan, value, dense) and run.cfg.target is not None:
+        return "target"
+    return "stalled" if _stalled(run, state) else None
+
+
+def _stalled(run: Run, state: RunState) -> bool:
+    """``stall_fraction`` of the budget is spent and no evaluation beat the one at step 0."""
+    frac, first = run.cfg.stall_fraction, state.initial_metric
+    if frac is None or first is None or state.best_metric is None:
+        return False
+    spent = state.samples / run.r.budget
+    if run.cfg.max_steps is not None:
+        spent = max(spent, state.step / run.cfg.max_steps)
+    return spent >= frac and not (state.best_metric != first and _better(run, state.best_metric, first))
 
 
 def log_interval(run: Run, state: RunState, plan: BatchPlan, batch: int, interval: Interval) -> bool:
@@ -289,10 +303,13 @@ def _finish(run: Run, state: RunState, plan: BatchPlan, stopped: str, error: str
     wall = state.wall_before + time.perf_counter() - clock[0]
     if stopped != "diverged" and (refused := refused_steps(run, state)) is not None:
         stopped, error = "diverged", refused
-    if stopped in ("budget", "target", "max_steps"):
+    if stopped in ("budget", "target", "max_steps", "stalled"):
         state.wall_before = wall
         clock[0] = time.perf_counter()
         save_checkpoint(run, state)
+        if stopped == "stalled":
+            run.say(f"stopped at step {state.step}: no evaluation beat the first ({run.wl.metric_name} "
+                    f"{state.initial_metric:.4g}) in {run.cfg.stall_fraction:.0%} of the budget (--stall-fraction)")
     elif stopped == "diverged":
         run.say(f"training diverged at step {state.step} ({error or 'non-finite loss or metric'}); "
                 f"the last good checkpoint is kept in {run.ckpt_dir}")

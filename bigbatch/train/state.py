@@ -28,7 +28,7 @@ RESUMABLE_FIELDS = (
     "out", "resume", "overwrite", "progress", "device", "nproc", "max_restarts", "nnodes", "node_rank", "rdzv_endpoint", "fsdp", "compile",
     "max_steps", "budget_samples", "budget_epochs", "target", "eval_every_samples",
     "checkpoint_every_samples", "keep_checkpoints", "log_every_steps", "average_last", "target_resolution",
-    "record_targets",
+    "record_targets", "stall_fraction",
 )
 
 
@@ -50,6 +50,8 @@ class RunState:
     batch_size: int = 0
     batch_changes: int = 0
     b_simple_log: list[float] = field(default_factory=list)
+    initial_metric: float | None = None
+    """The evaluation at step 0 (what ``stall_fraction`` compares with)."""
     last_eval_step: int | None = None
     last_eval_samples: int | None = None
     crossings: list[dict[str, Any]] = field(default_factory=list)
