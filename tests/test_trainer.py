@@ -197,8 +197,22 @@ def test_a_run_that_never_beats_its_first_evaluation_stops_as_stalled(tmp_path, 
     res = train(TrainConfig(workload="linreg", batch_size=32, lr=0.01, budget_samples=32 * 100,
                             eval_every_samples=32 * 5, stall_fraction=0.1, out=str(tmp_path), progress="none"),
                 workload=wl)
-    assert res.summary["stopped"] == "stalled" and res.summary["steps"] == 10 and not res.summary["reached_target"]
-    assert "no evaluation beat the first" in capsys.readouterr().out
+    assert res.summary["stopped"] == "stalled" and res.summary["steps"] == 10
+    # A run that learned and then fell back to its start (an LR that blew up) stops at the next evaluation.
+    values = iter([1.0, 0.5, 0.2, 0.1, 0.99] + [0.99] * 50)
+    wl.evaluate = lambda model, device: next(values)
+    res = train(TrainConfig(workload="linreg", batch_size=32, lr=0.01, budget_samples=32 * 100, target=0.0,
+                            eval_every_samples=32 * 5, stall_fraction=0.1, out=str(tmp_path / "c"), progress="none"),
+                workload=wl)
+    assert res.summary["stopped"] == "stalled" and res.summary["steps"] == 20 and not res.summary["reached_target"]
+    assert "no progress from the first evaluation's 1" in capsys.readouterr().out
+    # With a target, jitter around the first value is no progress: 1% of the way to it is not 5%.
+    values = iter([1.0] + [0.99, 1.01] * 50)
+    wl.evaluate = lambda model, device: next(values)
+    res = train(TrainConfig(workload="linreg", batch_size=32, lr=0.01, budget_samples=32 * 100, target=0.0,
+                            eval_every_samples=32 * 5, stall_fraction=0.1, out=str(tmp_path / "t"), progress="none"),
+                workload=wl)
+    assert res.summary["stopped"] == "stalled" and res.summary["steps"] == 10
     # A run that learns is not stopped: it runs out its budget.
     ok = train(TrainConfig(workload="linreg", batch_size=32, lr=0.01, budget_samples=32 * 100, eval_every_samples=32 * 5,
                            stall_fraction=0.1, out=str(tmp_path / "ok"), progress="none"))

@@ -84,8 +84,9 @@ class StudyConfig(ConfigMixin):
     replays that interval from an in-memory snapshot, evaluating densely (docs/study.md); 0: off
     (crossings known to one evaluation interval)."""
     stall_fraction: float = 0.1
-    """A cell stops as "stalled" (not reached) once this fraction of its budget is spent and no
-    evaluation has beaten its first: an LR so high that the run never learns frees its worker
+    """A cell stops as "stalled" (not reached) once this fraction of its budget is spent and an
+    evaluation shows it back where it started (less than 5% of the way from its first evaluation
+    to the target): an LR so high that the run never learns, or collapses, frees its worker
     instead of running out the budget; 0: off (every cell runs to its target or budget)."""
     device: str = "auto"
     """cpu, cuda or auto. With cuda and several visible GPUs, cells run one per GPU in parallel."""

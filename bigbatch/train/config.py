@@ -64,7 +64,7 @@ class TrainConfig(ConfigMixin):
     target_resolution: float | None = None
     """Locate each first crossing of ``target`` and ``record_targets`` to within this fraction of its samples: where an evaluation shows one crossed and the last evaluation is further back, the interval is replayed from an in-memory snapshot with dense evaluation (docs/training.md); None: at the evaluations only."""
     stall_fraction: float | None = None
-    """Stop the run as "stalled" once this fraction of its budget (samples, or ``max_steps`` if that comes first) has passed and no evaluation has been better than the first one, at step 0: a run that never learns (an LR far too high) then frees its worker instead of running out its budget; None: never."""
+    """Stop the run as "stalled" once this fraction of its budget (samples, or ``max_steps`` if that comes first) has passed and an evaluation shows no progress from the first one, at step 0 (less than 5% of the way to ``target``; without a target: not better): a run that never learns, or fell back to where it started (an LR far too high), then frees its worker instead of running out its budget; None: never."""
     seed: int = 0
     """Seed for the model initialisation and the data order."""
     device: str = "auto"

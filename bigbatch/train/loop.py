@@ -182,15 +182,27 @@ def _evaluate_due(run: Run, state: RunState, plan: BatchPlan, dense: DenseEval |
     return "stalled" if _stalled(run, state) else None
 
 
+#: Progress is the fraction of the way from the first evaluation to the target: a metric that
+#: only jitters around its starting value (chance accuracy) makes none, nor one that fell back
+#: there after learning (a run that blew up without a non-finite value).
+STALL_PROGRESS = 0.05
+
+
 def _stalled(run: Run, state: RunState) -> bool:
-    """``stall_fraction`` of the budget is spent and no evaluation beat the one at step 0."""
-    frac, first = run.cfg.stall_fraction, state.initial_metric
-    if frac is None or first is None or state.best_metric is None:
+    """``stall_fraction`` of the budget is spent and the latest evaluation shows no progress from
+    the one at step 0 (less than ``STALL_PROGRESS`` of the way to the target; without a target:
+    not better than it)."""
+    frac, first, last, target = run.cfg.stall_fraction, state.initial_metric, state.last_metric, run.cfg.target
+    if frac is None or first is None or last is None:
         return False
     spent = state.samples / run.r.budget
     if run.cfg.max_steps is not None:
         spent = max(spent, state.step / run.cfg.max_steps)
-    return spent >= frac and not (state.best_metric != first and _better(run, state.best_metric, first))
+    if spent < frac:
+        return False
+    if target is None or target == first:
+        return not (last != first and _better(run, last, first))
+    return (last - first) / (target - first) < STALL_PROGRESS
 
 
 def log_interval(run: Run, state: RunState, plan: BatchPlan, batch: int, interval: Interval) -> bool:
@@ -308,8 +320,9 @@ def _finish(run: Run, state: RunState, plan: BatchPlan, stopped: str, error: str
         clock[0] = time.perf_counter()
         save_checkpoint(run, state)
         if stopped == "stalled":
-            run.say(f"stopped at step {state.step}: no evaluation beat the first ({run.wl.metric_name} "
-                    f"{state.initial_metric:.4g}) in {run.cfg.stall_fraction:.0%} of the budget (--stall-fraction)")
+            run.say(f"stopped at step {state.step}: after {run.cfg.stall_fraction:.0%} of the budget (--stall-fraction) "
+                    f"{run.wl.metric_name} is {state.last_metric:.4g}, no progress from the first "
+                    f"evaluation's {state.initial_metric:.4g} (best {state.best_metric:.4g})")
     elif stopped == "diverged":
         run.say(f"training diverged at step {state.step} ({error or 'non-finite loss or metric'}); "
                 f"the last good checkpoint is kept in {run.ckpt_dir}")
