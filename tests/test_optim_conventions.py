@@ -23,6 +23,18 @@ def _grads(t):
     return [rng.standard_normal(s) for s in SHAPES]
 
 
+def _step_both(a, b, ps_a, ps_b, lrs):
+    """Step optimizers ``a`` and ``b`` side by side with the same gradients, at LR ``lrs[t]`` on step t."""
+    for t, lr in enumerate(lrs):
+        for o in (a, b):
+            for g in o.param_groups:
+                g["lr"] = lr
+        for pa, pb, g in zip(ps_a, ps_b, _grads(t)):
+            pa.grad, pb.grad = torch.tensor(g), torch.tensor(g)
+        a.step()
+        b.step()
+
+
 def _init():
     rng = np.random.default_rng(11)
     return [rng.standard_normal(s) for s in SHAPES]
@@ -121,14 +133,7 @@ def test_lars_torch_convention_without_adaptation_is_torch_sgd_under_an_lr_sched
     ps_b = [torch.nn.Parameter(torch.tensor(w)) for w in _init()]
     a = LARS(ps_a, lr=0.7, momentum=0.9, weight_decay=1e-2, adapt=False, momentum_convention="torch")
     b = torch.optim.SGD(ps_b, lr=0.7, momentum=0.9, weight_decay=1e-2)
-    for t, lr in enumerate(LRS):
-        for o in (a, b):
-            for g in o.param_groups:
-                g["lr"] = lr
-        for pa, pb, g in zip(ps_a, ps_b, _grads(t)):
-            pa.grad, pb.grad = torch.tensor(g), torch.tensor(g)
-        a.step()
-        b.step()
+    _step_both(a, b, ps_a, ps_b, LRS)
     for pa, pb in zip(ps_a, ps_b):
         torch.testing.assert_close(pa, pb, rtol=1e-12, atol=1e-12)
 
@@ -154,14 +159,6 @@ def test_lamb_without_adaptation_is_torch_adamw(foreach):
     kw = dict(lr=0.01, betas=(0.8, 0.95), eps=1e-8, weight_decay=0.1)
     a = LAMB(ps_a, adapt=False, foreach=foreach, **kw)
     b = torch.optim.AdamW(ps_b, **kw)
-    for t in range(24):
-        lr = 0.01 if t < 12 else 0.002
-        for o in (a, b):
-            for g in o.param_groups:
-                g["lr"] = lr
-        for pa, pb, g in zip(ps_a, ps_b, _grads(t)):
-            pa.grad, pb.grad = torch.tensor(g), torch.tensor(g)
-        a.step()
-        b.step()
+    _step_both(a, b, ps_a, ps_b, [0.01 if t < 12 else 0.002 for t in range(24)])
     for pa, pb in zip(ps_a, ps_b):
         torch.testing.assert_close(pa, pb, rtol=1e-13, atol=1e-14)

@@ -71,10 +71,9 @@ def check_address(address: str, timeout: float = 5.0) -> None:
 
 def gpus_per_cell(cfg: Any) -> float:
     """The GPU share of one cell's task: ``1 / cells_per_gpu`` (the flag, else the workload's preset, else 1)."""
-    from bigbatch.study.runner import PRESETS
+    from bigbatch.study.runner import cells_per_gpu
 
-    n = getattr(cfg, "cells_per_gpu", None) or int(PRESETS.get(getattr(cfg, "workload", ""), {}).get("cells_per_gpu", 1))
-    return 1.0 / float(n)
+    return 1.0 / float(cells_per_gpu(cfg))
 
 
 def _alive(pid: int) -> bool:

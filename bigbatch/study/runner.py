@@ -59,8 +59,7 @@ PRESETS: dict[str, dict[str, Any]] = {
     # steps (dense evaluation locates the early crossings to 2%). Batch sizes 4-256: a first H200
     # run over 16-512 put B_crit at ~6, ~9 and 18 for the three targets (the first two below the
     # range), so the range starts at 4; B = 4 reaches the hardest target in ~2,100 steps.
-    # cells_per_gpu 4: four cells share the GPU at 3.3x or more the cells per hour of one
-    # (benchmarks/study_gpu.py, BENCHMARKS.md).
+    # cells_per_gpu 4: four cells sharing an H200 gave 1.8x the cells per hour of one (BENCHMARKS.md).
     "bytelm": dict(
         batch_sizes=[4, 8, 16, 32, 64, 128, 256],
         lr=2e-3,
@@ -204,6 +203,11 @@ def _visible_gpus(device: str) -> list[str]:
     return ids[:n] if ids else [str(i) for i in range(n)]
 
 
+def cells_per_gpu(cfg: StudyConfig) -> int:
+    """Cells sharing each GPU: the flag, else the workload's preset, else 1."""
+    return cfg.cells_per_gpu or int(PRESETS.get(cfg.workload, {}).get("cells_per_gpu", 1))
+
+
 def plan_workers(cfg: StudyConfig, gpus: list[str], cpu_count: int) -> tuple[int, int | None]:
     """``(jobs, cells_per_gpu)``: how many worker processes run cells at once, and how many share a GPU.
 
@@ -219,7 +223,7 @@ def plan_workers(cfg: StudyConfig, gpus: list[str], cpu_count: int) -> tuple[int
         return cfg.jobs or min(8, cpu_count), None
     if cfg.jobs:
         return cfg.jobs, None
-    per_gpu = cfg.cells_per_gpu or int(PRESETS.get(cfg.workload, {}).get("cells_per_gpu", 1))
+    per_gpu = cells_per_gpu(cfg)
     return len(gpus) * per_gpu, per_gpu
 
 
@@ -294,7 +298,7 @@ def _run_study(cfg: StudyConfig, out: Path, run_cell_fn: Callable[..., dict[str,
     write_json_atomic({"config": cfg.to_dict(), "resolved": resolved}, out / "study.json")
     cells = plan_cells(cfg, resolved)
     records: dict[str, dict[str, Any]] = {}
-    executor, cell_device, jobs, cells_per_gpu = _executor(cfg, out, workload, run_cell_fn)
+    executor, cell_device, jobs, per_gpu = _executor(cfg, out, workload, run_cell_fn)
 
     def with_targets(record: dict[str, Any]) -> dict[str, Any]:
         """The record with ``by_target``: when its run first reached each target (from metrics.jsonl).
@@ -393,7 +397,7 @@ def _run_study(cfg: StudyConfig, out: Path, run_cell_fn: Callable[..., dict[str,
         wall = time.perf_counter() - t0
         # Cells trained by this invocation per wall-clock hour: what --cells-per-gpu is measured by.
         results["timing"] = {"wall_seconds": wall, "cells": ran[0], "cells_per_hour": ran[0] * 3600 / wall if wall > 0 else None,
-                             "workers": jobs, "cells_per_gpu": cells_per_gpu, "device": cell_device,
+                             "workers": jobs, "cells_per_gpu": per_gpu, "device": cell_device,
                              "executor": cfg.executor}
         write_outputs(results, out)
         return StudyOutcome(results, out=str(out))
@@ -440,16 +444,16 @@ def _executor(cfg: StudyConfig, out: Path, workload: Any,
     """The executor ``cfg`` asks for, the device its cells train on, its width (for the display)
     and the cells sharing each GPU (None on a CPU)."""
     if cfg.executor == "ray":
-        from bigbatch.study.ray_executor import RayExecutor, gpus_per_cell
+        from bigbatch.study.ray_executor import RayExecutor
 
         ex = RayExecutor(cfg, out)
-        return ex, ex.device, ex.capacity(), (round(1 / gpus_per_cell(cfg)) if ex.device == "cuda" else None)
+        return ex, ex.device, ex.capacity(), (cells_per_gpu(cfg) if ex.device == "cuda" else None)
     device = _resolve_device(cfg.device)
     gpus = _visible_gpus(device)
-    jobs, cells_per_gpu = plan_workers(cfg, gpus, os.cpu_count() or 1)
+    jobs, per_gpu = plan_workers(cfg, gpus, os.cpu_count() or 1)
     if jobs > 1:
-        return WorkerPoolExecutor(jobs, gpus, out), ("cuda" if gpus else device), jobs, cells_per_gpu
-    return InProcessExecutor(workload, run_cell_fn), device, 1, cells_per_gpu
+        return WorkerPoolExecutor(jobs, gpus, out), ("cuda" if gpus else device), jobs, per_gpu
+    return InProcessExecutor(workload, run_cell_fn), device, 1, per_gpu
 
 
 def load_results(out: str | Path) -> dict[str, Any]:
