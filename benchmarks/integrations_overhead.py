@@ -2,11 +2,17 @@
 
 Each block runs the example twice, with the callback and without it (``--no-noise``), the order
 alternating (ABBA) so that drift of a shared host within a block cancels on average. A run's step
-time is what the example prints (wall time over its steps after the first few, divided by their number: its
+time is what the example measures (wall time over its steps after the first few, divided by their number: its
 ``StepTimer`` callback); the overhead of a block is with / without − 1, and the table gives the
-median over blocks with the B_simple each run with the callback logged.
+median over blocks with the B_simple each run with the callback logged, and the spread of the
+runs without the callback (the noise floor a 1% effect must stand out of).
 
-    python benchmarks/integrations_overhead.py --pairs 3            # GPU, bf16, the shapes below
+By default every run of a framework happens in one process (the example's ``run()`` called again
+and again, after one warm-up run that is not counted), so that all runs share the CUDA context,
+the cuBLAS handles and the allocator's pool; ``--processes`` starts a fresh process per run
+instead (what a user sees, with the run-to-run variation of process start-up included).
+
+    python benchmarks/integrations_overhead.py --pairs 8            # GPU, bf16, the shapes below
     python benchmarks/integrations_overhead.py --pairs 1 --tiny     # CPU smoke run
 
 GPU shapes: HF Trainer with GPT-2 small (12 × 768, context 1024, 8 sequences per device, 4
@@ -17,6 +23,8 @@ accumulation steps, 60 steps, a reading every 10 steps); Lightning with an 8-lay
 from __future__ import annotations
 
 import argparse
+import gc
+import importlib.util
 import re
 import statistics
 import subprocess
@@ -39,7 +47,7 @@ STEP = re.compile(r"step time ([0-9.]+) ms")
 BSIMPLE = re.compile(r"b_simple \(logged[^)]*\): ([0-9.eE+-]+)")
 
 
-def run(cmd: list[str]) -> tuple[float, float | None]:
+def run_process(cmd: list[str]) -> tuple[float, float | None]:
     p = subprocess.run([sys.executable, *cmd], cwd=ROOT, capture_output=True, text=True)
     m = STEP.search(p.stdout)
     if p.returncode != 0 or m is None:
@@ -48,35 +56,76 @@ def run(cmd: list[str]) -> tuple[float, float | None]:
     return float(m.group(1)), (float(b.group(1)) if b else None)
 
 
+def in_process_runner(cmd: list[str]):
+    """A function running the example ``cmd[0]`` with arguments ``cmd[1:]`` (+ extra) in this process."""
+    path = ROOT / cmd[0]
+    spec = importlib.util.spec_from_file_location(path.stem, path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+
+    def go(extra: list[str]) -> tuple[float, float | None]:
+        r = mod.run(mod.parse_args(cmd[1:] + extra))
+        b = r.get("b_simple", (r.get("logged") or {}).get("noise/b_simple"))
+        gc.collect()
+        try:
+            import torch
+
+            if torch.cuda.is_available():
+                torch.cuda.empty_cache()
+        except ImportError:
+            pass
+        return r["step_time"] * 1e3, b
+
+    return go
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--pairs", type=int, default=3)
     ap.add_argument("--frameworks", default="hf,lightning")
     ap.add_argument("--tiny", action="store_true", help="the examples' CPU defaults (a smoke run)")
+    ap.add_argument("--processes", action="store_true", help="a fresh process per run instead of one per framework")
     a = ap.parse_args()
+    if a.pairs < 1:
+        ap.error(f"--pairs must be >= 1 (got {a.pairs})")
     shapes = TINY if a.tiny else GPU
+    unknown = sorted(set(a.frameworks.split(",")) - set(shapes))
+    if unknown:
+        ap.error(f"--frameworks: unknown {', '.join(unknown)} (choose from {', '.join(shapes)})")
     rows = []
     for fw in a.frameworks.split(","):
         base = shapes[fw]
+        if a.processes:
+            go = lambda extra, base=base: run_process(base + extra)  # noqa: E731
+        else:
+            go = in_process_runner(base)
+            go([])  # warm-up: kernels, handles, the allocator's pool; not counted
         overheads, logged, times = [], [], []
         for i in range(a.pairs):
             order = ("with", "without") if i % 2 == 0 else ("without", "with")
             res = {}
             for kind in order:
-                res[kind] = run(base + (["--no-noise"] if kind == "without" else []))
+                res[kind] = go(["--no-noise"] if kind == "without" else [])
             overheads.append(res["with"][0] / res["without"][0] - 1)
             times.append((res["with"][0], res["without"][0]))
             logged.append(res["with"][1])
             print(f"{fw} block {i}: with {res['with'][0]:.2f} ms, without {res['without'][0]:.2f} ms, "
                   f"overhead {100 * overheads[-1]:+.2f}%, logged b_simple {res['with'][1]}", flush=True)
         rows.append((fw, times, overheads, logged))
-    print("\n| framework | blocks | step ms with / without (per block) | overhead per block | median overhead | logged B_simple |")
-    print("|---|---|---|---|---|---|")
+    mode = "a process per run" if a.processes else "one process per framework"
+    print(f"\n{mode}\n")
+    print("| framework | blocks | step ms with / without (per block) | overhead per block | median overhead "
+          "| total with / total without − 1 | spread of runs without | logged B_simple |")
+    print("|---|---|---|---|---|---|---|---|")
     for fw, times, ov, logged in rows:
         t = ", ".join(f"{w:.1f} / {wo:.1f}" for w, wo in times)
         o = ", ".join(f"{100 * x:+.1f}%" for x in ov)
         b = ", ".join("none" if v is None else f"{v:.3g}" for v in logged)
-        print(f"| {fw} | {len(ov)} | {t} | {o} | **{100 * statistics.median(ov):+.2f}%** | {b} |")
+        wo = [x[1] for x in times]
+        total = sum(x[0] for x in times) / sum(wo) - 1
+        spread = (max(wo) - min(wo)) / statistics.median(wo)
+        print(f"| {fw} | {len(ov)} | {t} | {o} | **{100 * statistics.median(ov):+.2f}%** | {100 * total:+.2f}% "
+              f"| {100 * spread:.1f}% | {b} |")
 
 
 if __name__ == "__main__":

@@ -63,7 +63,7 @@ class StepTimer(TrainerCallback):
             self.per_step = (time.perf_counter() - self.t0) / self.n
 
 
-def main() -> None:
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--steps", type=int, default=20)
     p.add_argument("--per-device-batch", type=int, default=4)
@@ -76,8 +76,11 @@ def main() -> None:
     p.add_argument("--bf16", action="store_true")
     p.add_argument("--no-noise", action="store_true", help="run without the noise callback (overhead baseline)")
     p.add_argument("--output-dir", default="/tmp/bigbatch_hf_example")
-    a = p.parse_args()
+    return p.parse_args(argv)
 
+
+def run(a: argparse.Namespace) -> dict:
+    """One training run; returns the step time (seconds), the recipe and the last noise reading logged."""
     torch.manual_seed(0)
     cfg = GPT2Config(n_layer=a.n_layer, n_embd=a.n_embd, n_head=max(1, a.n_embd // 64) if a.n_embd >= 64 else 2,
                      vocab_size=64 if a.n_embd < 256 else 50257, n_positions=a.seq, bos_token_id=0, eos_token_id=0)
@@ -101,10 +104,16 @@ def main() -> None:
         add_callback(trainer, NoiseScaleCallback(every=a.every))
     trainer.train()
     logged = [h for h in trainer.state.log_history if "noise/b_simple" in h]
-    if trainer.args.process_index == 0:
-        print(f"global batch {batch}, lr {recipe.lr:.3g}, step time {timer.per_step * 1e3:.1f} ms")
-        if logged:
-            last = logged[-1]
+    return {"global_batch": batch, "lr": recipe.lr, "step_time": timer.per_step,
+            "main_process": trainer.args.process_index == 0, "logged": logged[-1] if logged else None}
+
+
+def main() -> None:
+    r = run(parse_args())
+    if r["main_process"]:
+        print(f"global batch {r['global_batch']}, lr {r['lr']:.3g}, step time {r['step_time'] * 1e3:.1f} ms")
+        if r["logged"]:
+            last = r["logged"]
             print(f"b_simple (logged at step {last['step']}): {last['noise/b_simple']:.2f} tokens "
                   f"(|G|^2 {last['noise/grad_sqnorm']:.4g}, tr Sigma {last['noise/trace_sigma']:.4g})")
 

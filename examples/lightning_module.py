@@ -67,7 +67,7 @@ class StepTimer(pl.Callback):
             self.per_step = (time.perf_counter() - self.t0) / (trainer.global_step - self.n0)
 
 
-def main() -> None:
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--steps", type=int, default=40)
     p.add_argument("--micro-batch", type=int, default=32)
@@ -79,8 +79,11 @@ def main() -> None:
     p.add_argument("--gpu", action="store_true")
     p.add_argument("--bf16", action="store_true")
     p.add_argument("--no-noise", action="store_true", help="run without the noise callback (overhead baseline)")
-    a = p.parse_args()
+    return p.parse_args(argv)
 
+
+def run(a: argparse.Namespace) -> dict:
+    """One training run; returns the step time (seconds) and what the callbacks logged."""
     pl.seed_everything(0, verbose=False)
     n = a.micro_batch * a.accum * a.steps
     X, w = torch.randn(n, 32), torch.randn(32, 1)
@@ -91,28 +94,39 @@ def main() -> None:
     schedule = Schedule(peak_lr=1e-2, warmup_samples=n // 10, decay="cosine", total_samples=n)
     model = Regression(a.width, a.depth, 1e-2, schedule, global_batch)
     noise = None if a.no_noise else NoiseScaleCallback(every=a.every)
-    callbacks: list[pl.Callback] = [StepTimer(skip=min(5, a.steps // 2))]
+    timer = StepTimer(skip=min(5, a.steps // 2))
+    callbacks: list[pl.Callback] = [timer]
     if noise is not None:
         callbacks.append(noise)
     accum = a.accum
+    batch_cb = None
     if a.ramp:
         ramp = create_controller("ramp", start_batch=a.micro_batch, end_batch=8 * a.micro_batch,
                                  ramp_samples=n // 2, granularity=a.micro_batch)
-        callbacks.append(BatchSizeCallback(ramp, micro_batch_size=a.micro_batch, rule="sqrt", noise=noise))
+        batch_cb = BatchSizeCallback(ramp, micro_batch_size=a.micro_batch, rule="sqrt", noise=noise)
+        callbacks.append(batch_cb)
         accum = 1  # the controller sets it from the first step
     trainer = pl.Trainer(accelerator="gpu" if a.gpu else "cpu", devices=1, precision="bf16-mixed" if a.bf16 else "32-true",
                          max_epochs=1, accumulate_grad_batches=accum, callbacks=callbacks, logger=False,
                          enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False)
     trainer.fit(model, loader)
-    timer = callbacks[0]
-    print(f"{trainer.global_step} steps, step time {timer.per_step * 1e3:.2f} ms, "
-          f"final train_loss {float(trainer.callback_metrics['train_loss']):.4f}")
-    if a.ramp:
-        print("batch changes (step, samples, global batch):", callbacks[-1].history)
+    m = trainer.callback_metrics
+    out = {"steps": trainer.global_step, "step_time": timer.per_step, "train_loss": float(m["train_loss"]),
+           "batch_changes": batch_cb.history if batch_cb is not None else None}
     if noise is not None:
-        m = trainer.callback_metrics
-        print(f"b_simple (logged): {float(m['noise/b_simple']):.2f} examples "
-              f"(|G|^2 {float(m['noise/grad_sqnorm']):.4g}, tr Sigma {float(m['noise/trace_sigma']):.4g})")
+        out.update(b_simple=float(m["noise/b_simple"]), grad_sqnorm=float(m["noise/grad_sqnorm"]),
+                   trace_sigma=float(m["noise/trace_sigma"]))
+    return out
+
+
+def main() -> None:
+    r = run(parse_args())
+    print(f"{r['steps']} steps, step time {r['step_time'] * 1e3:.2f} ms, final train_loss {r['train_loss']:.4f}")
+    if r["batch_changes"] is not None:
+        print("batch changes (step, samples, global batch):", r["batch_changes"])
+    if "b_simple" in r:
+        print(f"b_simple (logged): {r['b_simple']:.2f} examples "
+              f"(|G|^2 {r['grad_sqnorm']:.4g}, tr Sigma {r['trace_sigma']:.4g})")
 
 
 if __name__ == "__main__":
