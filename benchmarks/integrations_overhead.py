@@ -15,6 +15,14 @@ instead (what a user sees, with the run-to-run variation of process start-up inc
     python benchmarks/integrations_overhead.py --pairs 8            # GPU, bf16, the shapes below
     python benchmarks/integrations_overhead.py --pairs 1 --tiny     # CPU smoke run
 
+``--interleave SEG`` (Lightning) measures inside one long run instead: the callback is switched on
+and off every SEG optimizer steps (on, off, off, on, ... so that a linear drift cancels), each
+segment timed between two synchronisations, and the overhead is taken between neighbouring
+segments. Switched off, the callback receives no hook at all, so an "off" segment is the run
+without it; drift of a shared host over minutes no longer enters, only over two segments.
+
+    python benchmarks/integrations_overhead.py --frameworks lightning --interleave 20 --steps 1000
+
 GPU shapes: HF Trainer with GPT-2 small (12 × 768, context 1024, 8 sequences per device, 4
 accumulation steps, 60 steps, a reading every 10 steps); Lightning with an 8-layer MLP of width
 8192 (micro-batch 1024, 4 accumulation steps, 200 steps, a reading every 10 steps).
@@ -29,6 +37,7 @@ import re
 import statistics
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -79,12 +88,86 @@ def in_process_runner(cmd: list[str]):
     return go
 
 
+def lightning_interleaved(cmd: list[str], segment: int, steps: int) -> dict:
+    """One Lightning run of ``steps`` steps with the noise callback on in every other segment."""
+    import lightning.pytorch as pl
+    import torch
+
+    from bigbatch.integrations.lightning import NoiseScaleCallback
+
+    path = ROOT / cmd[0]
+    spec = importlib.util.spec_from_file_location(path.stem, path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    a = mod.parse_args(cmd[1:] + ["--steps", str(steps)])
+
+    class Toggle(pl.Callback):
+        """Forwards the noise callback's hooks only in "on" segments; times every segment."""
+
+        def __init__(self, inner: NoiseScaleCallback) -> None:
+            self.inner, self.step0, self.t0, self.on = inner, None, None, True
+            self.times: dict[bool, list[float]] = {True: [], False: []}
+            self.sequence: list[tuple[bool, float]] = []
+            self.readings: list[float] = []
+
+        def _sync(self) -> float:
+            if torch.cuda.is_available():
+                torch.cuda.synchronize()
+            return time.perf_counter()
+
+        def setup(self, trainer, pl_module, stage):
+            self.inner.setup(trainer, pl_module, stage)
+
+        def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+            if self.on:
+                self.inner.on_train_batch_start(trainer, pl_module, batch, batch_idx)
+
+        def on_before_backward(self, trainer, pl_module, loss):
+            if self.on:
+                self.inner.on_before_backward(trainer, pl_module, loss)
+
+        def on_before_optimizer_step(self, trainer, pl_module, optimizer):
+            if self.on:
+                self.inner.on_before_optimizer_step(trainer, pl_module, optimizer)
+
+        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+            if self.on:
+                self.inner.on_train_batch_end(trainer, pl_module, outputs, batch, batch_idx)
+            step = trainer.global_step
+            if self.t0 is None:
+                if step >= 10:  # warm-up done, at a step boundary
+                    self.t0, self.step0 = self._sync(), step
+                return
+            if step - self.step0 == segment:  # a segment ends with this optimizer step
+                t = self._sync()
+                self.sequence.append((self.on, (t - self.t0) / segment))
+                if self.on and "noise/b_simple" in trainer.callback_metrics:
+                    self.readings.append(float(trainer.callback_metrics["noise/b_simple"]))
+                k = len(self.sequence)  # on, off, off, on, on, off, ...
+                self.on = (k % 4) in (0, 3)
+                self.t0, self.step0 = t, step
+
+    toggle = Toggle(NoiseScaleCallback(every=a.every))
+    model, loader = mod.build(a)
+    trainer = mod.trainer_for(a, [toggle], a.accum)
+    trainer.fit(model, loader)
+    seq = toggle.sequence
+    pairs = [(seq[i], seq[i + 1]) for i in range(0, len(seq) - 1, 2)]
+    ratios = [(x[1] if x[0] else y[1]) / (y[1] if x[0] else x[1]) - 1 for x, y in pairs if x[0] != y[0]]
+    on = [t for o, t in seq if o]
+    off = [t for o, t in seq if not o]
+    return {"segments": len(seq), "ratios": ratios, "on": on, "off": off, "readings": toggle.readings}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--pairs", type=int, default=3)
     ap.add_argument("--frameworks", default="hf,lightning")
     ap.add_argument("--tiny", action="store_true", help="the examples' CPU defaults (a smoke run)")
     ap.add_argument("--processes", action="store_true", help="a fresh process per run instead of one per framework")
+    ap.add_argument("--interleave", type=int, default=0, metavar="SEG",
+                    help="Lightning only: switch the callback on and off every SEG steps within one run")
+    ap.add_argument("--steps", type=int, default=1000, help="steps of the --interleave run")
     a = ap.parse_args()
     if a.pairs < 1:
         ap.error(f"--pairs must be >= 1 (got {a.pairs})")
@@ -92,6 +175,25 @@ def main() -> None:
     unknown = sorted(set(a.frameworks.split(",")) - set(shapes))
     if unknown:
         ap.error(f"--frameworks: unknown {', '.join(unknown)} (choose from {', '.join(shapes)})")
+    if a.interleave:
+        if a.frameworks != "lightning":
+            ap.error("--interleave is implemented for --frameworks lightning only")
+        if a.interleave < 1 or a.steps < 10 + 4 * a.interleave:
+            ap.error(f"--interleave must be >= 1 and --steps >= 10 + 4 * SEG (got {a.interleave}, {a.steps})")
+        r = lightning_interleaved(shapes["lightning"], a.interleave, a.steps)
+        ov, on, off = r["ratios"], r["on"], r["off"]
+        print(f"\nlightning, one run of {a.steps} steps, callback on/off every {a.interleave} steps "
+              f"({r['segments']} segments, {len(ov)} neighbouring on/off pairs)\n")
+        print("| ms/step on (median) | ms/step off (median) | overhead, median over pairs | mean on / mean off − 1 "
+              "| spread of off segments | B_simple logged (last) |")
+        print("|---|---|---|---|---|---|")
+        spread = (max(off) - min(off)) / statistics.median(off)
+        last = f"{r['readings'][-1]:.3g}" if r["readings"] else "none"
+        print(f"| {1e3 * statistics.median(on):.2f} | {1e3 * statistics.median(off):.2f} | "
+              f"**{100 * statistics.median(ov):+.2f}%** | {100 * (statistics.fmean(on) / statistics.fmean(off) - 1):+.2f}% "
+              f"| {100 * spread:.1f}% | {last} |")
+        print("overhead per pair:", ", ".join(f"{100 * x:+.1f}%" for x in ov))
+        return
     rows = []
     for fw in a.frameworks.split(","):
         base = shapes[fw]

@@ -82,17 +82,28 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
-def run(a: argparse.Namespace) -> dict:
-    """One training run; returns the step time (seconds) and what the callbacks logged."""
+def build(a: argparse.Namespace) -> tuple[Regression, torch.utils.data.DataLoader]:
+    """The module (LAMB + a cosine schedule in samples) and one epoch of data for ``a.steps`` steps."""
     pl.seed_everything(0, verbose=False)
     n = a.micro_batch * a.accum * a.steps
     X, w = torch.randn(n, 32), torch.randn(32, 1)
     Y = X @ w + 0.5 * torch.randn(n, 1)
     loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(X, Y), batch_size=a.micro_batch, shuffle=True)
-
     global_batch = a.micro_batch * a.accum  # one process here; × world size under DDP
     schedule = Schedule(peak_lr=1e-2, warmup_samples=n // 10, decay="cosine", total_samples=n)
-    model = Regression(a.width, a.depth, 1e-2, schedule, global_batch)
+    return Regression(a.width, a.depth, 1e-2, schedule, global_batch), loader
+
+
+def trainer_for(a: argparse.Namespace, callbacks: list[pl.Callback], accum: int) -> pl.Trainer:
+    return pl.Trainer(accelerator="gpu" if a.gpu else "cpu", devices=1, precision="bf16-mixed" if a.bf16 else "32-true",
+                      max_epochs=1, accumulate_grad_batches=accum, callbacks=callbacks, logger=False,
+                      enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False)
+
+
+def run(a: argparse.Namespace) -> dict:
+    """One training run; returns the step time (seconds) and what the callbacks logged."""
+    model, loader = build(a)
+    n = len(loader.dataset)
     noise = None if a.no_noise else NoiseScaleCallback(every=a.every)
     timer = StepTimer(skip=min(5, a.steps // 2))
     callbacks: list[pl.Callback] = [timer]
@@ -106,9 +117,7 @@ def run(a: argparse.Namespace) -> dict:
         batch_cb = BatchSizeCallback(ramp, micro_batch_size=a.micro_batch, rule="sqrt", noise=noise)
         callbacks.append(batch_cb)
         accum = 1  # the controller sets it from the first step
-    trainer = pl.Trainer(accelerator="gpu" if a.gpu else "cpu", devices=1, precision="bf16-mixed" if a.bf16 else "32-true",
-                         max_epochs=1, accumulate_grad_batches=accum, callbacks=callbacks, logger=False,
-                         enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False)
+    trainer = trainer_for(a, callbacks, accum)
     trainer.fit(model, loader)
     m = trainer.callback_metrics
     out = {"steps": trainer.global_step, "step_time": timer.per_step, "train_loss": float(m["train_loss"]),
