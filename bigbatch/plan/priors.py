@@ -11,6 +11,8 @@ every prior on the inputs given and says which inputs fall outside that range.
 Only fits whose constants could be checked are listed: against the paper itself, or (the
 token-horizon exponent, whose paper text was not reachable) in independent places that agree
 (docs/plan.md, "Priors before any study"). The numbers are the papers'; they are not re-fitted here.
+Three more papers (Zhang et al. 2024 on critical batch size, Shuai et al. 2024, Su et al. 2024) are
+left out until their constants and units can be read from their text (docs/plan.md, "Left out").
 
 Related, but not a prior for a number: for Adam-style optimizers the best LR peaks at
 B = B_noise and falls beyond it (Li et al. 2024, "Surge Phenomenon", Eq. 2 and 15); that
