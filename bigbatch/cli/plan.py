@@ -111,7 +111,7 @@ def format_priors(res) -> str:
             lines.append(f"  {p.name}: {p.formula}{value} ({p.unit}){seq}")
             lines.append(f"    source: {p.source}")
             lines.append(f"    conditions: {p.conditions}")
-            lines.append("    fitted on: " + "; ".join(f"{INPUTS[r.input][1]} {r.text()} ({r.what})" for r in p.ranges)
+            lines.append("    fitted on: " + "; ".join(f"{r.label()[1]} {r.text()} ({r.what})" for r in p.ranges)
                          if p.ranges else "    fitted on: -")
             for m in e.outside:
                 lines.append(f"    OUTSIDE THE FITTED RANGE: {m}; this is an extrapolation")

@@ -8,9 +8,17 @@ records its formula, the paper and place it comes from, the unit of its output, 
 it was fitted under, and the range of inputs it was fitted on; :func:`estimate_priors` evaluates
 every prior on the inputs given and says which inputs fall outside that range.
 
-Only fits whose constants could be checked are listed: against the paper itself, or (the
-token-horizon exponent, whose paper text was not reachable) in independent places that agree
-(docs/plan.md, "Priors before any study"). The numbers are the papers'; they are not re-fitted here.
+Only fits whose constants could be checked are listed: against the paper itself, in independent
+places that agree (the token-horizon exponent, whose paper text was not reachable), or against the
+authors' released data (Zhang et al.'s critical batch size along the Chinchilla path: the reviews of
+the paper quote 93.20 * N^0.47 without units; the authors' notebook gives N in millions and B* in
+sequences of 512, and its steps-to-target data reproduce the five fitted CBS, tests/test_plan_priors.py).
+The numbers are the papers'; they are not re-fitted here (docs/plan.md, "Priors before any study").
+Two more papers (Shuai et al. 2024, Su et al. 2024) are left out until their constants and units can
+be read from their text (docs/plan.md, "Left out").
+
+A fitted range can also bound a ratio of two inputs (``FittedRange(per=...)``): a fit made only
+along D = 20 N flags a --tokens far from that path.
 
 Related, but not a prior for a number: for Adam-style optimizers the best LR peaks at
 B = B_noise and falls beyond it (Li et al. 2024, "Surge Phenomenon", Eq. 2 and 15); that
@@ -39,7 +47,10 @@ INPUTS: dict[str, tuple[str, str]] = {
 
 @dataclass(frozen=True, slots=True)
 class FittedRange:
-    """The span of one input that a fit saw; ``None`` for an end the paper's text does not fix."""
+    """The span of one input that a fit saw; ``None`` for an end the paper's text does not fix.
+
+    With ``per`` set the span is of the ratio ``input / per`` (e.g. training tokens per parameter,
+    for a fit made only along one path through (N, D)); it is checked when both inputs are given."""
 
     input: str
     """A key of :data:`INPUTS` (``params``, ``tokens``, ``target_loss``, ``ref_tokens``)."""
@@ -47,10 +58,30 @@ class FittedRange:
     high: float | None
     what: str
     """Where the range comes from, in a few words."""
+    per: str | None = None
+    """A key of :data:`INPUTS` that ``input`` is divided by, or None for ``input`` itself."""
+
+    def value(self, inputs: Mapping[str, float | None]) -> float | None:
+        """The checked quantity from the inputs given (None when one it needs is missing)."""
+        v = inputs.get(self.input)
+        if v is None:
+            return None
+        if self.per is None:
+            return float(v)
+        d = inputs.get(self.per)
+        return None if d is None else float(v) / float(d)
+
+    def label(self) -> tuple[str, str]:
+        """(the flag or flags, what the quantity is)."""
+        flag, unit = INPUTS[self.input]
+        if self.per is None:
+            return flag, unit
+        per_flag, per_unit = INPUTS[self.per]
+        return f"{flag} / {per_flag}", f"{unit} / {per_unit}"
 
     def outside(self, value: float) -> str | None:
         """A sentence when ``value`` is outside the range, else None."""
-        flag, unit = INPUTS[self.input]
+        flag, unit = self.label()
         if self.low is not None and value < self.low:
             return f"{flag} {value:.3g} is below the fitted range ({self.text()} {unit}; {self.what})"
         if self.high is not None and value > self.high:
@@ -111,7 +142,8 @@ class Estimate:
             "key": p.key, "quantity": p.quantity, "name": p.name, "value": self.value, "unit": p.unit,
             "sequences": self.sequences, "seq_len": seq_len if self.sequences is not None else None,
             "formula": p.formula, "source": p.source, "conditions": p.conditions,
-            "fitted_range": [{"input": r.input, "low": r.low, "high": r.high, "what": r.what} for r in p.ranges],
+            "fitted_range": [{"input": r.input, "per": r.per, "low": r.low, "high": r.high, "what": r.what}
+                             for r in p.ranges],
             "outside_range": list(self.outside), "in_range": self.value is not None and not self.outside,
             "missing_inputs": [INPUTS[k][0] for k in self.missing], "notes": list(p.notes),
         }
@@ -171,6 +203,46 @@ MINICPM_LR = Prior(
     fn=lambda x: 0.01,
 )
 
+# Critical batch size (Zhang et al. 2024), Chinchilla path: per model, steps to a target C4 loss at
+# batches of 64 to 16,384 sequences are fitted as S(B) = a + b/B (least squares on log S), and the
+# CBS is the batch whose steps exceed linear scaling from B = 256 by 20%: a + b/B = 1.2 (a + b/256) 256/B,
+# so B* = b/(5a) + 1.2 * 256. The five CBS are then fitted as 93.20 * N^0.47. Neither the abstract nor
+# the reviews that quote the law state its units; the authors' notebook (plots/chinchilla.ipynb of
+# github.com/hlzhang109/critical-batch-size) does: N in millions of parameters ("Model Size (in M)")
+# and B* in sequences of 512 tokens; tests/test_plan_priors.py recomputes the five CBS from its data.
+ZHANG_SEQ_LEN = 512
+"""Context length of every run behind the Zhang et al. fit; its B* counts sequences of this length."""
+
+ZHANG_CBS = Prior(
+    key="zhang-cbs-chinchilla", quantity="batch_size", name="Critical batch size (Chinchilla path)",
+    source=("Zhang et al. 2024, \"How Does Critical Batch Size Scale in Pre-training?\" (ICLR 2025), "
+            "arXiv:2410.21676: the fit of the critical batch size against model size along the Chinchilla path "
+            "(B* = 93.20 * N^0.47, N in millions, B* in sequences of 512 tokens); units from the authors' "
+            "notebook plots/chinchilla.ipynb (github.com/hlzhang109/critical-batch-size), whose released "
+            "steps-to-target data reproduce the five fitted CBS"),
+    formula="B* = 512 * 93.20 * (N / 1e6)^0.47", unit="tokens per optimizer step",
+    conditions=("AdamW without weight decay (beta1 0.9; beta2 and the weight-averaging decay tuned per batch), "
+                "constant LR after warmup with exponential weight averaging, grad-norm clip 1.0; OLMo-style "
+                "decoder transformers; C4 (GPT-NeoX-20B tokenizer), context 512; N = non-embedding parameters "
+                "(85M = 12 layers of width 768); model and data grown together, D = 20 N tokens; target = one "
+                "C4 validation loss per model (3.42 at 85M to 2.736 at 1.2B), which batch 256 reaches in about "
+                "20 N tokens; CBS = the batch whose steps to it exceed linear scaling from batch 256 by 20%"),
+    needs=("params",),
+    ranges=(FittedRange("params", 8.5e7, 1.2e9, "models of 85M, 151M, 302M, 604M and 1.2B parameters"),
+            FittedRange("tokens", 10.0, 40.0, "Chinchilla path only: every run trains on about 20 tokens per "
+                        "parameter; this law holds where D grows with N", per="params")),
+    fn=lambda x: ZHANG_SEQ_LEN * 93.20 * (x["params"] / 1e6) ** 0.47,
+    notes=("this CBS is where the steps exceed perfect linear scaling from batch 256 by 20%, not McCandlish "
+           "et al.'s B_crit = B_noise (the knee of S(B) = S_min (1 + B_noise / B)) that a study measures: on "
+           "that same curve B* = 0.2 B_noise + 1.2 x 256, a quarter to a third of B_noise for the paper's models",
+           "fitted along the Chinchilla path (D = 20 N), where N and D grow together: the paper finds the CBS "
+           "depends mainly on D rather than N, so this law does not say how it moves with D at a fixed model; "
+           "--tokens more than 2x away from 20 x --params is flagged",
+           "the paper's quoted constants; the authors' notebook fit is 93.197 * N^0.4683, within 2% at 85M-1.2B",
+           "fitted at context 512: the tokens per step are 512 x B*; at another --seq-len the sequences column "
+           "assumes the critical batch is a number of tokens, which this fit does not test"),
+)
+
 # Token horizons (Bjorck et al. 2024): at a fixed model the optimal LR falls with the training
 # horizon as LR*(D) = B * D^-beta. The paper fits B and beta per model size and gives practitioners
 # beta = 0.32 with B taken from an LR tuned at a shorter horizon. Only that exponent is used here:
@@ -199,7 +271,7 @@ TOKEN_HORIZON_LR = Prior(
            "with D, here it is held fixed"),
 )
 
-PRIORS: tuple[Prior, ...] = (STEP_LAW_BATCH, MINICPM_BATCH, STEP_LAW_LR, MINICPM_LR, TOKEN_HORIZON_LR)
+PRIORS: tuple[Prior, ...] = (STEP_LAW_BATCH, MINICPM_BATCH, ZHANG_CBS, STEP_LAW_LR, MINICPM_LR, TOKEN_HORIZON_LR)
 """Every prior, batch sizes first."""
 
 SURGE_NOTE = ("Adam-style optimizers: the best LR peaks at B = B_noise and falls for larger batches (Li et al. "
@@ -235,8 +307,8 @@ def estimate_priors(
     for p in PRIORS:
         missing = tuple(k for k in p.needs if inputs[k] is None)
         value = None if missing else p(**{k: v for k, v in inputs.items() if v is not None})
-        outside = tuple(m for r in p.ranges if inputs[r.input] is not None
-                        for m in [r.outside(float(inputs[r.input]))] if m)
+        outside = tuple(m for r in p.ranges for v in [r.value(inputs)] if v is not None
+                        for m in [r.outside(v)] if m)
         seqs = value / seq_len if (value is not None and seq_len and p.unit.startswith("tokens")) else None
         if value is not None and not math.isfinite(value):
             raise ValueError(f"{p.key}: the formula overflowed for these inputs")
