@@ -65,12 +65,18 @@ def run_process(cmd: list[str]) -> tuple[float, float | None]:
     return float(m.group(1)), (float(b.group(1)) if b else None)
 
 
-def in_process_runner(cmd: list[str]):
-    """A function running the example ``cmd[0]`` with arguments ``cmd[1:]`` (+ extra) in this process."""
-    path = ROOT / cmd[0]
+def load_example(rel: str):
+    """The example script ``rel`` (relative to the repository) as a module."""
+    path = ROOT / rel
     spec = importlib.util.spec_from_file_location(path.stem, path)
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)
+    return mod
+
+
+def in_process_runner(cmd: list[str]):
+    """A function running the example ``cmd[0]`` with arguments ``cmd[1:]`` (+ extra) in this process."""
+    mod = load_example(cmd[0])
 
     def go(extra: list[str]) -> tuple[float, float | None]:
         r = mod.run(mod.parse_args(cmd[1:] + extra))
@@ -95,10 +101,7 @@ def lightning_interleaved(cmd: list[str], segment: int, steps: int) -> dict:
 
     from bigbatch.integrations.lightning import NoiseScaleCallback
 
-    path = ROOT / cmd[0]
-    spec = importlib.util.spec_from_file_location(path.stem, path)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
+    mod = load_example(cmd[0])
     a = mod.parse_args(cmd[1:] + ["--steps", str(steps)])
 
     class Toggle(pl.Callback):
