@@ -3,7 +3,9 @@
 A :class:`Recipe` is a frozen record of the hyperparameters that depend on the batch size.
 :func:`rescale` returns the recipe for a new batch size together with the reason for every
 change. ``k = new batch / old batch``; ``k < 1`` (going down) works too, and every rule is
-invertible: ``rescale(rescale(r, kB), B) == r`` up to rounding.
+invertible: ``rescale(rescale(r, kB), B) == r`` up to rounding. The rules themselves are records
+in :data:`bigbatch.rules.RULES` (what each does to the LR, the warmup, Adam's betas/eps, and its
+paper); ``rescale`` reads the record.
 
 =============  ==================================  ================  =======================================
 rule           learning rate                       warmup (epochs)   other
@@ -16,6 +18,18 @@ rule           learning rate                       warmup (epochs)   other
 ``none``       same                                same              —
 =============  ==================================  ================  =======================================
 
+Two settings move more than the rule does, each printed with its reason:
+
+* ``weight_decay_rule="timescale"`` keeps AdamW's weight-decay timescale fixed in samples
+  (Wang & Aitchison 2024: τ_iter = 1/(ηλ) steps; Bergsma et al. 2025: τ = B/(ηλD) of the data):
+  λ' = λ·k·η/η'. Only for decoupled decay multiplied by the LR (``OptimizerInfo.decay_form``:
+  adamw; lamb and merit, whose decay the trust ratio also scales); Adam's, SGD's and LARS's L2
+  decay are refused.
+* ``betas_rule`` moves Adam's betas by ``"sde"`` (Malladi et al.: 1−β' = k(1−β), both betas; the
+  default of ``adam-sqrt``) or ``"half-life"`` (Marek et al. 2025: β₂' = β₂^k, the half-life of
+  β₂ in samples kept; β₁ unchanged). Where the two give β half-lives more than
+  :data:`BETAS_DIFFER` apart, the betas' reason names the other one's values.
+
 With ``b_noise`` given, :func:`rescale` checks the "surge" of Li et al. 2024 (*Surge Phenomenon
 in Optimal Learning Rate and Batch Size Scaling*, Eq. 2): for Adam-style optimizers the best LR is
 ε_max / (½(√(B_noise/B) + √(B/B_noise))), which peaks at B = B_noise (their Eq. 15) and falls
@@ -23,8 +37,12 @@ beyond it, so a square-root rule that grows the batch past B_noise overshoots; t
 then carries a note saying by how much (:func:`surge_lr_factor`).
 
 Under every rule the model-EMA decay follows the EMA scaling rule ρ → ρ^k (Busbridge et al.
-2023, "How to Scale Your EMA", EMA scaling rule), and the Power scheduler's coefficient ``a`` scales
-like η (Shen et al. 2024 make it proportional to the batch size).
+2023, "How to Scale Your EMA", EMA scaling rule) — the same map as β₂'s half-life rule
+(:func:`half_life_decay`) — and the Power scheduler's coefficient ``a`` scales like η (Shen et
+al. 2024 make it proportional to the batch size).
+
+:func:`seesaw_schedule` turns a recipe's LR decay into batch growth (Meterez et al. 2025, Seesaw):
+a batch schedule in the form ``--batch-schedule`` reads, to run with the sqrt (or linear) rule.
 
 The recipe's lengths are in epochs (``dataset_size`` samples each), so the schedule is
 batch-size invariant in samples; :class:`ScalingPlan` is the per-step helper a training loop
@@ -41,23 +59,31 @@ from typing import Any
 from bigbatch._checks import check_choice, check_int_positive, check_positive
 from bigbatch.optim.factory import OPTIMIZERS, optimizer_info
 from bigbatch.recipe import _NEEDS_BUDGET, Recipe
+from bigbatch.rules import RULES, SURGE_RULES, RuleInfo
 
 __all__ = [
-    "RULES", "Recipe", "Change", "Rescaled", "ScalingPlan",
+    "RULES", "RuleInfo", "Recipe", "Change", "Rescaled", "ScalingPlan",
     "rescale", "default_rule", "family", "lr_factor", "surge_lr_factor", "SURGE_RULES",
+    "WEIGHT_DECAY_RULES", "BETAS_RULES", "BETAS_DIFFER", "half_life_decay", "sde_decay", "half_life_samples",
+    "weight_decay_timescale", "Seesaw", "seesaw_schedule",
 ]
 
-SURGE_RULES = ("sqrt", "adam-sqrt")
-"""The square-root rules whose LR the surge check compares with Li et al. 2024's curve."""
-
-RULES: dict[str, str] = {
-    "linear": "Goyal et al. 2017, linear scaling rule (§2.1)",
-    "sqrt": "Krizhevsky 2014, square-root scaling ('One weird trick')",
-    "legw": "You et al. 2019, LEGW: sqrt LR scaling with linear-epoch gradual warmup",
-    "adam-sqrt": "Malladi et al. 2022, SDE square-root scaling rule for Adam",
-    "none": "no scaling",
+WEIGHT_DECAY_RULES: dict[str, str] = {
+    "keep": "weight decay unchanged",
+    "timescale": "Wang & Aitchison 2024 (arXiv:2405.13698) and Bergsma et al. 2025 (arXiv:2505.13738): "
+                 "the AdamW timescale 1/(lr*wd) steps kept fixed in samples",
 }
-"""Rule name → the paper it comes from."""
+"""``weight_decay_rule`` → what it does (``rescale``, ``bigbatch scale --weight-decay-rule``)."""
+
+BETAS_RULES: dict[str, str] = {
+    "sde": "Malladi et al. 2022, SDE rule: 1 - beta x k for beta1 and beta2",
+    "half-life": "Marek et al. 2025 (arXiv:2507.07101): beta2 -> beta2^k, its half-life in samples kept; beta1 unchanged",
+}
+"""``betas_rule`` → what it does (``rescale``, ``bigbatch scale --betas-rule``)."""
+
+BETAS_DIFFER = 0.10
+"""Where the SDE and half-life rules give a beta whose half-lives (in samples) differ by more than
+this fraction, the betas' reason names the other rule's value."""
 
 
 def family(optimizer: str) -> str:
@@ -90,10 +116,32 @@ class Rescaled:
     k: float
     changes: tuple[Change, ...] = ()
     notes: tuple[str, ...] = ()
+    weight_decay_rule: str = "keep"
+    """What moved the weight decay: ``"keep"`` or ``"timescale"``."""
+    betas_rule: str | None = None
+    """What moved the betas: ``"sde"``, ``"half-life"``, or None (kept)."""
 
     @property
     def new(self) -> Recipe:
         return self.recipe
+
+    def timescales(self) -> dict[str, float | None]:
+        """The weight-decay timescale batch/(lr·wd) in samples, old and new (None without decay)."""
+        def tau(r: Recipe) -> float | None:
+            t = weight_decay_timescale(r.lr, r.weight_decay, r.batch_size)
+            return None if math.isinf(t) else t
+        return {"old": tau(self.old), "new": tau(self.recipe)}
+
+    def beta_half_lives(self) -> dict[str, list[float]] | None:
+        """Half-lives of β₁ and β₂ in samples, old and new (None for an optimizer without betas)."""
+        info = optimizer_info(self.old.optimizer)
+        if info.family != "adam":
+            return None
+        out = {}
+        for key, r in (("old", self.old), ("new", self.recipe)):
+            betas = r.betas if r.betas is not None else (info.default("betas") or OPTIMIZERS["adam"].default("betas"))
+            out[key] = [half_life_samples(b, r.batch_size) for b in betas]
+        return out
 
     @property
     def reasons(self) -> list[str]:
@@ -107,6 +155,10 @@ class Rescaled:
             "reasons": self.reasons,
             "changes": [{"field": c.field, "old": c.old, "new": c.new, "reason": c.reason} for c in self.changes],
             "notes": list(self.notes),
+            "weight_decay_rule": self.weight_decay_rule,
+            "betas_rule": self.betas_rule,
+            "weight_decay_timescale_samples": self.timescales(),
+            "beta_half_life_samples": self.beta_half_lives(),
         }
 
 
@@ -135,7 +187,39 @@ def lr_factor(rule: str, k: float) -> float:
     """The LR multiplier of ``rule`` for a batch ratio ``k``."""
     check_choice("rule", rule, RULES)
     check_positive("k", k)
-    return {"linear": k, "none": 1.0}.get(rule, math.sqrt(k))
+    return RULES[rule].lr_factor(k)
+
+
+def half_life_decay(rho: float, k: float) -> float:
+    """``rho ** k``: an EMA decay per step moved to steps ``k`` times as large, keeping its half-life
+    in samples. The EMA scaling rule (Busbridge et al. 2023) for a model EMA, and the β₂ rule of
+    Marek et al. 2025 for Adam: one function for both."""
+    check_positive("k", k)
+    return float(rho) ** k
+
+
+def sde_decay(beta: float, k: float) -> float:
+    """``1 - k(1 - beta)``: Malladi et al. 2022's SDE rule for an Adam beta (first order in 1-β of
+    :func:`half_life_decay`; it leaves [0, 1) once k ≥ 1/(1-β))."""
+    check_positive("k", k)
+    return 1.0 - k * (1.0 - float(beta))
+
+
+def half_life_samples(beta: float, batch_size: float) -> float:
+    """Samples after which an EMA with decay ``beta`` per step of ``batch_size`` samples has halved
+    a reading: ``batch_size · ln(1/2) / ln(beta)`` (0 for beta = 0)."""
+    if beta <= 0.0:
+        return 0.0
+    return batch_size * math.log(0.5) / math.log(beta)
+
+
+def weight_decay_timescale(lr: float, weight_decay: float, batch_size: float) -> float:
+    """The AdamW timescale in samples, ``batch_size / (lr · weight_decay)``: Wang & Aitchison 2024's
+    τ_iter = 1/(ηλ) steps times the samples per step (Bergsma et al. 2025's τ = B/(ηλD) is this
+    divided by the dataset size D). Infinite when weight_decay is 0."""
+    if weight_decay == 0:
+        return math.inf
+    return batch_size / (lr * weight_decay)
 
 
 def surge_lr_factor(batch_from: float, batch_to: float, b_noise: float) -> float:
@@ -183,26 +267,39 @@ def _warp(x: float, w_old: float, w_new: float, total: float) -> float:
     return w_new + (x - w_old) * (total - w_new) / (total - w_old)
 
 
-def rescale(recipe: Recipe, batch_size: int, rule: str | None = None, *, b_noise: float | None = None) -> Rescaled:
+def rescale(
+    recipe: Recipe, batch_size: int, rule: str | None = None, *, b_noise: float | None = None,
+    weight_decay_rule: str = "keep", betas_rule: str | None = None,
+) -> Rescaled:
     """``recipe`` moved to ``batch_size`` by ``rule`` (default: :func:`default_rule` of the optimizer).
 
     ``b_noise`` (samples, e.g. a study's B_crit) turns on the surge check of Li et al. 2024: a
     note, starting ``WARNING:`` when an Adam-family recipe is scaled by a square-root rule up to a
-    batch past B_noise, where that rule overshoots the best LR. Without it no such check is made."""
+    batch past B_noise, where that rule overshoots the best LR. Without it no such check is made.
+
+    ``weight_decay_rule``: ``"keep"`` (default) or ``"timescale"`` (λ' = λ·k·η/η', the AdamW
+    timescale kept in samples; refused for an optimizer whose decay is L2 or undeclared).
+    ``betas_rule``: None (the rule's own: SDE under adam-sqrt, betas kept otherwise), ``"sde"`` or
+    ``"half-life"`` (see the module docstring); an explicit one needs an Adam-family optimizer."""
     if not isinstance(recipe, Recipe):
         raise ValueError(f"recipe must be a bigbatch.scaling.Recipe, got {type(recipe).__name__}")
     new_b = check_int_positive("batch_size", batch_size)
     if b_noise is not None:
         check_positive("b_noise", b_noise)
+    check_choice("weight_decay_rule", weight_decay_rule, WEIGHT_DECAY_RULES)
+    if betas_rule is not None:
+        check_choice("betas_rule", betas_rule, BETAS_RULES)
     notes: list[str] = []
     if rule is None:
         rule = default_rule(recipe.optimizer)
-        notes.append(f"rule {rule!r} is the default for optimizer {recipe.optimizer!r} ({RULES[rule]})")
+        notes.append(f"rule {rule!r} is the default for optimizer {recipe.optimizer!r} ({RULES[rule].paper})")
     check_choice("rule", rule, RULES)
+    info = RULES[rule]
+    opt = optimizer_info(recipe.optimizer)
     k = new_b / recipe.batch_size
-    src = RULES[rule]
-    f = lr_factor(rule, k)
-    how = {"linear": "x k", "none": "unchanged"}.get(rule, "x sqrt(k)")
+    src = info.paper
+    f = info.lr_factor(k)
+    how = info.lr_how
     changes = [Change("batch_size", recipe.batch_size, new_b, f"k = {new_b}/{recipe.batch_size} = {k:.6g}")]
     upd: dict[str, Any] = {"batch_size": new_b, "lr": recipe.lr * f}
     changes.append(Change("lr", recipe.lr, upd["lr"], f"{how}: {src}"))
@@ -210,66 +307,146 @@ def rescale(recipe: Recipe, batch_size: int, rule: str | None = None, *, b_noise
         upd["power_a"] = recipe.power_a * f
         changes.append(Change("power_a", recipe.power_a, upd["power_a"], f"{how}, like lr: Shen et al. 2024 take a proportional to the batch size"))
 
-    if rule == "legw":
-        w_new = recipe.warmup_epochs * k
-        upd["warmup_epochs"] = w_new
-        changes.append(Change("warmup_epochs", recipe.warmup_epochs, w_new, f"x k: {src}"))
-        T = recipe.budget_epochs
-        if T is not None and w_new > T:
-            raise ValueError(
-                f"legw: warmup_epochs {recipe.warmup_epochs:g} x k={k:g} = {w_new:g} is longer than budget_epochs {T:g}"
-            )
-        stretched = recipe.schedule in ("multistep", "exp")
-        if stretched and T is None:
-            notes.append(f"{recipe.schedule} decay not stretched: budget_epochs unknown")
-        elif recipe.schedule == "multistep":
-            ms = tuple(_warp(m, recipe.warmup_epochs, w_new, T) for m in recipe.milestones)
-            upd["milestones"] = ms
-            changes.append(Change("milestones", recipe.milestones, ms, "post-warmup part stretched onto [new warmup, budget] (You et al. 2019: decay stretched in epochs)"))
-        elif recipe.schedule == "exp" and T > w_new and T > recipe.warmup_epochs:
-            g = recipe.exp_gamma ** ((T - recipe.warmup_epochs) / (T - w_new))
-            upd["exp_gamma"] = g
-            changes.append(Change("exp_gamma", recipe.exp_gamma, g, "same total decay over the shorter/longer post-warmup span (You et al. 2019)"))
-        elif recipe.schedule in _NEEDS_BUDGET:
-            notes.append(f"{recipe.schedule} decay runs from the new warmup end to the budget: stretched automatically")
+    if info.warmup == "scaled":
+        _stretch_warmup(recipe, k, src, rule, upd, changes, notes)
     else:
         changes.append(Change("warmup_epochs", recipe.warmup_epochs, recipe.warmup_epochs, f"same epochs: {src}"))
 
-    if rule == "adam-sqrt":
-        info = optimizer_info(recipe.optimizer)
-        if info.family != "adam":
-            adams = ", ".join(n for n, i in OPTIMIZERS.items() if i.family == "adam")
-            raise ValueError(f"rule 'adam-sqrt' needs an Adam-family optimizer ({adams}), got {recipe.optimizer!r}")
-        betas, eps = recipe.betas, recipe.eps
-        dflt_b, dflt_e = info.default("betas") or (0.9, 0.999), info.default("eps") or 1e-8
-        if betas is None:
-            betas = tuple(dflt_b)
-            notes.append(f"betas not set: {recipe.optimizer} default {tuple(dflt_b)} assumed")
-        if eps is None:
-            eps = dflt_e
-            notes.append(f"eps not set: {recipe.optimizer} default {dflt_e:g} assumed")
-        nb = []
-        for i, b in enumerate(betas):
-            nbi = 1.0 - (1.0 - b) * k
-            if not 0.0 <= nbi < 1.0:
-                raise ValueError(
-                    f"adam-sqrt: beta{i + 1} = 1 - (1 - {b:g}) x k={k:g} = {nbi:g} is outside [0, 1); "
-                    f"this rule allows batch_size <= {math.floor(recipe.batch_size / (1.0 - b) + 1e-9)} for beta{i + 1}={b:g}"
-                )
-            nb.append(nbi)
-        upd["betas"] = (nb[0], nb[1])
+    if info.adam_hparams and opt.family != "adam":
+        adams = ", ".join(n for n, i in OPTIMIZERS.items() if i.family == "adam")
+        raise ValueError(f"rule {rule!r} needs an Adam-family optimizer ({adams}), got {recipe.optimizer!r}")
+    if betas_rule is not None and opt.family != "adam":
+        raise ValueError(f"betas_rule {betas_rule!r} needs an Adam-family optimizer (one that takes betas); "
+                         f"optimizer {recipe.optimizer!r} is of the {opt.family} family")
+    mode = betas_rule if betas_rule is not None else ("sde" if info.adam_hparams else None)
+    if mode is not None:
+        betas = _filled(recipe, opt, "betas", notes)
+        upd["betas"] = _move_betas(betas, k, mode, recipe.batch_size)
+        reason = (f"1 - beta x k: {src if betas_rule is None else 'Malladi et al. 2022, SDE rule'}" if mode == "sde" else
+                  "beta2^k (its half-life in samples kept), beta1 kept: Marek et al. 2025")
+        other = "half-life" if mode == "sde" else "sde"
+        alt = _compare_betas(betas, k, mode, other, recipe.batch_size)
+        if alt:
+            reason += f"; {alt}"
+        changes.append(Change("betas", recipe.betas if recipe.betas is not None else betas, upd["betas"], reason))
+    if info.adam_hparams:
+        eps = _filled(recipe, opt, "eps", notes)
         upd["eps"] = eps / math.sqrt(k)
-        changes.append(Change("betas", recipe.betas if recipe.betas is not None else betas, upd["betas"], f"1 - beta x k: {src}"))
         changes.append(Change("eps", recipe.eps if recipe.eps is not None else eps, upd["eps"], f"/ sqrt(k): {src}"))
 
     if recipe.ema_decay is not None:
-        upd["ema_decay"] = recipe.ema_decay**k
+        upd["ema_decay"] = half_life_decay(recipe.ema_decay, k)
         changes.append(Change("ema_decay", recipe.ema_decay, upd["ema_decay"], "rho^k: Busbridge et al. 2023, EMA scaling rule"))
-    changes.append(Change("weight_decay", recipe.weight_decay, recipe.weight_decay, "unchanged by every rule"))
+    if weight_decay_rule == "timescale":
+        upd["weight_decay"] = _timescale_decay(recipe, opt, k, upd["lr"], notes)
+        changes.append(Change(
+            "weight_decay", recipe.weight_decay, upd["weight_decay"],
+            f"x k*lr/lr' = x{k * recipe.lr / upd['lr']:.6g}: timescale batch/(lr*wd) kept at "
+            f"{_fmt(weight_decay_timescale(recipe.lr, recipe.weight_decay, recipe.batch_size))} samples "
+            "(Wang & Aitchison 2024; Bergsma et al. 2025)"))
+    else:
+        changes.append(Change("weight_decay", recipe.weight_decay, recipe.weight_decay,
+                              "unchanged by every rule (weight_decay_rule 'timescale' moves it)"
+                              if opt.decay_form in ("decoupled", "decoupled-trust") and recipe.weight_decay > 0
+                              else "unchanged by every rule"))
     if b_noise is not None:
         notes.append(_surge_note(recipe, rule, k, new_b, b_noise))
     new = dataclasses.replace(recipe, **upd)
-    return Rescaled(old=recipe, recipe=new, rule=rule, k=k, changes=tuple(changes), notes=tuple(notes))
+    return Rescaled(old=recipe, recipe=new, rule=rule, k=k, changes=tuple(changes), notes=tuple(notes),
+                    weight_decay_rule=weight_decay_rule, betas_rule=mode)
+
+
+def _stretch_warmup(recipe: Recipe, k: float, src: str, rule: str, upd: dict[str, Any], changes: list[Change],
+                    notes: list[str]) -> None:
+    """LEGW: warmup epochs × k, and a multistep/exp decay stretched onto [new warmup end, budget]."""
+    w_new = recipe.warmup_epochs * k
+    upd["warmup_epochs"] = w_new
+    changes.append(Change("warmup_epochs", recipe.warmup_epochs, w_new, f"x k: {src}"))
+    T = recipe.budget_epochs
+    if T is not None and w_new > T:
+        raise ValueError(
+            f"{rule}: warmup_epochs {recipe.warmup_epochs:g} x k={k:g} = {w_new:g} is longer than budget_epochs {T:g}"
+        )
+    stretched = recipe.schedule in ("multistep", "exp")
+    if stretched and T is None:
+        notes.append(f"{recipe.schedule} decay not stretched: budget_epochs unknown")
+    elif recipe.schedule == "multistep":
+        ms = tuple(_warp(m, recipe.warmup_epochs, w_new, T) for m in recipe.milestones)
+        upd["milestones"] = ms
+        changes.append(Change("milestones", recipe.milestones, ms, "post-warmup part stretched onto [new warmup, budget] (You et al. 2019: decay stretched in epochs)"))
+    elif recipe.schedule == "exp" and T > w_new and T > recipe.warmup_epochs:
+        g = recipe.exp_gamma ** ((T - recipe.warmup_epochs) / (T - w_new))
+        upd["exp_gamma"] = g
+        changes.append(Change("exp_gamma", recipe.exp_gamma, g, "same total decay over the shorter/longer post-warmup span (You et al. 2019)"))
+    elif recipe.schedule in _NEEDS_BUDGET:
+        notes.append(f"{recipe.schedule} decay runs from the new warmup end to the budget: stretched automatically")
+
+
+def _filled(recipe: Recipe, opt: Any, key: str, notes: list[str]) -> Any:
+    """The recipe's ``betas``/``eps``, or the optimizer's registry default (said in a note). An
+    optimizer registered without one falls back to torch Adam's, the ``adam`` record's default."""
+    v = getattr(recipe, key)
+    if v is not None:
+        return tuple(v) if key == "betas" else v
+    d = opt.default(key)
+    whose = recipe.optimizer
+    if d is None:
+        d, whose = OPTIMIZERS["adam"].default(key), f"{recipe.optimizer} registers none; torch Adam's"
+    d = tuple(d) if key == "betas" else d
+    notes.append(f"{key} not set: {whose} default {_fmt(d) if key == 'betas' else f'{d:g}'} assumed")
+    return d
+
+
+def _move_betas(betas: tuple[float, float], k: float, mode: str, batch: int) -> tuple[float, float]:
+    if mode == "half-life":
+        return (float(betas[0]), half_life_decay(betas[1], k))
+    nb = []
+    for i, b in enumerate(betas):
+        nbi = sde_decay(b, k)
+        if not 0.0 <= nbi < 1.0:
+            raise ValueError(
+                f"SDE rule: beta{i + 1} = 1 - (1 - {b:g}) x k={k:g} = {nbi:g} is outside [0, 1); "
+                f"this rule allows batch_size <= {math.floor(batch / (1.0 - b) + 1e-9)} for beta{i + 1}={b:g}"
+                " (betas_rule 'half-life' keeps beta1 and moves beta2 to beta2^k instead)"
+            )
+        nb.append(nbi)
+    return (nb[0], nb[1])
+
+
+def _compare_betas(betas: tuple[float, float], k: float, mode: str, other: str, batch: int) -> str:
+    """The other betas rule's values where a beta's half-life differs by more than BETAS_DIFFER."""
+    try:
+        alt = _move_betas(betas, k, other, batch)
+    except ValueError:
+        return f"the {other} rule cannot move these betas by k={k:g} (a beta leaves [0, 1))"
+    mine = _move_betas(betas, k, mode, batch)
+    new_b = batch * k
+    out = []
+    for i in (0, 1):
+        h1, h2 = half_life_samples(mine[i], new_b), half_life_samples(alt[i], new_b)
+        if max(h1, h2) > 0 and abs(h1 - h2) > BETAS_DIFFER * max(h1, h2):
+            out.append(f"beta{i + 1} {_fmt(alt[i])} (half-life {_fmt(h2)} samples against {_fmt(h1)})")
+    if not out:
+        return ""
+    return f"the {other} rule would give {', '.join(out)}, more than {BETAS_DIFFER:.0%} apart"
+
+
+def _timescale_decay(recipe: Recipe, opt: Any, k: float, new_lr: float, notes: list[str]) -> float:
+    """λ' = λ·k·η/η' for decoupled decay; ValueError for L2 or undeclared decay."""
+    if opt.decay_form not in ("decoupled", "decoupled-trust"):
+        why = ("its weight_decay is L2 (added to the gradient before the moments or the momentum buffer), "
+               "which the AdamW timescale does not describe") if opt.decay_form == "l2" else \
+              "its registry record does not declare how it applies weight_decay (OptimizerInfo.decay_form)"
+        raise ValueError(
+            f"weight_decay_rule 'timescale' needs decoupled weight decay (adamw, lamb, merit); optimizer "
+            f"{recipe.optimizer!r}: {why}; use weight_decay_rule 'keep'")
+    if recipe.weight_decay == 0:
+        notes.append("weight_decay_rule 'timescale': weight_decay is 0, nothing to move")
+    if opt.decay_form == "decoupled-trust":
+        notes.append(f"{recipe.optimizer}: the decay sits inside the trust-ratio update (w <- w - lr*r*(u + wd*w)), "
+                     "so its timescale is 1/(lr*r*wd) steps; the timescale rule keeps it only if the trust ratio r "
+                     "is the same at both batch sizes")
+    return recipe.weight_decay * k * recipe.lr / new_lr
 
 
 class ScalingPlan:
@@ -279,18 +456,22 @@ class ScalingPlan:
     ``plan.lr_at(samples_seen, batch_size)`` costs a dict lookup and a few float operations.
     """
 
-    def __init__(self, base: Recipe, rule: str | None = None) -> None:
+    def __init__(self, base: Recipe, rule: str | None = None, *, weight_decay_rule: str = "keep",
+                 betas_rule: str | None = None) -> None:
         if not isinstance(base, Recipe):
             raise ValueError(f"base must be a bigbatch.scaling.Recipe, got {type(base).__name__}")
         self.base = base
         self.rule = default_rule(base.optimizer) if rule is None else check_choice("rule", rule, RULES)
+        self.weight_decay_rule = check_choice("weight_decay_rule", weight_decay_rule, WEIGHT_DECAY_RULES)
+        self.betas_rule = None if betas_rule is None else check_choice("betas_rule", betas_rule, BETAS_RULES)
         self._cache: dict[int, Rescaled] = {}
 
     def rescaled(self, batch_size: int) -> Rescaled:
         """The full :class:`Rescaled` (with reasons) for ``batch_size``."""
         r = self._cache.get(batch_size)
         if r is None:
-            r = self._cache[batch_size] = rescale(self.base, batch_size, self.rule)
+            r = self._cache[batch_size] = rescale(self.base, batch_size, self.rule, weight_decay_rule=self.weight_decay_rule,
+                                                  betas_rule=self.betas_rule)
         return r
 
     def recipe_for(self, batch_size: int) -> Recipe:
@@ -300,7 +481,11 @@ class ScalingPlan:
         return self.recipe_for(batch_size).lr_at(samples_seen)
 
     def hparams_for(self, batch_size: int) -> dict[str, Any]:
-        """Optimizer hyperparameters other than ``lr`` at ``batch_size`` (momentum/betas/eps/weight_decay)."""
+        """Optimizer hyperparameters other than ``lr`` at ``batch_size`` (momentum/betas/eps/weight_decay).
+
+        The reference trainer sets momentum/betas/eps from here when the batch changes, never
+        weight_decay (and it builds its plan with weight_decay_rule ``keep``): a library loop that
+        uses ``weight_decay_rule="timescale"`` sets ``weight_decay`` itself."""
         d = self.recipe_for(batch_size).optimizer_hparams()
         d.pop("lr")
         return d

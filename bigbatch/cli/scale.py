@@ -22,6 +22,8 @@ from bigbatch._config import ConfigMixin
 from bigbatch.cli._fields import Flag, build_command, flag_errors, flags_for
 from bigbatch._files import check_output_file, writing
 from bigbatch.recipe import Recipe
+from bigbatch.rules import RULES
+from bigbatch.scaling import BETAS_RULES, WEIGHT_DECAY_RULES
 
 __all__ = [
     "register", "scale_command", "scale_flags", "ScaleConfig", "recipe_from_options", "format_table", "plot_schedules",
@@ -42,6 +44,12 @@ class ScaleConfig(ConfigMixin):
     b_noise: float | None = None
     """Noise scale B_noise in samples (e.g. B_crit from ``bigbatch study``): warn when an Adam-family recipe is
     scaled by sqrt/adam-sqrt past it, where the best LR falls (Li et al. 2024, Surge). Not given: no such check."""
+    weight_decay_rule: str = "keep"
+    """keep, or timescale: move the weight decay so that AdamW's timescale batch/(lr*wd) stays fixed in samples,
+    wd' = wd*k*lr/lr' (Wang & Aitchison 2024; Bergsma et al. 2025). Decoupled decay only (adamw, lamb, merit)."""
+    betas_rule: str | None = None
+    """sde (1 - beta x k, both betas: Malladi et al. 2022) or half-life (beta2^k, beta1 kept: Marek et al. 2025);
+    default: the rule's own (sde under adam-sqrt, betas kept otherwise). Adam-family optimizers only."""
     recipe: str | None = None
     """TOML file with Recipe fields (top-level keys or a [recipe] table); flags override it."""
     json: bool = False
@@ -53,8 +61,6 @@ class ScaleConfig(ConfigMixin):
 
     def resolve(self) -> "ScaleConfig":
         """Check every field; a bad value raises ``ValueError`` naming the field. Returns ``self``."""
-        from bigbatch.scaling import RULES
-
         if self.to_batch is None:
             raise ValueError("to_batch is required (the batch size to move the recipe to)")
         check_int_positive("to_batch", self.to_batch)
@@ -62,6 +68,9 @@ class ScaleConfig(ConfigMixin):
             check_choice("rule", self.rule, RULES)
         if self.b_noise is not None:
             check_positive("b_noise", self.b_noise)
+        check_choice("weight_decay_rule", self.weight_decay_rule, WEIGHT_DECAY_RULES)
+        if self.betas_rule is not None:
+            check_choice("betas_rule", self.betas_rule, BETAS_RULES)
         return self
 
 
@@ -167,7 +176,7 @@ def _run(given: dict[str, Any]) -> None:
         plot = None if cfg.plot is None else check_output_file(Path(cfg.plot), "--plot")
         recipe = None if cfg.recipe is None else Path(cfg.recipe)
         res = rescale(recipe_from_options(recipe, {k: v for k, v in given.items() if k not in own}), cfg.to_batch, cfg.rule,
-                      b_noise=cfg.b_noise)
+                      b_noise=cfg.b_noise, weight_decay_rule=cfg.weight_decay_rule, betas_rule=cfg.betas_rule)
     if out is not None:
         with writing("--out", out):
             out.write_text(res.recipe.to_toml())

@@ -15,13 +15,11 @@ import torch
 
 from bigbatch._checks import check_int_positive
 from bigbatch.recipe import Recipe
+from bigbatch.rules import LR_ONLY_RULES
 from bigbatch.scaling import Rescaled, lr_factor, rescale
 from bigbatch.schedules import SampleLR, Schedule
 
 __all__ = ["global_batch_size", "rescale_for_global_batch", "sample_lr_scheduler", "scale_lrs", "LR_ONLY_RULES", "leading_dim", "MonitorTap"]
-
-LR_ONLY_RULES = ("linear", "sqrt", "none")
-"""Scaling rules that change only the LR, so they can be applied to a running optimizer."""
 
 
 def global_batch_size(per_device_batch: int, accumulation: int = 1, world_size: int = 1) -> int:

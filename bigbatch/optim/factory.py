@@ -44,9 +44,11 @@ from bigbatch.optim.groups import param_groups
 from bigbatch.optim.lamb import LAMB
 from bigbatch.optim.lars import LARS
 from bigbatch.optim.merit import MERIT
+from bigbatch.rules import RULES
 
 __all__ = [
     "FAMILIES",
+    "DECAY_FORMS",
     "OptimizerInfo",
     "OPTIMIZERS",
     "ENTRY_POINT_GROUP",
@@ -60,6 +62,14 @@ FAMILIES: dict[str, tuple[str, ...]] = {"sgd": ("momentum",), "adam": ("betas", 
 """Family → the hyperparameters a scaling rule may set on optimizers of that family."""
 
 _FAMILY_RULE: dict[str, str | None] = {"sgd": "linear", "adam": "adam-sqrt", "other": None}
+DECAY_FORMS: dict[str, str] = {
+    "decoupled": "decoupled from the moments and multiplied by the LR: w <- w - lr*wd*w each step (torch AdamW)",
+    "decoupled-trust": "decoupled from the moments, inside the update the trust ratio scales: w <- w - lr*r*(u + wd*w)",
+    "l2": "L2: wd*w added to the gradient before the moments or the momentum buffer",
+    "unknown": "not declared by its registry record",
+}
+"""How an optimizer applies ``weight_decay`` (``OptimizerInfo.decay_form``); the weight-decay timescale
+rule (:func:`bigbatch.scaling.rescale`, ``weight_decay_rule="timescale"``) moves only the first two."""
 ENTRY_POINT_GROUP = "bigbatch.optimizers"
 
 
@@ -86,6 +96,9 @@ class OptimizerInfo:
     fused: bool = False
     """It has a fused path, chosen with ``fused=``."""
     paper: str = ""
+    decay_form: str = "unknown"
+    """How it applies ``weight_decay``: a key of :data:`DECAY_FORMS` (``decoupled``, ``decoupled-trust``,
+    ``l2``, ``unknown``)."""
 
     def __post_init__(self) -> None:
         if not self.name or not isinstance(self.name, str):
@@ -93,6 +106,7 @@ class OptimizerInfo:
         if not callable(self.build):
             raise ValueError(f"optimizer {self.name!r}: build must be callable, got {self.build!r}")
         check_choice("optimizer family", self.family, FAMILIES)
+        check_choice("decay_form", self.decay_form, DECAY_FORMS)
         # A read-only copy: the record is frozen, its defaults must not change under it either.
         object.__setattr__(self, "defaults", MappingProxyType(dict(self.defaults)))
 
@@ -122,29 +136,35 @@ def _add(info: OptimizerInfo) -> OptimizerInfo:
 _add(OptimizerInfo(
     "sgd", torch.optim.SGD, "sgd", "linear", {"momentum": 0.9}, "SGD with (heavy-ball) momentum",
     foreach=True, fused=True, paper="Goyal et al. 2017 (linear scaling rule)",
+    decay_form="l2",
 ))
 _add(OptimizerInfo(
     "adam", torch.optim.Adam, "adam", "adam-sqrt", {"betas": (0.9, 0.999), "eps": 1e-8}, "Adam (L2 weight decay)",
     foreach=True, fused=True, paper="Kingma & Ba 2015",
+    decay_form="l2",
 ))
 _add(OptimizerInfo(
     "adamw", torch.optim.AdamW, "adam", "adam-sqrt", {"betas": (0.9, 0.999), "eps": 1e-8},
     "AdamW (decoupled weight decay)", foreach=True, fused=True, paper="Loshchilov & Hutter 2019",
+    decay_form="decoupled",
 ))
 _add(OptimizerInfo(
     "lars", LARS, "sgd", "legw", {"momentum": 0.9, "trust_coefficient": 0.001, "eps": 1e-8},
     "LARS: layer-wise trust ratio on SGD with momentum", layerwise=True, foreach=True, fused=True,
     paper="You, Gitman, Ginsburg 2017 (arXiv:1708.03888)",
+    decay_form="l2",
 ))
 _add(OptimizerInfo(
     "lamb", LAMB, "adam", "sqrt", {"betas": (0.9, 0.999), "eps": 1e-6},
     "LAMB: layer-wise trust ratio on Adam", layerwise=True, foreach=True, fused=True,
     paper="You et al. 2019 (arXiv:1904.00962), Algorithm 2",
+    decay_form="decoupled-trust",
 ))
 _add(OptimizerInfo(
     "merit", MERIT, "adam", "sqrt", {"betas": (0.9, 0.999), "eps": 1e-6},
     "MERIT: element-wise max-norm trust ratio on Adam", layerwise=True, foreach=True, fused=True,
     paper="Luo et al. 2025 (ICML), Algorithm 1",
+    decay_form="decoupled-trust",
 ))
 
 
@@ -236,8 +256,6 @@ def register_optimizer(info: OptimizerInfo | str, *, name: str | None = None, ov
     elif name is not None:
         info = dataclasses.replace(info, name=name)
     if info.default_rule is not None:
-        from bigbatch.scaling import RULES  # here, not at import: scaling imports this module
-
         check_choice("default_rule", info.default_rule, RULES)
     old = OPTIMIZERS.get(info.name)
     if old is not None and old != info and not overwrite:

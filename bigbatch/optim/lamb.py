@@ -85,7 +85,8 @@ class LAMB(TrustRatioOptimizer):
     Args:
         params: parameters or param groups (see :func:`bigbatch.optim.param_groups`).
         lr: learning rate (> 0). betas: (β1, β2) in [0, 1). eps: ε > 0 added to √v̂.
-        weight_decay: λ ≥ 0, decoupled, inside the trust-ratio numerator's update ``u``.
+        weight_decay: λ ≥ 0 (default 0, as MERIT, LARS and ``create_optimizer("lamb")``; BERT used
+            0.01), decoupled, inside the trust-ratio numerator's update ``u``.
         bias_correction: divide the moments by (1−β^t) (Alg. 2 does; BERT's code did not).
         trust_clip: ``(γ_l, γ_u)`` to clamp ‖w‖ (φ of the paper); None for the identity.
         grad_prenorm: global gradient-norm bound applied before the moments, or None.
@@ -104,7 +105,7 @@ class LAMB(TrustRatioOptimizer):
         lr: float = 1e-3,
         betas: tuple[float, float] = (0.9, 0.999),
         eps: float = 1e-6,
-        weight_decay: float = 0.01,
+        weight_decay: float = 0.0,
         *,
         bias_correction: bool = True,
         trust_clip: tuple[float, float] | None = None,

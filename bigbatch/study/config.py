@@ -12,11 +12,12 @@ from bigbatch._checks import (
     check_positive,
 )
 from bigbatch._config import ConfigMixin
+from bigbatch.rules import rule_names
 
 __all__ = ["StudyConfig", "RULES", "EXECUTORS"]
 
 #: Scaling rules the trainer applies from ``base_batch_size`` to each cell's batch size.
-RULES = ("linear", "sqrt", "none", "legw", "adam-sqrt")
+RULES = rule_names()
 
 #: Where a study's cells run (``StudyConfig.executor``).
 EXECUTORS = ("local", "ray")
