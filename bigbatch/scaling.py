@@ -489,3 +489,174 @@ class ScalingPlan:
         d = self.recipe_for(batch_size).optimizer_hparams()
         d.pop("lr")
         return d
+
+
+# -- Seesaw: LR decay turned into batch growth ------------------------------------------------
+_SEESAW_GRID = 4096
+
+
+@dataclass(frozen=True, slots=True)
+class Seesaw:
+    """A batch schedule that replaces a recipe's LR decay by batch growth (:func:`seesaw_schedule`).
+
+    Train it with the recipe's LR schedule unchanged, ``--batch-schedule`` = :meth:`text`, and
+    ``rule`` from the recipe's batch: the LR the trainer then uses is
+    ``schedule(n) · rule_factor(batch(n) / recipe.batch_size)`` (:meth:`lr_at`)."""
+
+    recipe: Recipe
+    """The recipe whose decay was cut (its ``batch_size`` is the schedule's first batch)."""
+    rule: str
+    """The rule to train it with: ``sqrt`` (Seesaw, Adam) or ``linear`` (Smith et al. 2017, SGD)."""
+    schedule: tuple[tuple[int, int], ...]
+    """``(samples, batch)`` thresholds, the first at 0 (``bigbatch.adaptive.parse_batch_schedule``'s form)."""
+    cuts: tuple[float, ...]
+    """The base LR's fraction of its peak that each threshold stands for (1, 1/2, 1/4, … for halvings)."""
+    notes: tuple[str, ...] = ()
+
+    def batch_at(self, samples: float) -> int:
+        """The schedule's batch after ``samples`` samples."""
+        b = self.schedule[0][1]
+        for s, nb in self.schedule:
+            if samples >= s:
+                b = nb
+        return b
+
+    def lr_at(self, samples: float) -> float:
+        """The LR a trainer following the schedule under ``rule`` uses after ``samples`` samples."""
+        k = self.batch_at(samples) / self.recipe.batch_size
+        return self.recipe.lr_at(samples) * RULES[self.rule].lr_factor(k)
+
+    def text(self) -> str:
+        """The schedule as a ``--batch-schedule`` file: ``#`` lines saying where it came from, then
+        ``samples:batch`` entries."""
+        head = [f"# Seesaw (Meterez et al. 2025, arXiv:2510.14717): the {self.recipe.schedule} decay of a recipe at batch "
+                f"{self.recipe.batch_size}, lr {self.recipe.lr:g}, turned into batch growth where its LR drops; train with --rule {self.rule} "
+                f"--base-batch-size {self.recipe.batch_size} and the recipe's LR schedule unchanged"]
+        head += [f"# {n}" for n in self.notes]
+        return "\n".join(head) + "\n" + ",".join(f"{s}:{b}" for s, b in self.schedule) + "\n"
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"rule": self.rule, "schedule": [list(p) for p in self.schedule], "cuts": list(self.cuts),
+                "notes": list(self.notes)}
+
+
+def _first_at_or_below(f: Any, level: float, lo: int, hi: int) -> int:
+    """Smallest integer n in (lo, hi] with f(n) <= level, given f(lo) > level >= f(hi), f non-increasing."""
+    while hi - lo > 1:
+        mid = (lo + hi) // 2
+        if f(mid) <= level:
+            hi = mid
+        else:
+            lo = mid
+    return hi
+
+
+def seesaw_schedule(recipe: Recipe, *, rule: str | None = None, b_crit: float | None = None,
+                    max_batch: int | None = None) -> Seesaw:
+    """The Seesaw batch schedule of ``recipe`` (Meterez et al. 2025, "Seesaw", arXiv:2510.14717).
+
+    Seesaw: wherever a step-decay schedule would cut the LR by α, cut it by √α and multiply the
+    batch by α instead (for α = 2: LR × 1/√2, batch × 2). bigbatch's LR is the recipe's schedule in
+    samples times the rule's factor for the current batch, so under the ``sqrt`` rule this is the
+    recipe's schedule left as it is and the batch multiplied by α where the schedule drops by α
+    (½ · √2 = 1/√2); under ``linear`` it is Smith et al. 2017's "don't decay the learning rate,
+    increase the batch size" (½ · 2 = 1).
+
+    Where the thresholds go: a ``multistep`` decay drops by 1/γ at each milestone, and the batch
+    grows by 1/γ there (rounded to an integer batch; a note says where rounding moved it). A
+    continuous decay (cosine, poly, wsd, exp, power) is cut into halvings: the j-th threshold is the
+    first sample at which the schedule's LR is at or below peak·2^-j (peak: its value at the end of
+    warmup), and the batch doubles there; between thresholds the base LR keeps decaying. The cuts
+    stop where the next batch would exceed ``max_batch``, where fewer samples than one step of the
+    new batch remain before the budget, or where the LR no longer halves (a floor min_lr_ratio).
+
+    ``rule``: ``sqrt`` (default for Adam-family optimizers; the Seesaw rule) or ``linear`` (default
+    otherwise). ``b_crit`` (samples, e.g. a study's B_crit): a ``WARNING:`` note where the batch
+    passes it, since Seesaw's equivalence holds only below the critical batch size.
+    """
+    if not isinstance(recipe, Recipe):
+        raise ValueError(f"recipe must be a bigbatch.scaling.Recipe, got {type(recipe).__name__}")
+    if rule is None:
+        rule = "sqrt" if optimizer_info(recipe.optimizer).family == "adam" else "linear"
+    if rule not in ("sqrt", "linear"):
+        raise ValueError(f"seesaw rule must be sqrt or linear (the LR-only rules that grow the LR with the batch), got {rule!r}")
+    if b_crit is not None:
+        check_positive("b_crit", b_crit)
+    if max_batch is not None:
+        check_int_positive("max_batch", max_batch)
+    if recipe.dataset_size is None:
+        raise ValueError("seesaw needs dataset_size (the recipe's epochs placed in samples, where the batch changes)")
+    if recipe.schedule == "constant":
+        raise ValueError("seesaw needs an LR decay to turn into batch growth; schedule 'constant' has none")
+    T = recipe.budget_samples
+    if T is None and max_batch is None:
+        raise ValueError(f"seesaw: schedule {recipe.schedule!r} without budget_epochs decays forever; give max_batch")
+    sched = recipe.to_schedule()
+    W = int(math.ceil(recipe.warmup_samples or 0.0))
+    b0 = recipe.batch_size
+    pairs: list[tuple[int, int]] = [(0, b0)]
+    cuts: list[float] = [1.0]
+    notes: list[str] = []
+    end = T if T is not None else None
+
+    def room(n: int, b: int) -> bool:
+        return (end is None or end - n >= b) and (max_batch is None or b <= max_batch)
+
+    if recipe.schedule == "multistep":
+        g = recipe.gamma
+        if g >= 1.0:
+            raise ValueError(f"seesaw needs a decaying multistep schedule (gamma < 1), got gamma {g:g}")
+        for i, m in enumerate(sched.milestones, start=1):
+            exact = b0 * (1.0 / g) ** i
+            b = max(int(round(exact)), pairs[-1][1])
+            n = int(math.ceil(m))
+            if not room(n, b):
+                break
+            if abs(b - exact) > 1e-9 * exact:
+                notes.append(f"milestone {i}: batch {exact:g} rounded to {b}")
+            pairs.append((n, b))
+            cuts.append(g**i)
+    else:
+        peak = sched(W)
+        hi_n = int(end) if end is not None else None
+        if hi_n is None:  # no budget: search until the batch cap is reached (bounded below)
+            hi_n = W + 1
+            while sched(hi_n) > peak * 2.0 ** -(math.floor(math.log2(max_batch / b0)) + 1) and hi_n < 1 << 62:
+                hi_n *= 2
+        grid = [W + (hi_n - W) * i // _SEESAW_GRID for i in range(_SEESAW_GRID + 1)]
+        vals = [sched(x) for x in grid]
+        j, gi = 1, 0
+        while True:
+            level = peak * 2.0**-j
+            while gi < len(grid) and vals[gi] > level:
+                gi += 1
+            if gi >= len(grid):
+                if j == 1:
+                    raise ValueError(f"seesaw: the {recipe.schedule} schedule never falls to half its peak within "
+                                     "the budget (min_lr_ratio >= 0.5?); nothing to cut")
+                notes.append(f"the LR does not halve again before the budget (floor {vals[-1] / peak:.3g} of the peak)")
+                break
+            n = grid[gi] if gi == 0 else _first_at_or_below(sched, level, grid[gi - 1], grid[gi])
+            b = b0 * 2**j
+            if n <= pairs[-1][0] or not room(n, b):
+                break
+            pairs.append((n, b))
+            cuts.append(2.0**-j)
+            j += 1
+        notes.append(f"{recipe.schedule} decay cut into halvings: batch x2 at the first sample where the LR is at or "
+                     "below peak/2, peak/4, ...; between them the base LR keeps decaying")
+    if len(pairs) == 1:
+        raise ValueError("seesaw: no batch increase fits (the first cut would exceed max_batch or the budget)")
+    if b_crit is None and max_batch is None:
+        notes.append("no B_crit and no max_batch given: the batch grows as long as the decay does; Seesaw holds only "
+                     "below the critical batch size (measure it with bigbatch study)")
+    if b_crit is not None:
+        for n, b in pairs:
+            if b > b_crit:
+                notes.append(f"WARNING: from sample {n} the batch {b} is past the measured B_crit = {b_crit:g}; Seesaw's "
+                             "equivalence of LR decay and batch growth holds below the critical batch size (Meterez et "
+                             "al. 2025), beyond it the larger batch no longer saves steps: cap it with max_batch")
+                break
+    how = "LR x 1/sqrt(2) and batch x 2 per halving" if rule == "sqrt" else "LR held, batch x 2 per halving (Smith et al. 2017)"
+    notes.insert(0, f"rule {rule}: {how}")
+    return Seesaw(recipe=recipe, rule=rule, schedule=tuple(pairs), cuts=tuple(cuts), notes=tuple(notes))

@@ -50,6 +50,13 @@ class ScaleConfig(ConfigMixin):
     betas_rule: str | None = None
     """sde (1 - beta x k, both betas: Malladi et al. 2022) or half-life (beta2^k, beta1 kept: Marek et al. 2025);
     default: the rule's own (sde under adam-sqrt, betas kept otherwise). Adam-family optimizers only."""
+    seesaw: str | None = None
+    """Write the Seesaw batch schedule of the new recipe to this file (Meterez et al. 2025: batch x2 where the LR would
+    halve, trained with --rule sqrt; needs --dataset-size and a decaying --schedule); --batch-schedule reads it."""
+    seesaw_max_batch: int | None = None
+    """Largest batch the --seesaw schedule may reach."""
+    study: str | None = None
+    """Study directory (or its results.json): the --seesaw schedule warns where its batch passes the study's B_crit."""
     recipe: str | None = None
     """TOML file with Recipe fields (top-level keys or a [recipe] table); flags override it."""
     json: bool = False
@@ -69,6 +76,11 @@ class ScaleConfig(ConfigMixin):
         if self.b_noise is not None:
             check_positive("b_noise", self.b_noise)
         check_choice("weight_decay_rule", self.weight_decay_rule, WEIGHT_DECAY_RULES)
+        if self.seesaw_max_batch is not None:
+            check_int_positive("seesaw_max_batch", self.seesaw_max_batch)
+        if self.seesaw is None and (self.seesaw_max_batch is not None or self.study is not None):
+            raise ValueError(f"{'seesaw_max_batch' if self.seesaw_max_batch is not None else 'study'} is read only "
+                             "when seesaw is given (the file the Seesaw batch schedule is written to)")
         if self.betas_rule is not None:
             check_choice("betas_rule", self.betas_rule, BETAS_RULES)
         return self
@@ -166,6 +178,18 @@ def scale_flags() -> list[Flag]:
     return flags_for(ScaleConfig) + flags_for(Recipe, decls=FLAG_NAMES)
 
 
+def _seesaw(cfg: ScaleConfig, res):
+    """The Seesaw schedule of the new recipe, checked against --b-noise or the study's B_crit."""
+    from bigbatch.scaling import seesaw_schedule
+
+    b_crit = cfg.b_noise
+    if cfg.study is not None:
+        from bigbatch.plan.study import read_study
+
+        b_crit = read_study(cfg.study).hardest().b_crit
+    return seesaw_schedule(res.recipe, b_crit=b_crit, max_batch=cfg.seesaw_max_batch)
+
+
 def _run(given: dict[str, Any]) -> None:
     from bigbatch.scaling import rescale
 
@@ -177,20 +201,30 @@ def _run(given: dict[str, Any]) -> None:
         recipe = None if cfg.recipe is None else Path(cfg.recipe)
         res = rescale(recipe_from_options(recipe, {k: v for k, v in given.items() if k not in own}), cfg.to_batch, cfg.rule,
                       b_noise=cfg.b_noise, weight_decay_rule=cfg.weight_decay_rule, betas_rule=cfg.betas_rule)
+        seesaw_out = None if cfg.seesaw is None else check_output_file(Path(cfg.seesaw), "--seesaw")
+        if seesaw_out is not None and seesaw_out.exists():
+            raise ValueError(f"seesaw {seesaw_out} exists; remove it or name another file (a schedule is not overwritten)")
+        seesaw = None if seesaw_out is None else _seesaw(cfg, res)
     if out is not None:
         with writing("--out", out):
             out.write_text(res.recipe.to_toml())
     if plot is not None:
         with writing("--plot", plot):
             plot_schedules(res, plot)
+    if seesaw is not None:
+        with writing("--seesaw", seesaw_out):
+            seesaw_out.write_text(seesaw.text())
     if cfg.json:
-        typer.echo(json.dumps(res.to_dict(), indent=2))
+        typer.echo(json.dumps({**res.to_dict(), **({"seesaw": seesaw.to_dict()} if seesaw else {})}, indent=2))
         return
     typer.echo(format_table(res))
     if out is not None:
         typer.echo(f"new recipe: {out}")
     if plot is not None:
         typer.echo(f"plot:       {plot}")
+    if seesaw is not None:
+        typer.echo(f"seesaw:     {seesaw_out} ({','.join(f'{n}:{b}' for n, b in seesaw.schedule)})")
+        typer.echo("\n".join(f"note: {n}" for n in seesaw.notes))
 
 
 _FLAGS = scale_flags()
