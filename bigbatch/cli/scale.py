@@ -186,7 +186,7 @@ def _seesaw(cfg: ScaleConfig, res):
     if cfg.study is not None:
         from bigbatch.plan.study import read_study
 
-        b_crit = read_study(cfg.study).hardest().b_crit
+        b_crit = read_study(cfg.study).hardest().b_noise  # E_min/S_min, as the planner reads it
     return seesaw_schedule(res.recipe, b_crit=b_crit, max_batch=cfg.seesaw_max_batch)
 
 
