@@ -352,6 +352,8 @@ def rescale(
     if b_noise is not None:
         notes.append(_surge_note(recipe, rule, k, new_b, b_noise))
     new = dataclasses.replace(recipe, **upd)
+    if opt.decay_form in ("decoupled", "decoupled-trust") and recipe.weight_decay > 0 and recipe.dataset_size:
+        notes.append(_timescale_note(recipe, new))
     return Rescaled(old=recipe, recipe=new, rule=rule, k=k, changes=tuple(changes), notes=tuple(notes),
                     weight_decay_rule=weight_decay_rule, betas_rule=mode)
 
@@ -447,6 +449,20 @@ def _timescale_decay(recipe: Recipe, opt: Any, k: float, new_lr: float, notes: l
                      "so its timescale is 1/(lr*r*wd) steps; the timescale rule keeps it only if the trust ratio r "
                      "is the same at both batch sizes")
     return recipe.weight_decay * k * recipe.lr / new_lr
+
+
+def _timescale_note(old: Recipe, new: Recipe) -> str:
+    """The weight-decay timescale in epochs, old and new, against Wang & Aitchison's guideline."""
+    def epochs(r: Recipe) -> float:
+        return weight_decay_timescale(r.lr, r.weight_decay, r.batch_size) / r.dataset_size
+    t0, t1 = epochs(old), epochs(new)
+    T = new.budget_epochs
+    span = f"the run's {T:g} epochs" if T is not None else "the run's length"
+    out = (f"weight-decay timescale batch/(lr*wd): {t0:.3g} -> {t1:.3g} epochs (Wang & Aitchison 2024: between about "
+           f"1 epoch and {span}; weight_decay_rule 'timescale' keeps it fixed)")
+    if t1 < 1.0 or (T is not None and t1 > T):
+        out = f"{out}: the new {t1:.3g} epochs is outside that range"
+    return out
 
 
 class ScalingPlan:
@@ -578,8 +594,11 @@ def seesaw_schedule(recipe: Recipe, *, rule: str | None = None, b_crit: float | 
         raise ValueError(f"recipe must be a bigbatch.scaling.Recipe, got {type(recipe).__name__}")
     if rule is None:
         rule = "sqrt" if optimizer_info(recipe.optimizer).family == "adam" else "linear"
-    if rule not in ("sqrt", "linear"):
-        raise ValueError(f"seesaw rule must be sqrt or linear (the LR-only rules that grow the LR with the batch), got {rule!r}")
+    check_choice("rule", rule, RULES)
+    seesaw_rules = [n for n, r in RULES.items() if r.lr_only and r.lr_power > 0]
+    if rule not in seesaw_rules:
+        raise ValueError(f"seesaw rule must be one of {', '.join(seesaw_rules)} (the rules that move only the LR, and grow "
+                         f"it with the batch: Seesaw trades LR decay for batch growth alone), got {rule!r}")
     if b_crit is not None:
         check_positive("b_crit", b_crit)
     if max_batch is not None:
@@ -657,6 +676,9 @@ def seesaw_schedule(recipe: Recipe, *, rule: str | None = None, b_crit: float | 
                              "equivalence of LR decay and batch growth holds below the critical batch size (Meterez et "
                              "al. 2025), beyond it the larger batch no longer saves steps: cap it with max_batch")
                 break
-    how = "LR x 1/sqrt(2) and batch x 2 per halving" if rule == "sqrt" else "LR held, batch x 2 per halving (Smith et al. 2017)"
+    grow = 1.0 / recipe.gamma if recipe.schedule == "multistep" else 2.0
+    where = "milestone" if recipe.schedule == "multistep" else "halving"
+    how = (f"LR x {RULES[rule].lr_factor(grow) / grow:.3g} and batch x {grow:g} per {where}"
+           + {1.0: " (Smith et al. 2017: LR held)", 0.5: " (Seesaw: LR x 1/sqrt(decay factor))"}.get(RULES[rule].lr_power, ""))
     notes.insert(0, f"rule {rule}: {how}")
     return Seesaw(recipe=recipe, rule=rule, schedule=tuple(pairs), cuts=tuple(cuts), notes=tuple(notes))

@@ -139,3 +139,39 @@ def test_cli_seesaw_file(capsys, tmp_path):
     assert code == 0 and parse_batch_schedule(f.read_text())[:2] == [(0, 256), (500000, 512)]
     code, _, err = run(capsys, "scale", "--from-batch", "256", "--to-batch", "256", "--lr", "1e-3", "--seesaw", str(f))
     assert code == 2 and "exists" in err
+
+
+
+def _tau_note(res):
+    return next(n for n in res.notes if n.startswith("weight-decay timescale"))
+
+
+def test_timescale_in_epochs_is_noted_against_wang_aitchison_range():
+    # Wang & Aitchison 2024 (abstract): the timescale should be neither much shorter than one epoch
+    # nor much longer than the run. tau = B/(lr*wd)/D = 256/(1e-3*0.1)/50000 = 51.2 epochs.
+    r = Recipe(batch_size=256, dataset_size=50_000, budget_epochs=200, **ADAMW)
+    kept = _tau_note(rescale(r, 2048, "sqrt"))  # wd kept, lr x sqrt(8): tau x sqrt(8) = 144.8 epochs
+    assert "51.2 -> 145 epochs" in kept and "outside" not in kept
+    assert "51.2 -> 51.2 epochs" in _tau_note(rescale(r, 2048, "sqrt", weight_decay_rule="timescale"))
+    assert "outside that range" in _tau_note(rescale(r.replace(budget_epochs=100), 2048, "sqrt"))
+    assert "outside that range" in _tau_note(rescale(r.replace(weight_decay=60.0), 256 * 64, "linear"))  # 0.0853 epochs
+    # no note without decoupled decay, without decay, or without dataset_size
+    assert not any(n.startswith("weight-decay") for n in rescale(r.replace(weight_decay=0.0), 512).notes)
+    assert not any(n.startswith("weight-decay") for n in rescale(r.replace(dataset_size=None), 512).notes)
+    sgd = Recipe(batch_size=256, lr=0.1, optimizer="sgd", weight_decay=1e-4, dataset_size=50_000)
+    assert not any(n.startswith("weight-decay") for n in rescale(sgd, 512).notes)
+
+
+def test_seesaw_rules_come_from_the_registry(monkeypatch):
+    from bigbatch import rules
+    from bigbatch.rules import RuleInfo
+
+    r = Recipe(batch_size=128, dataset_size=1000, budget_epochs=90, schedule="multistep", milestones=(30, 60),
+               gamma=0.5, **ADAMW)
+    for bad in ("legw", "adam-sqrt", "none"):  # warmup or betas moved, or no LR growth
+        with pytest.raises(ValueError, match="seesaw rule must be one of linear, sqrt"):
+            seesaw_schedule(r, rule=bad)
+    monkeypatch.setitem(rules._RULES, "quarter", RuleInfo("quarter", "a test rule", 0.25))
+    s = seesaw_schedule(r, rule="quarter")  # LR x 2^0.25 / 2 at each doubling
+    assert s.lr_at(30000) / s.lr_at(0) == pytest.approx(2**0.25 / 2, rel=1e-12)
+    assert "LR x 0.595 and batch x 2 per milestone" in s.notes[0]
