@@ -78,8 +78,7 @@ def test_betas_alternative_printed_past_threshold():
 
 def test_seesaw_step_decay_is_the_papers_rule():
     # Meterez et al. 2025 (abstract): where the scheduler would halve the LR, Seesaw multiplies it
-    # by 1/sqrt(2) and doubles the batch; for normalized SGD alpha*sqrt(beta) is what must match
-    # (sqrt(2)*sqrt(2) = 2, the step decay's alpha).
+    # by 1/sqrt(2) and doubles the batch.
     r = Recipe(batch_size=128, dataset_size=1000, budget_epochs=90, schedule="multistep", milestones=(30, 60, 80),
                gamma=0.5, **ADAMW)
     s = seesaw_schedule(r)
