@@ -196,7 +196,7 @@ def _parity(case, steps, big=False, lr_drop_at=None):
     vec = scalar = 0  # launches of the VEC and of the plain variant in one step
     for _, pack in oa._fused.packs["plan"][1]:
         aligned = pack.vec_shape and pack.g_aligned
-        if pack.algo == "merit":
+        if pack.spec.tables == "tiles":
             vec += aligned and pack.n_vec_tiles > 0
             scalar += pack.n_tiles > (pack.n_vec_tiles if aligned else 0)
         else:
