@@ -1,25 +1,44 @@
-"""GPU tests of the fused (Triton) path against the foreach reference. Skipped without CUDA."""
+"""GPU tests of the fused (Triton) path against the foreach reference. Skipped without CUDA.
+
+The cases run over the registry's fused entries (``_fused_registry.py``: LARS, LAMB, MERIT and
+the extension ``tests/ext_fused_optim.py``), registered for this module's tests only.
+"""
 
 import copy
 
 import pytest
 import torch
 
-from bigbatch.optim import LAMB, LARS, MERIT
+from _fused_registry import default_kwargs, extensions_registered, fused_names
+from bigbatch.optim import LAMB, LARS, MERIT, optimizer_info
 
 pytestmark = pytest.mark.cuda
 
+FUSED = fused_names()
+
+
+@pytest.fixture(autouse=True)
+def _extensions():
+    with extensions_registered():
+        yield
+
+
+def _cls(name):
+    return optimizer_info(name).build
+
 SHAPES = [(300, 200), (7,), (64, 3, 5), (4, 6, 3, 3), (129,), (5000,), (33, 257)]
 CASES = [
-    (LARS, dict(lr=0.1, momentum=0.9, weight_decay=1e-4, trust_coefficient=0.01)),
-    (LARS, dict(lr=0.1, momentum=0.9, weight_decay=1e-4, nesterov=True, clip=True)),
-    (LARS, dict(lr=0.1, momentum=0.0, weight_decay=0.0)),
-    (LARS, dict(lr=0.1, momentum=0.9, weight_decay=1e-4, trust_coefficient=0.01, momentum_convention="torch")),
-    (LAMB, dict(lr=1e-2, weight_decay=0.01)),
-    (LAMB, dict(lr=1e-2, weight_decay=0.01, bias_correction=False, trust_clip=(0.01, 5.0), grad_prenorm=1.0)),
-    (MERIT, dict(lr=1e-2, weight_decay=0.01)),
-    (MERIT, dict(lr=1e-2, weight_decay=0.0, betas=(0.9, 0.95))),
+    ("lars", dict(lr=0.1, momentum=0.9, weight_decay=1e-4, trust_coefficient=0.01)),
+    ("lars", dict(lr=0.1, momentum=0.9, weight_decay=1e-4, nesterov=True, clip=True)),
+    ("lars", dict(lr=0.1, momentum=0.0, weight_decay=0.0)),
+    ("lars", dict(lr=0.1, momentum=0.9, weight_decay=1e-4, trust_coefficient=0.01, momentum_convention="torch")),
+    ("lamb", dict(lr=1e-2, weight_decay=0.01)),
+    ("lamb", dict(lr=1e-2, weight_decay=0.01, bias_correction=False, trust_clip=(0.01, 5.0), grad_prenorm=1.0)),
+    ("merit", dict(lr=1e-2, weight_decay=0.01)),
+    ("merit", dict(lr=1e-2, weight_decay=0.0, betas=(0.9, 0.95))),
 ]
+with extensions_registered():  # every other fused entry: one case with the registry's defaults
+    CASES += [(name, default_kwargs(name)) for name in FUSED if name not in {n for n, _ in CASES}]
 
 
 def _params(dtype=torch.float32, seed=0):
@@ -55,8 +74,9 @@ def _rel(a, b):
     return ((a.float() - b.float()).norm() / b.float().norm().clamp_min(1e-30)).item()
 
 
-@pytest.mark.parametrize("cls, kw", CASES)
-def test_fused_matches_foreach_fp32_100_steps(cls, kw):
+@pytest.mark.parametrize("name, kw", CASES)
+def test_fused_matches_foreach_fp32_100_steps(name, kw):
+    cls = _cls(name)
     pa, pb = _params(), _params()
     oa, ob = cls(_groups(pa), **kw, fused=True), cls(_groups(pb), **kw, foreach=True)
     _run(pa, pb, oa, ob, 100)
@@ -64,8 +84,9 @@ def test_fused_matches_foreach_fp32_100_steps(cls, kw):
         assert _rel(a, b) <= 1e-6, (a.shape, _rel(a, b))
 
 
-@pytest.mark.parametrize("cls", [LARS, LAMB, MERIT])
-def test_fused_bf16_master_weights_match_reference(cls):
+@pytest.mark.parametrize("name", FUSED)
+def test_fused_bf16_master_weights_match_reference(name):
+    cls = _cls(name)
     pa, pb = _params(torch.bfloat16), _params(torch.bfloat16)
     oa = cls(_groups(pa), lr=1e-2, fused=True, master_weights=True)
     ob = cls(_groups(pb), lr=1e-2, foreach=True, master_weights=True)
@@ -86,8 +107,9 @@ def test_fused_lars_momentum_conventions_across_an_lr_drop(convention):
         assert _rel(a, b) <= 1e-6
 
 
-@pytest.mark.parametrize("cls, kw", CASES[::2])
-def test_state_dict_moves_between_fused_and_foreach(cls, kw):
+@pytest.mark.parametrize("name, kw", CASES[::2])
+def test_state_dict_moves_between_fused_and_foreach(name, kw):
+    cls = _cls(name)
     pa, pb = _params(), _params()
     oa, ob = cls(_groups(pa), **kw, fused=True), cls(_groups(pb), **kw, fused=True)
     _run(pa, pb, oa, ob, 5)
@@ -104,8 +126,9 @@ def test_state_dict_moves_between_fused_and_foreach(cls, kw):
             torch.testing.assert_close(t.float().cpu(), sd["state"][k][key].float().cpu())
 
 
-@pytest.mark.parametrize("cls", [LARS, LAMB, MERIT])
-def test_fused_nonfinite_raise_and_skip_leave_state_untouched(cls):
+@pytest.mark.parametrize("name", FUSED)
+def test_fused_nonfinite_raise_and_skip_leave_state_untouched(name):
+    cls = _cls(name)
     ps = _params()
     opt = cls(_groups(ps), lr=1e-2, fused=True)
     for p in ps:
@@ -126,8 +149,9 @@ def test_fused_nonfinite_raise_and_skip_leave_state_untouched(cls):
             assert torch.equal(t, snap[1]["state"][k][key]), (k, key)
 
 
-@pytest.mark.parametrize("cls", [LARS, LAMB, MERIT])
-def test_fused_step_is_cuda_graph_capturable(cls):
+@pytest.mark.parametrize("name", FUSED)
+def test_fused_step_is_cuda_graph_capturable(name):
+    cls = _cls(name)
     pa, pb = _params(), _params()
     oa = cls(_groups(pa), lr=1e-2, fused=True, nonfinite="skip")
     ob = cls(_groups(pb), lr=1e-2, foreach=True)

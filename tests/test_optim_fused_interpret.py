@@ -1,11 +1,13 @@
-"""The fused Triton kernels (LARS, LAMB, MERIT) run on CPU under Triton's interpreter
-(``TRITON_INTERPRET=1``) and must match the foreach reference path.
+"""The fused Triton kernels of every registry entry that has them (LARS, LAMB, MERIT and the
+extension ``tests/ext_fused_optim.py``, see ``_fused_registry.py``) run on CPU under Triton's
+interpreter (``TRITON_INTERPRET=1``) and must match the foreach reference path.
 
 Each case runs in a fresh subprocess: the interpreter is chosen when ``triton.jit`` decorates the
 kernels, so the variable must be set before they are imported. Small tile sizes (set through the
 module-level constants in ``bigbatch.optim._fused.kernels``) make a few-thousand-element tensor
 span many tiles in both directions and several reduce chunks, so the partial-max reduction across
-tiles is exercised; one case keeps the real tile sizes. Skipped without Triton (CI has none).
+tiles is exercised; one case keeps the real tile sizes. Skipped without Triton, except where
+``BIGBATCH_REQUIRE_TRITON=1`` (CI: ``.ci/run`` installs Triton and sets it), where it must run.
 """
 
 from __future__ import annotations
@@ -18,7 +20,12 @@ from pathlib import Path
 
 import pytest
 
-pytest.importorskip("triton")
+if os.environ.get("BIGBATCH_REQUIRE_TRITON") == "1":
+    import triton  # noqa: F401  (CI: a missing Triton fails here instead of skipping every kernel test)
+else:
+    pytest.importorskip("triton")
+
+from _fused_registry import default_kwargs, extensions_registered, fused_names, register_extensions  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 SMALL_TILES = {"TILE_M": 4, "TILE_N": 8, "RED_PARTS": 4, "RED_ROWS": 2, "RED_COLS": 8, "BLOCK": 64}
@@ -34,20 +41,36 @@ def _run(which: str, **kw) -> dict:
     return json.loads(r.stdout.strip().splitlines()[-1])
 
 
-CASES = {
-    "lars": ("LARS", {"lr": 0.1, "momentum": 0.9, "weight_decay": 1e-4, "trust_coefficient": 0.01}),
-    "lars_nesterov_clip": ("LARS", {"lr": 0.1, "momentum": 0.9, "weight_decay": 1e-4, "nesterov": True, "clip": True}),
-    "lars_plain": ("LARS", {"lr": 0.1, "momentum": 0.0, "weight_decay": 0.0}),
-    "lars_torch": ("LARS", {"lr": 0.7, "momentum": 0.9, "weight_decay": 1e-4, "trust_coefficient": 0.01,
+FUSED = fused_names()  # the registry's fused entries: "lars", "lamb", "merit", "fromage"
+with extensions_registered():
+    # Case name → (registry name, constructor arguments). Every entry gets a case under its own
+    # name (the registry's defaults, unless one is written here); the variants are further cases.
+    CASES = {name: (name, default_kwargs(name)) for name in FUSED}
+CASES.update({
+    "lars": ("lars", {"lr": 0.1, "momentum": 0.9, "weight_decay": 1e-4, "trust_coefficient": 0.01}),
+    "lars_nesterov_clip": ("lars", {"lr": 0.1, "momentum": 0.9, "weight_decay": 1e-4, "nesterov": True, "clip": True}),
+    "lars_plain": ("lars", {"lr": 0.1, "momentum": 0.0, "weight_decay": 0.0}),
+    "lars_torch": ("lars", {"lr": 0.7, "momentum": 0.9, "weight_decay": 1e-4, "trust_coefficient": 0.01,
                             "momentum_convention": "torch"}),
-    "lars_torch_nesterov_clip": ("LARS", {"lr": 0.7, "momentum": 0.9, "weight_decay": 1e-4, "nesterov": True,
+    "lars_torch_nesterov_clip": ("lars", {"lr": 0.7, "momentum": 0.9, "weight_decay": 1e-4, "nesterov": True,
                                           "clip": True, "momentum_convention": "torch"}),
-    "lamb": ("LAMB", {"lr": 1e-2, "weight_decay": 0.01}),
-    "lamb_clip_prenorm": ("LAMB", {"lr": 1e-2, "weight_decay": 0.01, "bias_correction": False, "trust_clip": (0.01, 5.0),
+    "lamb": ("lamb", {"lr": 1e-2, "weight_decay": 0.01}),
+    "lamb_clip_prenorm": ("lamb", {"lr": 1e-2, "weight_decay": 0.01, "bias_correction": False, "trust_clip": (0.01, 5.0),
                                        "grad_prenorm": 1.0}),
-    "merit": ("MERIT", {"lr": 1e-2, "weight_decay": 0.01}),
-    "merit_b95": ("MERIT", {"lr": 1e-2, "weight_decay": 0.0, "betas": (0.9, 0.95)}),
-}
+    "merit": ("merit", {"lr": 1e-2, "weight_decay": 0.01}),
+    "merit_b95": ("merit", {"lr": 1e-2, "weight_decay": 0.0, "betas": (0.9, 0.95)}),
+    "fromage_wd": ("fromage", {"lr": 0.05, "weight_decay": 1e-3}),
+})
+# The non-finite case of each entry (its plain case unless written here).
+NONFINITE = {"lars": {"lr": 0.1, "momentum": 0.9}, "lamb": {"lr": 1e-2}, "merit": {"lr": 1e-2, "weight_decay": 0.01}}
+FSDP = {"lamb": {"lr": 0.05, "grad_prenorm": 0.5}, "lars": {"lr": 0.5, "momentum": 0.9, "trust_coefficient": 0.02},
+        "merit": {"lr": 0.05}}  # the FSDP case of each entry (its plain case unless written here)
+
+
+def test_the_registry_drives_the_cases():
+    # The extension (one file: module + record) is among the entries every case runs over.
+    assert {"lars", "lamb", "merit", "fromage"} <= set(FUSED), FUSED
+    assert set(FUSED) <= {algo for algo, _ in CASES.values()}
 
 
 @pytest.mark.parametrize("case", list(CASES))
@@ -68,14 +91,14 @@ def test_fused_lars_momentum_conventions_across_an_lr_drop(case):
         assert err <= 1e-6, (name, err)
 
 
-@pytest.mark.parametrize("case", ["lars", "lamb", "merit"])
+@pytest.mark.parametrize("case", FUSED)
 def test_fused_matches_foreach_real_tiles(case):
     res = _run("parity", case=case, tiles={}, steps=2, big=True)
     for name, err in res["errs"].items():
         assert err <= 1e-6, (name, err)
 
 
-@pytest.mark.parametrize("algo", ["LARS", "LAMB", "MERIT"])
+@pytest.mark.parametrize("algo", FUSED)
 def test_fused_nonfinite_skip_and_raise_leave_state_untouched(algo):
     res = _run("nonfinite", algo=algo, tiles=SMALL_TILES)
     assert res["raised"] and res["skipped_steps"] == 1, res
@@ -106,7 +129,7 @@ def test_fused_fsdp2_step_equals_unsharded_step():
     if not dist.is_available() or not dist.is_gloo_available():
         pytest.skip("needs torch.distributed with gloo")
     res = _run("fsdp", tiles=SMALL_TILES)
-    assert res["fused_packs_sharded"] >= 3, res  # the fused path really ran on the shards
+    assert res["fused_packs_sharded"] >= len(FUSED), res  # the fused path really ran on the shards
     assert res["fallback_warned"] and res["fused_true_refused"], res
     for name, err in res["errs"].items():
         assert err <= 1e-6, (name, err)
@@ -171,9 +194,9 @@ def _errs(pa, pb, oa, ob):
 
 
 def _optimizers(algo, kw, pa, pb):
-    import bigbatch.optim as O
+    from bigbatch.optim import optimizer_info
 
-    cls = getattr(O, algo)
+    cls = optimizer_info(algo).build
     return cls(_param_groups(pa), **kw, fused=True), cls(_param_groups(pb), **kw, foreach=True)
 
 
@@ -196,7 +219,7 @@ def _parity(case, steps, big=False, lr_drop_at=None):
     vec = scalar = 0  # launches of the VEC and of the plain variant in one step
     for _, pack in oa._fused.packs["plan"][1]:
         aligned = pack.vec_shape and pack.g_aligned
-        if pack.algo == "merit":
+        if pack.spec.tables == "tiles":
             vec += aligned and pack.n_vec_tiles > 0
             scalar += pack.n_tiles > (pack.n_vec_tiles if aligned else 0)
         else:
@@ -209,7 +232,7 @@ def _nonfinite(algo):
 
     import torch
 
-    kw = {"LARS": {"lr": 0.1, "momentum": 0.9}, "LAMB": {"lr": 1e-2}, "MERIT": {"lr": 1e-2, "weight_decay": 0.01}}[algo]
+    kw = NONFINITE.get(algo) or CASES[algo][1]
     pa, pb = _make(GROUPS, 0), _make(GROUPS, 0)
     oa, ob = _optimizers(algo, kw, pa, pb)
     gen = torch.Generator().manual_seed(3)
@@ -249,16 +272,12 @@ def _fsdp_model():
 
 
 def _fsdp_opt(name, model, **kw):
-    from bigbatch.optim import LAMB, LARS, MERIT, param_groups
+    from bigbatch.optim import optimizer_info, param_groups
 
     groups = param_groups(model, 0.01)
     for g in groups:  # 1-D parameters adapt too here, so every kernel path sees a shard
         g["adapt"] = True
-    if name == "lamb":
-        return LAMB(groups, lr=0.05, grad_prenorm=0.5, **kw)
-    if name == "lars":
-        return LARS(groups, lr=0.5, momentum=0.9, trust_coefficient=0.02, **kw)
-    return MERIT(groups, lr=0.05, **kw)
+    return optimizer_info(name).build(groups, **(FSDP.get(name) or CASES[name][1]), **kw)
 
 
 def _fsdp_steps(model, opt, n=3):
@@ -284,11 +303,12 @@ def _fsdp_worker(rank, tiles):
 
     from bigbatch.optim._fused import kernels as K
 
+    register_extensions()  # a fresh (spawned) interpreter
     for k, v in tiles.items():
         setattr(K, k, v)
     mesh = init_device_mesh("cpu", (dist.get_world_size(),))
     errs, sharded_packs = {}, 0
-    for name in ("lamb", "lars", "merit"):
+    for name in FUSED:
         ref = _fsdp_model()
         ref_opt = _fsdp_opt(name, ref, foreach=True)
         _fsdp_steps(ref, ref_opt)
@@ -364,6 +384,8 @@ def _main(case: str, kw: dict) -> None:
 
     torch.set_num_threads(1)
     from bigbatch.optim._fused import kernels as K
+
+    register_extensions()
 
     for name, value in kw["tiles"].items():
         setattr(K, name, value)

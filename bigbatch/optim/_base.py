@@ -3,7 +3,8 @@
 The classes only validate, hold state and pick a path; the math lives in plain functions
 beside each class (``lamb.py``: ``lamb_single`` / ``lamb_foreach``), the fused CUDA kernels in
 ``bigbatch.optim._fused`` (imported only when a fused step runs, so CPU installs never import
-Triton).
+Triton). Each class declares how its kernels run in a :class:`FusedSpec` (``fused_spec``): the
+fused path reads that record, never the algorithm's name.
 
 Dtypes: parameters may be float64, float32, bfloat16 or float16 (fused: not float64). Moments
 of low-precision parameters are kept in float32 and their arithmetic runs in float32; a
@@ -32,7 +33,7 @@ from torch import Tensor
 from bigbatch._checks import check_choice, check_nonnegative, check_positive
 from bigbatch.optim._common import all_finite, is_dtensor, local
 
-__all__ = ["FusedCache", "TrustRatioOptimizer", "fused_available", "fused_refusal"]
+__all__ = ["FUSED_LAYOUTS", "FusedCache", "FusedSpec", "TrustRatioOptimizer", "fused_available", "fused_refusal"]
 
 _FLOAT_DTYPES = (torch.float64, torch.float32, torch.bfloat16, torch.float16)
 _LOW = (torch.bfloat16, torch.float16)
@@ -83,12 +84,51 @@ def fused_available(params: Iterable[Tensor]) -> bool:
     return fused_refusal(params) is None
 
 
+FUSED_LAYOUTS: dict[str, str] = {"chunks": "sum", "tiles": "max"}
+"""The fused path's table layouts → the reduction each one carries between the two passes.
+
+``"chunks"``: every tensor cut into 1-D chunks of ``kernels.BLOCK`` elements (tables ``ch_tid``,
+``ch_start``); pass 1 adds two float32 sums per tensor into ``acc`` (``[2 * n]``, e.g. Σw², Σu²),
+all-reduced with SUM over the shard group. ``"tiles"``: every tensor seen as rows × columns in
+``TILE_M × TILE_N`` tiles (tables ``meta``, ``t_tid``/``t_r``/``t_i``/``t_j``, ``items``); pass 1
+stores partial row / column maxima that the reduce kernel folds into ``maxbuf`` (int32 float
+bits: row, column and whole-tensor maxima of two quantities), all-reduced with MAX."""
+
+
+@dataclass(frozen=True, slots=True)
+class FusedSpec:
+    """How an optimizer's fused (Triton) kernels run: the one record ``bigbatch.optim._fused`` reads.
+
+    The pack (flat state buffers, pointer tables, the non-finite flag, the two passes, FSDP2's
+    all-reduce between them) is the same for every optimizer; the spec names what differs.
+    """
+
+    tables: str
+    """The table layout the kernels index: a key of :data:`FUSED_LAYOUTS` (``"chunks"``, ``"tiles"``)."""
+    reduction: str
+    """What pass 1 leaves for pass 2 and the shard group all-reduces: ``"sum"`` or ``"max"`` (the
+    one that ``tables`` carries, :data:`FUSED_LAYOUTS`)."""
+    launch: str
+    """``"module:function"``, imported on the first fused step and called as
+    ``launch(pack, group, pass_, flag, gscale)`` for pass 1 and pass 2 of one pack (the pack's
+    public fields: ``bigbatch.optim._fused``)."""
+
+    def __post_init__(self) -> None:
+        check_choice("FusedSpec.tables", self.tables, FUSED_LAYOUTS)
+        if self.reduction != FUSED_LAYOUTS[self.tables]:
+            raise ValueError(f"FusedSpec.reduction must be {FUSED_LAYOUTS[self.tables]!r} with tables={self.tables!r} "
+                             f"(layouts and their reductions: {FUSED_LAYOUTS}), got {self.reduction!r}")
+        mod, _, fn = self.launch.partition(":")
+        if not mod or not fn:
+            raise ValueError(f"FusedSpec.launch must be 'module:function', got {self.launch!r}")
+
+
 @dataclass(slots=True)
 class FusedCache:
     """The fused path's bookkeeping for one optimizer, handed to ``bigbatch.optim._fused``.
 
     Kept here (not in ``_fused``, which imports Triton) so that the optimizer owns it and the
-    fused module reads only public names: ``algorithm``, ``state_keys``, ``init_state``,
+    fused module reads only public names: ``fused_spec``, ``state_keys``, ``init_state``,
     ``grad_prenorm``, ``nonfinite`` and this record.
     """
 
@@ -101,12 +141,12 @@ class FusedCache:
 
 
 class TrustRatioOptimizer(torch.optim.Optimizer):
-    """Base class: subclasses set ``algorithm`` and ``state_keys`` and define ``_update`` (reference math)."""
+    """Base class: subclasses set ``state_keys`` and ``fused_spec`` and define ``_update`` (reference math)."""
 
     state_keys: tuple[str, ...] = ()
     """Names of the per-parameter state tensors shaped like the parameter (moments, buffers)."""
-    algorithm: str = ""
-    """Which fused kernel runs this optimizer (``"lars"``, ``"lamb"``, ``"merit"``)."""
+    fused_spec: FusedSpec | None = None
+    """How its fused kernels run (:class:`FusedSpec`); None: it has no fused path (``fused=True`` is refused)."""
     grad_prenorm: float | None = None
     """Global gradient-norm bound applied before the update (LAMB's option), or None."""
 
@@ -136,7 +176,8 @@ class TrustRatioOptimizer(torch.optim.Optimizer):
                     raise ValueError(f"params must be float64, float32, bfloat16 or float16, got {p.dtype}")
                 if p.is_sparse:
                     raise ValueError(f"{type(self).__name__} does not support sparse parameters")
-            why = fused_refusal(group["params"])
+            why = fused_refusal(group["params"]) if self.fused_spec is not None else (
+                f"{type(self).__name__} declares no fused kernels (fused_spec is None)")
             if group["fused"] and why is not None:
                 raise ValueError(f"fused=True needs parameters the fused kernels take: {why}; use foreach=True otherwise")
             if group["fused"] is None:

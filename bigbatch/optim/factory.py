@@ -123,6 +123,12 @@ class OptimizerInfo:
         """The default of hyperparameter ``key`` (None when the registry does not set one)."""
         return self.defaults.get(key)
 
+    @property
+    def fused_spec(self) -> Any:
+        """The :class:`~bigbatch.optim._base.FusedSpec` of a trust-ratio optimizer with fused kernels
+        (its class's ``fused_spec``), else None: the entries the fused kernel tests run over."""
+        return getattr(self.build, "fused_spec", None) if self.fused else None
+
 
 OPTIMIZERS: dict[str, OptimizerInfo] = {}
 """Name → record. Read it through :func:`optimizer_info` (which also resolves ``module:Class``)."""

@@ -23,7 +23,7 @@ import torch
 from torch import Tensor
 
 from bigbatch._checks import check_in_range, check_nonnegative, check_positive
-from bigbatch.optim._base import TrustRatioOptimizer
+from bigbatch.optim._base import FusedSpec, TrustRatioOptimizer
 from bigbatch.optim._common import tensor_norms, trust_ratio
 
 __all__ = ["LAMB", "lamb_single", "lamb_foreach", "lamb_ratio"]
@@ -97,7 +97,7 @@ class LAMB(TrustRatioOptimizer):
     """
 
     state_keys = ("exp_avg", "exp_avg_sq")
-    algorithm = "lamb"
+    fused_spec = FusedSpec(tables="chunks", reduction="sum", launch="bigbatch.optim._fused.kernels:launch_lamb")
 
     def __init__(
         self,

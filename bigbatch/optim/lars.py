@@ -28,7 +28,7 @@ import torch
 from torch import Tensor
 
 from bigbatch._checks import check_choice, check_in_range, check_nonnegative, check_positive
-from bigbatch.optim._base import TrustRatioOptimizer
+from bigbatch.optim._base import FusedSpec, TrustRatioOptimizer
 from bigbatch.optim._common import tensor_norms, trust_ratio
 
 __all__ = ["LARS", "MOMENTUM_CONVENTIONS", "lars_single", "lars_foreach", "lars_ratio"]
@@ -108,7 +108,7 @@ class LARS(TrustRatioOptimizer):
     """
 
     state_keys = ("momentum_buffer",)
-    algorithm = "lars"
+    fused_spec = FusedSpec(tables="chunks", reduction="sum", launch="bigbatch.optim._fused.kernels:launch_lars")
 
     def __init__(
         self,

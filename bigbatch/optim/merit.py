@@ -31,7 +31,7 @@ import torch
 from torch import Tensor
 
 from bigbatch._checks import check_in_range, check_positive
-from bigbatch.optim._base import TrustRatioOptimizer
+from bigbatch.optim._base import FusedSpec, TrustRatioOptimizer
 from bigbatch.optim._common import merit_update_
 
 __all__ = ["MERIT", "merit_single", "merit_foreach"]
@@ -85,7 +85,7 @@ class MERIT(TrustRatioOptimizer):
     """
 
     state_keys = ("exp_avg", "exp_avg_sq")
-    algorithm = "merit"
+    fused_spec = FusedSpec(tables="tiles", reduction="max", launch="bigbatch.optim._fused.kernels:launch_merit")
 
     def __init__(
         self,

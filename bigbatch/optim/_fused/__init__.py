@@ -1,4 +1,9 @@
-"""Fused path for LARS / LAMB / MERIT (Triton). Imported only when a fused step runs.
+"""Fused path of the trust-ratio optimizers (Triton). Imported only when a fused step runs.
+
+Nothing here knows an algorithm: each optimizer's :class:`~bigbatch.optim._base.FusedSpec` names
+its table layout (``"chunks"`` or ``"tiles"``), the reduction that layout carries between the
+passes (``"sum"`` or ``"max"``) and the function that launches its kernels on a pack
+(LARS / LAMB / MERIT: ``kernels.launch_lars`` / ``launch_lamb`` / ``launch_merit``).
 
 A *pack* is one param group's parameters of one dtype (and one shard group, under FSDP2). On
 first use it moves their state into flat float32 buffers (moments, master weights) and a step
@@ -6,22 +11,23 @@ vector, and leaves ``optimizer.state`` entries as views into them (DTensors over
 sharded parameters), so ``state_dict`` / ``load_state_dict`` and the reference path keep working
 unchanged. Per step the host work is: gather the gradients' data pointers (a list
 comprehension; uploaded only when they changed, asynchronously from pinned memory on CUDA), zero
-the reduction buffers (one memset per pack), and launch pass 1, MERIT's reduce kernel and pass 2
-of each pack (kernels in ``kernels.py``). No host synchronisation, except ``nonfinite="raise"``,
+the reduction buffers (one memset per pack), and launch pass 1 (with the tile layout's reduce
+kernel) and pass 2 of each pack (kernels in ``kernels.py``). No host synchronisation, except ``nonfinite="raise"``,
 which reads one flag after the step to raise.
 
 FSDP2 (DTensor parameters placed ``Shard(0)``, other mesh dims ``Replicate``): the kernels run on
 the rank-local shards; between the passes each pack all-reduces its per-tensor partial results
-over the shard group in one collective (LARS/LAMB sums of squares: SUM; MERIT column and
-whole-tensor maxima: MAX on the int32 float bits — rows are complete locally, since dim 0 is the
-sharded one), and the non-finite flag is all-reduced (MAX) so every rank skips together.
+over the shard group in one collective (the chunk layout's sums of squares: SUM; the tile layout's
+column and whole-tensor maxima: MAX on the int32 float bits — rows are complete locally, since dim
+0 is the sharded one), and the non-finite flag is all-reduced (MAX) so every rank skips together.
 
 Runs on CPU tensors under ``TRITON_INTERPRET=1`` (how the kernels are tested without a GPU).
 """
 
 from __future__ import annotations
 
-from typing import Any
+import importlib
+from typing import Any, Callable
 
 import torch
 from torch import Tensor
@@ -77,14 +83,33 @@ def _as_state(view: Tensor, p: Tensor) -> Tensor:
     return DTensor.from_local(view, p.device_mesh, p.placements, shape=p.shape, stride=p.stride(), run_check=False)
 
 
+def _resolve(spec: str) -> Callable[..., None]:
+    mod, _, name = spec.partition(":")
+    return getattr(importlib.import_module(mod), name)
+
+
 class _Pack:
+    """One pack's buffers and tables. The launch function of the optimizer's
+    :class:`~bigbatch.optim._base.FusedSpec` reads these public fields:
+
+    ``p_table``, ``g_table`` (int64 pointers), ``bufs`` (``state_keys`` → flat float32 buffer),
+    ``master`` (or None), ``master_arg`` (``master``, or a dummy tensor when there is none),
+    ``off``, ``numel``, ``steps`` (float32 per tensor), ``pdt`` (0 float32, 1 bf16, 2 fp16),
+    ``vec`` (the VEC constexpr for this step), ``warps``; with ``tables="chunks"``: ``ch_tid``,
+    ``ch_start``, ``block``, ``acc`` (float32 ``[2 * n]`` sums); with ``tables="tiles"``: ``meta``,
+    ``t_tid``/``t_r``/``t_i``/``t_j``, ``n_tiles``, ``n_vec_tiles``, ``bm``, ``bn``, ``part``,
+    ``maxbuf``, ``items``, ``n_items``, ``pch``, ``rc`` (see ``kernels.py``'s layout comments).
+    A launch may keep per-step values of its own on the pack (``pack.bc``: LAMB's bias corrections).
+    """
+
     def __init__(self, opt: Any, group: dict, params: list[Tensor]) -> None:
         locs = [local(p) for p in params]
         dev = locs[0].device
         for p in locs:
             if not p.is_contiguous():
                 raise ValueError("the fused path needs contiguous parameters; pass fused=False")
-        self.algo = opt.algorithm
+        self.spec = opt.fused_spec
+        self.launch_fn = _resolve(self.spec.launch)
         self.params = params
         self.sharded = is_dtensor(params[0])
         self.pg = shard_group(params[0])  # all-reduce group (None: nothing to reduce)
@@ -118,17 +143,34 @@ class _Pack:
                 st[k] = _as_state(view, p)
             st["step"] = self.steps[i]  # 0-d view: pass 2's counter update shows in state_dict
 
-        if self.algo == "merit":
-            self._merit_tables(locs, dev)
+        # The layout's tables and its reduction buffers: ``red`` is zeroed before pass 1,
+        # ``reduced`` (a part of it) is what the shard group all-reduces with ``red_op``.
+        if self.spec.tables == "tiles":
+            self._tile_tables(locs, dev)
         else:
-            self.block, self.warps = K.BLOCK, K.BLOCK_WARPS  # the chunk tables are built for this block
-            tid, start = _chunks(numels, self.block)
-            self.ch_tid, self.ch_start = tid.to(dev), start.to(dev)
-            self.acc = torch.zeros(2 * self.n, dtype=torch.float32, device=dev)
-            self.vec_shape = all(n % _ALIGN == 0 for n in numels)
+            self._chunk_tables(numels, dev)
+        self.red_op = self.spec.reduction
         self.vec_shape = self.vec_shape and _aligned(locs) and (self.master is None or _aligned([self.master]))
 
-    def _merit_tables(self, params: list[Tensor], dev: torch.device) -> None:
+    @property
+    def master_arg(self) -> Tensor:
+        """``master``, or a dummy tensor for the kernels' MASTER argument when there is none."""
+        return self.master if self.master is not None else self.steps
+
+    @property
+    def vec(self) -> bool:
+        """This step's VEC constexpr: aligned shapes, parameters and (this step's) gradients."""
+        return self.vec_shape and self.g_aligned
+
+    def _chunk_tables(self, numels: list[int], dev: torch.device) -> None:
+        self.block, self.warps = K.BLOCK, K.BLOCK_WARPS  # the chunk tables are built for this block
+        tid, start = _chunks(numels, self.block)
+        self.ch_tid, self.ch_start = tid.to(dev), start.to(dev)
+        self.acc = torch.zeros(2 * self.n, dtype=torch.float32, device=dev)
+        self.red = self.reduced = self.acc
+        self.vec_shape = all(n % _ALIGN == 0 for n in numels)
+
+    def _tile_tables(self, params: list[Tensor], dev: torch.device) -> None:
         BM, BN = self.bm, self.bn = K.TILE_M, K.TILE_N
         self.warps = K.TILE_WARPS
         PCH, RC = self.pch, self.rc = K.RED_PARTS, K.RED_COLS
@@ -190,7 +232,7 @@ class _Pack:
         self.t_tid, self.t_r, self.t_i, self.t_j = tt
         self.n_tiles = tt.shape[1]
         self.maxbuf = torch.zeros(2 * R + 2 * C + 2 * self.n, dtype=torch.int32, device=dev)
-        self.reduced = self.maxbuf[2 * R:]  # what FSDP all-reduces (MAX)
+        self.red, self.reduced = self.maxbuf, self.maxbuf[2 * R:]  # FSDP all-reduces columns and totals (MAX)
         self.part = torch.empty(max(2 * PR + 2 * PC, 1), dtype=torch.float32, device=dev)
 
     def set_grads(self) -> list[Tensor]:
@@ -220,68 +262,19 @@ class _Pack:
         return tuple(p.data_ptr() for p in self.params)
 
     def zero(self) -> None:
-        (self.maxbuf if self.algo == "merit" else self.acc).zero_()
+        self.red.zero_()
 
     def all_reduce(self) -> None:
         """Complete the per-tensor reductions across the shard group (one collective, no host sync)."""
-        if self.pg is None:
+        if self.pg is None or not self.reduced.numel():
             return
         import torch.distributed as dist
 
-        if self.algo == "merit":
-            if self.reduced.numel():
-                dist.all_reduce(self.reduced, op=dist.ReduceOp.MAX, group=self.pg)
-        else:
-            dist.all_reduce(self.acc, op=dist.ReduceOp.SUM, group=self.pg)
+        op = dist.ReduceOp.MAX if self.red_op == "max" else dist.ReduceOp.SUM
+        dist.all_reduce(self.reduced, op=op, group=self.pg)
 
     def launch(self, group: dict, pass_: int, flag: Tensor, gscale: Tensor | None) -> None:
-        master = self.master if self.master is not None else self.steps  # dummy when unused
-        vec = self.vec_shape and self.g_aligned
-        if self.algo == "lamb":
-            b1, b2 = group["betas"]
-            clip = group["trust_clip"]
-            if pass_ == 1:  # (1 − β1^t, √(1 − β2^t)) per tensor, in float64: no host sync, no cancellation
-                t = self.steps.double() + 1
-                self.bc = torch.stack([1 - torch.pow(b1, t), (1 - torch.pow(b2, t)).sqrt()], 1).float().reshape(-1)
-            K.lamb_kernel[(self.ch_tid.numel(),)](
-                self.p_table, self.g_table, self.bufs["exp_avg"], self.bufs["exp_avg_sq"], master,
-                self.off, self.numel, self.bc, self.ch_tid, self.ch_start, self.acc, flag,
-                gscale if gscale is not None else self.steps,
-                float(group["lr"]), b1, b2, 1.0 - b1, 1.0 - b2, group["eps"], group["weight_decay"],
-                clip[0] if clip else 0.0, clip[1] if clip else 0.0,
-                PASS=pass_, BIAS=group["bias_correction"], ADAPT=group["adapt"], CLIP=clip is not None,
-                HAS_MASTER=self.master is not None, HAS_GSCALE=gscale is not None, PDT=self.pdt, VEC=vec,
-                BLOCK=self.block, num_warps=self.warps,
-            )
-        elif self.algo == "lars":
-            lr = float(group["lr"])
-            lr_in, lr_out = (lr, 1.0) if group.get("momentum_convention", "paper") == "paper" else (1.0, lr)
-            K.lars_kernel[(self.ch_tid.numel(),)](
-                self.p_table, self.g_table, self.bufs["momentum_buffer"], master, self.off, self.numel,
-                self.ch_tid, self.ch_start, self.acc, flag,
-                lr, lr_in, lr_out, group["momentum"], group["weight_decay"], group["trust_coefficient"], group["eps"],
-                PASS=pass_, ADAPT=group["adapt"], CLIP=group["clip"], NESTEROV=group["nesterov"],
-                HAS_MOM=group["momentum"] != 0, HAS_MASTER=self.master is not None, PDT=self.pdt, VEC=vec,
-                BLOCK=self.block, num_warps=self.warps,
-            )
-        else:
-            b1, b2 = group["betas"]
-            nv = self.n_vec_tiles if vec else 0
-            for first, count, v in ((0, nv, True), (nv, self.n_tiles - nv, False)):
-                if count == 0:
-                    continue
-                K.merit_kernel[(count,)](
-                    self.p_table, self.g_table, self.bufs["exp_avg"], self.bufs["exp_avg_sq"], master,
-                    self.off, self.numel, self.meta, self.t_tid, self.t_r, self.t_i, self.t_j, first,
-                    self.part, self.maxbuf, flag,
-                    float(group["lr"]), b1, b2, 1.0 - b1, 1.0 - b2, group["eps"], group["weight_decay"],
-                    PASS=pass_, ADAPT=group["adapt"], HAS_MASTER=self.master is not None, PDT=self.pdt, VEC=v,
-                    BM=self.bm, BN=self.bn, num_warps=self.warps,
-                )
-            if pass_ == 1 and group["adapt"] and self.n_items:
-                K.merit_reduce_kernel[(self.n_items,)](
-                    self.part, self.maxbuf, self.items, PCH=self.pch, RR=K.RED_ROWS, RC=self.rc, num_warps=4,
-                )
+        self.launch_fn(self, group, pass_, flag, gscale)
 
 
 def _plan(opt: Any, cache: Any, fused_groups: list) -> list[tuple[dict, _Pack]]:
@@ -311,7 +304,7 @@ def fused_step(opt: Any, cache: Any, fused_groups: list, run_reference: bool,
                ref_grads: list[Tensor] | None = None) -> Tensor:
     """One fused step over ``fused_groups``; returns the device flag (nonzero: step skipped).
 
-    ``opt`` is read through public names only (``algorithm``, ``state_keys``, ``init_state``,
+    ``opt`` is read through public names only (``fused_spec``, ``state_keys``, ``init_state``,
     ``grad_prenorm``, ``nonfinite``, ``param_groups``); ``cache`` is its
     :class:`bigbatch.optim._base.FusedCache`."""
     dev = local(fused_groups[0][1][0]).device

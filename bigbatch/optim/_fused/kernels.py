@@ -1,4 +1,6 @@
-"""Triton kernels for the fused LARS / LAMB / MERIT steps (imported only on a fused step).
+"""Triton kernels for the fused LARS / LAMB / MERIT steps (imported only on a fused step), and
+beside each kernel the host function that launches it on a pack (``launch_lars``, ``launch_lamb``,
+``launch_merit``: the ``launch`` of each optimizer's ``FusedSpec``).
 
 Every kernel runs over *all* tensors of a pack in one launch: a table maps each program to
 (tensor id, chunk); parameters and gradients are reached through tables of raw pointers
@@ -37,6 +39,9 @@ qualify with VEC=True and the others (odd row length, conv weights) separately.
 
 from __future__ import annotations
 
+from typing import Any
+
+import torch
 import triton
 import triton.language as tl
 
@@ -174,6 +179,25 @@ def lamb_kernel(P, G, M, V, MASTER, OFF, NUMEL, BC, CH_TID, CH_START, ACC, FLAG,
         _store_w(pp, MASTER, off, idx, mask, w, HAS_MASTER)
 
 
+def launch_lamb(pack: Any, group: dict, pass_: int, flag: Any, gscale: Any) -> None:
+    """One pass of LAMB on a ``"chunks"`` pack."""
+    b1, b2 = group["betas"]
+    clip = group["trust_clip"]
+    if pass_ == 1:  # (1 − β1^t, √(1 − β2^t)) per tensor, in float64: no host sync, no cancellation
+        t = pack.steps.double() + 1
+        pack.bc = torch.stack([1 - torch.pow(b1, t), (1 - torch.pow(b2, t)).sqrt()], 1).float().reshape(-1)
+    lamb_kernel[(pack.ch_tid.numel(),)](
+        pack.p_table, pack.g_table, pack.bufs["exp_avg"], pack.bufs["exp_avg_sq"], pack.master_arg,
+        pack.off, pack.numel, pack.bc, pack.ch_tid, pack.ch_start, pack.acc, flag,
+        gscale if gscale is not None else pack.steps,
+        float(group["lr"]), b1, b2, 1.0 - b1, 1.0 - b2, group["eps"], group["weight_decay"],
+        clip[0] if clip else 0.0, clip[1] if clip else 0.0,
+        PASS=pass_, BIAS=group["bias_correction"], ADAPT=group["adapt"], CLIP=clip is not None,
+        HAS_MASTER=pack.master is not None, HAS_GSCALE=gscale is not None, PDT=pack.pdt, VEC=pack.vec,
+        BLOCK=pack.block, num_warps=pack.warps,
+    )
+
+
 # ------------------------------------------------------------------------------------ LARS
 @triton.jit
 def lars_kernel(P, G, BUF, MASTER, OFF, NUMEL, CH_TID, CH_START, ACC, FLAG,
@@ -204,6 +228,20 @@ def lars_kernel(P, G, BUF, MASTER, OFF, NUMEL, CH_TID, CH_START, ACC, FLAG,
             else:
                 d = b
         _store_w(pp, MASTER, off, idx, mask, w - lr_out * d, HAS_MASTER)
+
+
+def launch_lars(pack: Any, group: dict, pass_: int, flag: Any, gscale: Any) -> None:
+    """One pass of LARS on a ``"chunks"`` pack (LARS takes no gradient pre-normalisation)."""
+    lr = float(group["lr"])
+    lr_in, lr_out = (lr, 1.0) if group.get("momentum_convention", "paper") == "paper" else (1.0, lr)
+    lars_kernel[(pack.ch_tid.numel(),)](
+        pack.p_table, pack.g_table, pack.bufs["momentum_buffer"], pack.master_arg, pack.off, pack.numel,
+        pack.ch_tid, pack.ch_start, pack.acc, flag,
+        lr, lr_in, lr_out, group["momentum"], group["weight_decay"], group["trust_coefficient"], group["eps"],
+        PASS=pass_, ADAPT=group["adapt"], CLIP=group["clip"], NESTEROV=group["nesterov"],
+        HAS_MOM=group["momentum"] != 0, HAS_MASTER=pack.master is not None, PDT=pack.pdt, VEC=pack.vec,
+        BLOCK=pack.block, num_warps=pack.warps,
+    )
 
 
 # ----------------------------------------------------------------------------------- MERIT
@@ -377,3 +415,31 @@ def merit_reduce_kernel(PART, MAXB, ITEMS, PCH: tl.constexpr, RR: tl.constexpr, 
     if tot_w >= 0:
         tl.atomic_max(MAXB + tot_w, _bits(tl.max(accw, axis=0)))
         tl.atomic_max(MAXB + tl.load(base + 9), _bits(tl.max(accu, axis=0)))
+
+
+def fold_tile_maxima(pack: Any) -> None:
+    """The ``"tiles"`` layout's reduction after pass 1: fold the tiles' partial row / column maxima
+    (``pack.part``) into ``pack.maxbuf`` (row, column and whole-tensor maxima)."""
+    if pack.n_items:
+        merit_reduce_kernel[(pack.n_items,)](
+            pack.part, pack.maxbuf, pack.items, PCH=pack.pch, RR=RED_ROWS, RC=pack.rc, num_warps=4,
+        )
+
+
+def launch_merit(pack: Any, group: dict, pass_: int, flag: Any, gscale: Any) -> None:
+    """One pass of MERIT on a ``"tiles"`` pack: the VEC-able tiles first, then the others."""
+    b1, b2 = group["betas"]
+    nv = pack.n_vec_tiles if pack.vec else 0
+    for first, count, v in ((0, nv, True), (nv, pack.n_tiles - nv, False)):
+        if count == 0:
+            continue
+        merit_kernel[(count,)](
+            pack.p_table, pack.g_table, pack.bufs["exp_avg"], pack.bufs["exp_avg_sq"], pack.master_arg,
+            pack.off, pack.numel, pack.meta, pack.t_tid, pack.t_r, pack.t_i, pack.t_j, first,
+            pack.part, pack.maxbuf, flag,
+            float(group["lr"]), b1, b2, 1.0 - b1, 1.0 - b2, group["eps"], group["weight_decay"],
+            PASS=pass_, ADAPT=group["adapt"], HAS_MASTER=pack.master is not None, PDT=pack.pdt, VEC=v,
+            BM=pack.bm, BN=pack.bn, num_warps=pack.warps,
+        )
+    if pass_ == 1 and group["adapt"]:
+        fold_tile_maxima(pack)
