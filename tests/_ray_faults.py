@@ -3,13 +3,17 @@
 ``linreg_dies_once(marker=PATH, driver_pid=PID)`` is the linreg workload, except that the first
 process other than the study driver to fetch its 5th batch creates ``marker`` (holding its pid)
 and SIGKILLs itself, as a crashed or preempted Ray worker would; every later run sees the
-marker and trains normally. Importable by the Ray workers through PYTHONPATH.
+marker and trains normally. ``linreg_leaks(mib=N)`` is linreg whose every build keeps N MiB of
+tensors alive in this module for good, as a leaking library would, for the worker-reuse test.
+Importable by the Ray workers through PYTHONPATH.
 """
 
 from __future__ import annotations
 
 import os
 import signal
+
+import torch
 
 from bigbatch.workloads.linreg import LinReg
 
@@ -37,3 +41,20 @@ class _DiesOnce(LinReg):
 
 def linreg_dies_once(marker: str, driver_pid: int, dim: int = 4, noise_std: float = 0.5) -> LinReg:
     return _DiesOnce(marker, driver_pid, dim=dim, noise_std=noise_std)
+
+
+_KEPT: list = []  # what linreg_leaks never frees, per process
+
+
+class _Leaks(LinReg):
+    def __init__(self, mib: int, **kwargs) -> None:
+        super().__init__(**kwargs)
+        self._mib = mib
+
+    def build_model(self):
+        _KEPT.append(torch.ones(self._mib * 2**18))  # float32: mib MiB
+        return super().build_model()
+
+
+def linreg_leaks(mib: int, dim: int = 4, noise_std: float = 0.5) -> LinReg:
+    return _Leaks(mib, dim=dim, noise_std=noise_std)

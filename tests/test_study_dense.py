@@ -5,7 +5,7 @@ import json
 import pytest
 
 from bigbatch.study import StudyConfig, run_study
-from bigbatch.study import runner
+from bigbatch.study import executors, runner
 from bigbatch.study.cells import run_cell
 from bigbatch.study.executors import InProcessExecutor, worker_env
 from bigbatch.study.runner import plan_workers
@@ -92,9 +92,9 @@ def test_cells_per_gpu_with_fake_gpus_starts_that_many_workers(tmp_path, monkeyp
             (job.cell_dir / "cell.json").write_text(json.dumps(spec))
             return job, run_cell(job.cell_dir)
 
-    monkeypatch.setattr(runner, "_visible_gpus", lambda device: ["0", "1"])
-    monkeypatch.setattr(runner, "_resolve_device", lambda device: "cpu")
-    monkeypatch.setattr(runner, "WorkerPoolExecutor", FakePool)
+    monkeypatch.setattr(executors, "visible_gpus", lambda device: ["0", "1"])
+    monkeypatch.setattr(executors, "resolve_device", lambda device: "cpu")
+    monkeypatch.setattr(executors, "WorkerPoolExecutor", FakePool)
     res = ramp_study(tmp_path / "g", cells_per_gpu=2, jobs=0, batch_sizes=[32, 64], device="auto")
     assert started == [(4, ["0", "1"], ["0", "1", "0", "1"])]
     assert res["timing"]["workers"] == 4 and res["timing"]["cells_per_gpu"] == 2 and res["timing"]["cells"] == 2

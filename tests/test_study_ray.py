@@ -110,6 +110,34 @@ def test_killed_worker_is_retried_cell_recorded_once_rerun_skips_all(tmp_path, c
     assert again["cells_done"] == 4 and [c["name"] for c in again["cells"]] == [c["name"] for c in res["cells"]]
 
 
+def _workers(out):
+    return [json.loads(line) for line in (out / "ray-workers.jsonl").read_text().splitlines()]
+
+
+def test_workers_live_across_cells_and_a_leaking_one_is_replaced(tmp_path, capsys):
+    from bigbatch.study.ray_executor import LEAK_TOLERANCE_BYTES
+
+    # Four cells on two slots (num_cpus=2, one CPU a cell): two worker processes run all four.
+    res = run_study(linreg_faulty(tmp_path / "reuse", tmp_path / "m", workload="linreg",
+                                  workload_args={"dim": 4, "noise_std": 0.5}, progress="none"))
+    log = _workers(tmp_path / "reuse")
+    assert res["complete"] and len(log) == 4 and sorted(e["cell"] for e in log) == sorted(c["name"] for c in res["cells"])
+    assert len({e["pid"] for e in log}) <= 2 and not any(e["replaced"] for e in log)
+    assert all(e["leaked_bytes"] <= LEAK_TOLERANCE_BYTES for e in log)
+    # A workload that keeps 96 MiB per cell alive: each worker's second cell shows it, that worker
+    # is replaced, and the cells' results are those of the clean workload.
+    capsys.readouterr()
+    leaky = run_study(linreg_faulty(tmp_path / "leak", tmp_path / "m", workload="_ray_faults:linreg_leaks",
+                                    workload_args={"mib": 96, "dim": 4, "noise_std": 0.5}))
+    shown = capsys.readouterr().out
+    log = _workers(tmp_path / "leak")
+    replaced = [e for e in log if e["replaced"]]
+    assert leaky["complete"] and replaced and all(e["leaked_bytes"] >= 96 * 2**20 for e in replaced)
+    assert shown.count("more than after its first cell; replaced it with a fresh one") == len(replaced)
+    same = lambda r: sorted((c["name"], c["steps_to_target"], c["final_metric"]) for c in r["cells"])  # noqa: E731
+    assert same(leaky) == same(res)
+
+
 @pytest.mark.parametrize("kw,match", [
     (dict(device="cuda"), "device cuda was asked for but the Ray cluster has no GPUs"),
     (dict(device="cuda:1"), "names one GPU of this host"),

@@ -10,6 +10,10 @@ study gives the same cells wherever it runs.
 A record an executor returns is that of the job it was given (same cell directory, same
 attempt token); the driver writes it with ``cells.write_result``, which refuses any other
 attempt's record.
+
+``make_executor`` picks the executor a study's config asks for. Imports point one way: the driver
+imports this module, this module imports ``ray_executor`` (inside ``make_executor``, only for
+``--executor ray``), and ``ray_executor`` imports neither.
 """
 
 from __future__ import annotations
@@ -26,7 +30,10 @@ from typing import IO, Any, Callable, Protocol
 
 from bigbatch.study.cells import Cell, run_cell
 
-__all__ = ["CellJob", "Executor", "InProcessExecutor", "WorkerPoolExecutor", "worker_env"]
+__all__ = [
+    "CellJob", "Executor", "InProcessExecutor", "WorkerPoolExecutor", "worker_env",
+    "make_executor", "plan_workers", "resolve_device", "visible_gpus",
+]
 
 
 @dataclass(frozen=True, slots=True)
@@ -190,3 +197,68 @@ class WorkerPoolExecutor:
         for fd in self._lifelines:
             os.close(fd)
         self._workers, self._lifelines = [], []
+
+
+def resolve_device(device: str) -> str:
+    """``auto`` → ``cuda`` where a GPU is visible, else ``cpu``; any other value as given."""
+    if device != "auto":
+        return device
+    import torch
+
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def visible_gpus(device: str) -> list[str]:
+    """The GPU ids the cells of a ``device`` study may use (empty on a CPU); ``ValueError`` if cuda has none."""
+    if not device.startswith("cuda"):
+        return []
+    import torch
+
+    if not torch.cuda.is_available():
+        raise ValueError("--device cuda was asked for but no CUDA GPU is visible")
+    if device.startswith("cuda:"):
+        return [device.split(":", 1)[1]]
+    env = os.environ.get("CUDA_VISIBLE_DEVICES")
+    ids = [x.strip() for x in env.split(",") if x.strip()] if env else []
+    n = torch.cuda.device_count()
+    return ids[:n] if ids else [str(i) for i in range(n)]
+
+
+def plan_workers(cfg: Any, gpus: list[str], cpu_count: int, cells_per_gpu: int = 1) -> tuple[int, int | None]:
+    """``(jobs, cells_per_gpu)``: how many worker processes run cells at once, and how many share a GPU.
+
+    With GPUs: ``cfg.jobs`` if given (spread over the GPUs in turn), else ``cells_per_gpu`` per
+    GPU (the driver passes the flag, else the workload's preset, else 1). On a CPU
+    ``cfg.cells_per_gpu`` has no meaning and is refused; the default there is one
+    single-threaded worker per core, at most 8, which beats one multi-threaded process for the
+    small models a CPU study can afford.
+    """
+    if not gpus:
+        if cfg.cells_per_gpu is not None:
+            raise ValueError("cells_per_gpu (--cells-per-gpu) applies to --device cuda; this study runs on the CPU, "
+                             "where --jobs sets the cells run at once")
+        return cfg.jobs or min(8, cpu_count), None
+    if cfg.jobs:
+        return cfg.jobs, None
+    return len(gpus) * cells_per_gpu, cells_per_gpu
+
+
+def make_executor(cfg: Any, out: Path, workload: Any, run_cell_fn: Callable[..., dict[str, Any]] | None = None, *,
+                  cells_per_gpu: int = 1) -> tuple[Executor, str, int, int | None]:
+    """The executor ``cfg`` (a resolved ``StudyConfig``) asks for, the device its cells train on,
+    its width (for the display) and the cells sharing each GPU (None on a CPU).
+
+    ``cells_per_gpu`` is the study's GPU sharing (the flag, else the workload's preset, else 1),
+    resolved by the driver; ``run_cell_fn`` replaces the in-process cell runner (tests).
+    """
+    if cfg.executor == "ray":
+        from bigbatch.study.ray_executor import RayExecutor
+
+        ex = RayExecutor(cfg, out, cells_per_gpu=cells_per_gpu)
+        return ex, ex.device, ex.capacity(), (cells_per_gpu if ex.device == "cuda" else None)
+    device = resolve_device(cfg.device)
+    gpus = visible_gpus(device)
+    jobs, per_gpu = plan_workers(cfg, gpus, os.cpu_count() or 1, cells_per_gpu)
+    if jobs > 1:
+        return WorkerPoolExecutor(jobs, gpus, out), ("cuda" if gpus else device), jobs, per_gpu
+    return InProcessExecutor(workload, run_cell_fn), device, 1, per_gpu

@@ -34,7 +34,8 @@ from bigbatch.study.cells import (
     write_result,
 )
 from bigbatch.study.config import StudyConfig
-from bigbatch.study.executors import CellJob, Executor, InProcessExecutor, WorkerPoolExecutor
+from bigbatch.study import executors
+from bigbatch.study.executors import CellJob, Executor, make_executor
 from bigbatch.study.progress import StudyProgress
 
 __all__ = ["run_study", "resolve_study", "plan_cells", "load_results", "PRESETS", "StudyOutcome", "plan_workers"]
@@ -188,51 +189,14 @@ def _same_settings(old: dict[str, Any], new: dict[str, Any]) -> str | None:
     return None
 
 
-def _visible_gpus(device: str) -> list[str]:
-    if not device.startswith("cuda"):
-        return []
-    import torch
-
-    if not torch.cuda.is_available():
-        raise ValueError("--device cuda was asked for but no CUDA GPU is visible")
-    if device.startswith("cuda:"):
-        return [device.split(":", 1)[1]]
-    env = os.environ.get("CUDA_VISIBLE_DEVICES")
-    ids = [x.strip() for x in env.split(",") if x.strip()] if env else []
-    n = torch.cuda.device_count()
-    return ids[:n] if ids else [str(i) for i in range(n)]
-
-
 def cells_per_gpu(cfg: StudyConfig) -> int:
     """Cells sharing each GPU: the flag, else the workload's preset, else 1."""
     return cfg.cells_per_gpu or int(PRESETS.get(cfg.workload, {}).get("cells_per_gpu", 1))
 
 
 def plan_workers(cfg: StudyConfig, gpus: list[str], cpu_count: int) -> tuple[int, int | None]:
-    """``(jobs, cells_per_gpu)``: how many worker processes run cells at once, and how many share a GPU.
-
-    With GPUs: ``jobs`` if given (spread over the GPUs in turn), else ``cells_per_gpu`` per GPU
-    (the flag, else the workload's preset, else 1). On a CPU ``cells_per_gpu`` has no meaning
-    and is refused; the default there is one single-threaded worker per core, at most 8, which
-    beats one multi-threaded process for the small models a CPU study can afford.
-    """
-    if not gpus:
-        if cfg.cells_per_gpu is not None:
-            raise ValueError("cells_per_gpu (--cells-per-gpu) applies to --device cuda; this study runs on the CPU, "
-                             "where --jobs sets the cells run at once")
-        return cfg.jobs or min(8, cpu_count), None
-    if cfg.jobs:
-        return cfg.jobs, None
-    per_gpu = cells_per_gpu(cfg)
-    return len(gpus) * per_gpu, per_gpu
-
-
-def _resolve_device(device: str) -> str:
-    if device != "auto":
-        return device
-    import torch
-
-    return "cuda" if torch.cuda.is_available() else "cpu"
+    """``(jobs, cells_per_gpu)`` for this study: ``executors.plan_workers`` with the workload's preset."""
+    return executors.plan_workers(cfg, gpus, cpu_count, cells_per_gpu(cfg))
 
 
 def run_study(cfg: StudyConfig, *, run_cell_fn: Callable[..., dict[str, Any]] | None = None) -> StudyOutcome:
@@ -298,7 +262,7 @@ def _run_study(cfg: StudyConfig, out: Path, run_cell_fn: Callable[..., dict[str,
     write_json_atomic({"config": cfg.to_dict(), "resolved": resolved}, out / "study.json")
     cells = plan_cells(cfg, resolved)
     records: dict[str, dict[str, Any]] = {}
-    executor, cell_device, jobs, per_gpu = _executor(cfg, out, workload, run_cell_fn)
+    executor, cell_device, jobs, per_gpu = make_executor(cfg, out, workload, run_cell_fn, cells_per_gpu=cells_per_gpu(cfg))
 
     def with_targets(record: dict[str, Any]) -> dict[str, Any]:
         """The record with ``by_target``: when its run first reached each target (from metrics.jsonl).
@@ -437,23 +401,6 @@ def _run_study(cfg: StudyConfig, out: Path, run_cell_fn: Callable[..., dict[str,
         if clean:
             executor.close(clean=True)
     return report(complete=len(records) == len(cells))
-
-
-def _executor(cfg: StudyConfig, out: Path, workload: Any,
-              run_cell_fn: Callable[..., dict[str, Any]] | None) -> tuple[Executor, str, int, int | None]:
-    """The executor ``cfg`` asks for, the device its cells train on, its width (for the display)
-    and the cells sharing each GPU (None on a CPU)."""
-    if cfg.executor == "ray":
-        from bigbatch.study.ray_executor import RayExecutor
-
-        ex = RayExecutor(cfg, out)
-        return ex, ex.device, ex.capacity(), (cells_per_gpu(cfg) if ex.device == "cuda" else None)
-    device = _resolve_device(cfg.device)
-    gpus = _visible_gpus(device)
-    jobs, per_gpu = plan_workers(cfg, gpus, os.cpu_count() or 1)
-    if jobs > 1:
-        return WorkerPoolExecutor(jobs, gpus, out), ("cuda" if gpus else device), jobs, per_gpu
-    return InProcessExecutor(workload, run_cell_fn), device, 1, per_gpu
 
 
 def load_results(out: str | Path) -> dict[str, Any]:
