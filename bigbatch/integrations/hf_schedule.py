@@ -47,13 +47,13 @@ except ImportError as e:  # pragma: no cover - depends on the environment
 from bigbatch.adaptive.base import BatchSizeController
 from bigbatch.adaptive.schedule import ScheduleController, check_batch_schedule, load_batch_schedule
 from bigbatch.recipe import Recipe
+from bigbatch.rules import LR_ONLY_RULES
 from bigbatch.scaling import lr_factor
 from bigbatch.schedules import SampleLR, Schedule
 from bigbatch.workloads.base import EpochSampler
 
 __all__ = ["BatchScheduleTrainer", "BatchScheduleLR", "ScheduleBatchSampler", "batch_at"]
 
-_RULES = ("linear", "sqrt", "none")
 
 
 def batch_at(schedule: Sequence[tuple[int, int]], samples: float) -> int:
@@ -170,8 +170,8 @@ class BatchScheduleTrainer(Trainer):
     def __init__(self, *args: Any, batch_schedule: Any, lr_schedule: Schedule | Recipe | None = None,
                  rule: str = "sqrt", base_batch: int | None = None, **kwargs: Any) -> None:
         self._bb_schedule = _pairs(batch_schedule)
-        if rule not in _RULES:
-            raise ValueError(f"rule must be one of {', '.join(_RULES)} (LR-only rules apply mid-run), got {rule!r}")
+        if rule not in LR_ONLY_RULES:
+            raise ValueError(f"rule must be one of {', '.join(LR_ONLY_RULES)} (LR-only rules apply mid-run), got {rule!r}")
         self._bb_rule = rule
         self._bb_base = int(base_batch) if base_batch is not None else self._bb_schedule[0][1]
         if self._bb_base <= 0:
