@@ -140,10 +140,10 @@ def test_ddp_and_accumulation_modes_agree_with_closed_form():
 SIZES = {0: [5, 11, 8], 1: [9, 3]}  # unequal counts per micro-batch and per rank
 
 
-def _unequal_data(seed=3):
+def _unequal_data(seed=3, sizes=None):
     g = torch.Generator().manual_seed(seed)
-    return {r: [{"x": torch.randn(n, 8, generator=g), "y": torch.randn(n, 1, generator=g)} for n in sizes]
-            for r, sizes in SIZES.items()}
+    return {r: [{"x": torch.randn(n, 8, generator=g), "y": torch.randn(n, 1, generator=g)} for n in ns]
+            for r, ns in (sizes or SIZES).items()}
 
 
 def _unequal_reference(net, data, kind):
