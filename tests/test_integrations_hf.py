@@ -283,3 +283,25 @@ def test_noise_callback_with_padding_matches_float64_per_micro_batch_reference(t
         assert [h[key] for h in logs] == pytest.approx([r[i] for r in ref], rel=1e-5), key
     warned = [w for w in caught if "weights their units unequally" in str(w.message)]
     assert len(warned) == (0 if loss_kwargs else 1)  # said once, and only when the factors differ
+
+
+def test_optimizer_and_scheduler_takes_the_recipe_lr_and_decay(tmp_path):
+    """issue 26 A.4: the peak came from args.learning_rate (57x off) and the decay from args.weight_decay."""
+    from bigbatch.recipe import Recipe
+
+    args = _args(tmp_path, learning_rate=5e-5, weight_decay=0.0)
+    batch = trainer_global_batch(args)
+    recipe = Recipe(batch_size=batch, lr=2.83e-3, optimizer="lamb", weight_decay=0.02, dataset_size=64)
+    opt, sched = optimizer_and_scheduler(_model(), args, "lamb", schedule=recipe)
+    assert [g["lr"] for g in opt.param_groups] == pytest.approx([2.83e-3] * len(opt.param_groups))
+    assert max(g["weight_decay"] for g in opt.param_groups) == pytest.approx(0.02)
+    optimizer_and_scheduler(_model(), args, "lamb", schedule=recipe, lr=2.83e-3)  # the same lr is fine
+    with pytest.raises(ValueError, match=r"lr=0\.1 differs from the schedule's peak lr=0\.00283"):
+        optimizer_and_scheduler(_model(), args, "lamb", schedule=recipe, lr=0.1)
+    with pytest.raises(ValueError, match=r"weight_decay=0\.5 differs from the recipe's weight_decay=0\.02"):
+        optimizer_and_scheduler(_model(), args, "lamb", schedule=recipe, weight_decay=0.5)
+    other = Recipe(batch_size=4 * batch, lr=2.83e-3, dataset_size=64)
+    with pytest.raises(ValueError, match=rf"global batch of {4 * batch}, the Trainer runs {batch}"):
+        optimizer_and_scheduler(_model(), args, "lamb", schedule=other)
+    with pytest.raises(ValueError, match=r"lr=0\.1 differs from the schedule's peak lr=0\.05"):
+        optimizer_and_scheduler(_model(), args, "lamb", schedule=Schedule(peak_lr=0.05), lr=0.1)
