@@ -308,3 +308,16 @@ def test_noise_callback_token_mean_matches_float64_per_micro_batch_reference(tmp
     for i, key in enumerate(("b_simple", "grad_sqnorm", "trace_sigma")):
         assert [v[i] for v in rec.values] == pytest.approx([r[i] for r in ref], rel=1e-5), key
     assert sum("weights their units unequally" in str(w.message) for w in caught) == 1
+
+
+def test_batch_size_callback_sets_the_scheduler_batch_at_the_first_step(tmp_path):
+    """issue 26 A.5: a SampleLR built for micro x 4 while the Trainer starts at accumulation 1 ran 4x fast."""
+    sched = Schedule(peak_lr=0.04, warmup_samples=48, decay="cosine", total_samples=96)
+    cb = BatchSizeCallback(ScheduleController(schedule="0:4 48:8", granularity=4), micro_batch_size=MICRO, rule="none")
+    module = Tiny(lr=0.04, schedule=sched, global_batch=MICRO * 4)
+    with pytest.warns(RuntimeWarning, match="built for a global batch of 16, the Trainer runs 4"):
+        _trainer(tmp_path, [cb], accumulate=1).fit(module)
+    batches = [n * MICRO for n, _ in module.steps]
+    assert batches == [4] * 12 + [8] * 6
+    seen = [sum(batches[:i]) for i in range(len(batches))]
+    assert [lr for _, lr in module.steps] == pytest.approx([sched(n) for n in seen], rel=1e-6)
