@@ -8,12 +8,12 @@ step already computes gradients at two sizes, so the monitor only reads them:
   ``source="prefix"``: the accumulated ``.grad`` after each micro-batch but the last) against
   the accumulated (and, under DDP, reduced) gradient of the step.
 * ``"ddp"``: each rank's local gradient, read by a DDP communication hook just before the
-  bucket is all-reduced, against the reduced gradient. One extra all-reduce of ``G + 3``
+  bucket is all-reduced, against the reduced gradient. One extra all-reduce of ``G + 6``
   floats per step (``G`` = number of groups).
 * ``"fsdp"``: FSDP2 (``fully_shard``): each micro-batch's rank-local gradient, read by tensor
   hooks on the unsharded parameters before it is accumulated or reduce-scattered (see
   ``bigbatch.noise.fsdp``), against the reduced gradient, whose squared norm is the sum of the
-  ranks' shard norms. One extra all-reduce of ``2G + 3`` floats per step.
+  ranks' shard norms. One extra all-reduce of ``2G + 6`` floats per step.
 * ``"split"``: one process, no accumulation: on measured steps the loop splits its batch in
   ``splits`` pieces (``monitor.split_batch``), which turns it into accumulation mode at the cost
   of smaller kernels; unmeasured steps run the batch whole.
