@@ -201,3 +201,107 @@ def test_changing_accumulation_mid_run_is_an_error(tmp_path):
     trainer = _run(tmp_path, [NoiseScaleCallback(), Grow()])
     with pytest.raises(ValueError, match="gradient_accumulation_steps changed from 4 to 2"):
         trainer.train()
+
+
+# ---- padded tokens, a per-micro-batch mean loss (issue 26, A.1) ----------------------------------
+class _Padded(_Tokens):
+    """Labels -100 past a random length per sequence: the micro-batches hold unequal token counts."""
+
+    def __init__(self, n: int = 64) -> None:
+        super().__init__(n)
+        self.lengths = torch.randint(3, SEQ + 1, (n,), generator=torch.Generator().manual_seed(2))
+
+    def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
+        labels = self.ids[i].clone()
+        labels[int(self.lengths[i]):] = -100
+        return {"input_ids": self.ids[i], "labels": labels}
+
+
+class _Steps(TrainerCallback):
+    """The weights at the start of each optimizer step and the (input_ids, labels) of its micro-batches."""
+
+    def __init__(self) -> None:
+        self.steps: list[tuple[dict, list]] = []
+        self._h = None
+
+    def on_train_begin(self, args, state, control, model=None, **kw):
+        def pre(m, a, k):
+            if m.training:
+                self.steps[-1][1].append((k["input_ids"].clone(), k["labels"].clone()))
+
+        self._h = model.register_forward_pre_hook(pre, with_kwargs=True)
+        self._model = model
+
+    def on_step_begin(self, args, state, control, **kw):
+        self.steps.append(({k: v.detach().clone() for k, v in self._model.state_dict().items()}, []))
+
+    def on_train_end(self, args, state, control, **kw):
+        self._h.remove()
+
+
+@pytest.mark.parametrize("loss_kwargs", [False, True], ids=["mean-per-micro-batch", "num_items_in_batch"])
+def test_noise_callback_with_padding_matches_float64_per_micro_batch_reference(tmp_path, loss_kwargs):
+    """Unequal token counts per micro-batch. Without num_items_in_batch each micro-batch's loss is its
+    own mean, divided by the accumulation: the factors differ (B_simple was 31-62% low); with it they
+    are equal. Against float64 per-micro-batch gradients of the same weights and tokens."""
+    import warnings
+
+    from _noise_ref import ema_reference, step_inputs_reference
+
+    noise, rec = NoiseScaleCallback(), _Steps()
+    model = _model()
+    args = _args(tmp_path)
+    trainer = Trainer(model=model, args=args, train_dataset=_Padded(),
+                      optimizers=optimizer_and_scheduler(model, args, "sgd"))
+    for cb in (noise, rec):
+        add_callback(trainer, cb)
+    trainer.model_accepts_loss_kwargs = loss_kwargs
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        trainer.train()
+    ref64 = _model().double()
+    params = list(ref64.parameters())
+    inputs = []
+    for weights, micro in rec.steps:
+        assert len(micro) == ACCUM
+        ref64.load_state_dict(weights)
+        S, n = [], []
+        for ids, labels in micro:
+            logits = ref64(input_ids=ids).logits
+            target = labels[:, 1:]
+            loss = torch.nn.functional.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), target.reshape(-1),
+                                                     ignore_index=-100, reduction="sum")
+            S.append(torch.autograd.grad(loss, params))
+            n.append(float(target.ne(-100).sum()))
+        assert len(set(n)) > 1  # the point of the test: unequal counts
+        a = [1.0 / sum(n)] * ACCUM if loss_kwargs else [1.0 / (c * ACCUM) for c in n]
+        inputs.append(step_inputs_reference(S, n, a))
+    ref = ema_reference(inputs, 0.99)
+    logs = [h for h in trainer.state.log_history if "noise/b_simple" in h]
+    assert len(logs) == len(ref) == 4
+    for key, i in (("noise/b_simple", 0), ("noise/grad_sqnorm", 1), ("noise/trace_sigma", 2)):
+        assert [h[key] for h in logs] == pytest.approx([r[i] for r in ref], rel=1e-5), key
+    warned = [w for w in caught if "weights their units unequally" in str(w.message)]
+    assert len(warned) == (0 if loss_kwargs else 1)  # said once, and only when the factors differ
+
+
+def test_optimizer_and_scheduler_takes_the_recipe_lr_and_decay(tmp_path):
+    """issue 26 A.4: the peak came from args.learning_rate (57x off) and the decay from args.weight_decay."""
+    from bigbatch.recipe import Recipe
+
+    args = _args(tmp_path, learning_rate=5e-5, weight_decay=0.0)
+    batch = trainer_global_batch(args)
+    recipe = Recipe(batch_size=batch, lr=2.83e-3, optimizer="lamb", weight_decay=0.02, dataset_size=64)
+    opt, sched = optimizer_and_scheduler(_model(), args, "lamb", schedule=recipe)
+    assert [g["lr"] for g in opt.param_groups] == pytest.approx([2.83e-3] * len(opt.param_groups))
+    assert max(g["weight_decay"] for g in opt.param_groups) == pytest.approx(0.02)
+    optimizer_and_scheduler(_model(), args, "lamb", schedule=recipe, lr=2.83e-3)  # the same lr is fine
+    with pytest.raises(ValueError, match=r"lr=0\.1 differs from the schedule's peak lr=0\.00283"):
+        optimizer_and_scheduler(_model(), args, "lamb", schedule=recipe, lr=0.1)
+    with pytest.raises(ValueError, match=r"weight_decay=0\.5 differs from the recipe's weight_decay=0\.02"):
+        optimizer_and_scheduler(_model(), args, "lamb", schedule=recipe, weight_decay=0.5)
+    other = Recipe(batch_size=4 * batch, lr=2.83e-3, dataset_size=64)
+    with pytest.raises(ValueError, match=rf"global batch of {4 * batch}, the Trainer runs {batch}"):
+        optimizer_and_scheduler(_model(), args, "lamb", schedule=other)
+    with pytest.raises(ValueError, match=r"lr=0\.1 differs from the schedule's peak lr=0\.05"):
+        optimizer_and_scheduler(_model(), args, "lamb", schedule=Schedule(peak_lr=0.05), lr=0.1)

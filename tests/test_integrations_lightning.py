@@ -240,3 +240,84 @@ def test_callbacks_refuse_manual_optimization(tmp_path):
 
     with pytest.raises(ValueError, match="automatic optimization"):
         _trainer(tmp_path, [NoiseScaleCallback()], accumulate=1).fit(Manual())
+
+
+# ---- tokens of unequal counts, a per-batch mean loss (issue 26, A.1) -----------------------------
+class Masked(pl.LightningModule):
+    """Sequences of 5 positions with a random number of valid ones: training_step's loss is the mean over
+    the batch's valid positions (count_fn = tokens, reduction='mean'), so the micro-batches' factors differ."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.net = nn.Sequential(nn.Linear(6, 8), nn.Tanh(), nn.Linear(8, 1))
+        g = torch.Generator().manual_seed(3)
+        x = torch.randn(64, 5, 6, generator=g)
+        y = x.sum(-1, keepdim=True) * 0.3 + 0.5 * torch.randn(64, 5, 1, generator=g)
+        mask = (torch.arange(5) < torch.randint(1, 6, (64, 1), generator=g)).float()
+        self.ds = torch.utils.data.TensorDataset(x, y, mask)
+        self.seen: list[tuple[dict, tuple]] = []  # (weights, batch) of every micro-batch
+
+    @staticmethod
+    def sum_loss(net, batch):
+        x, y, mask = batch
+        return ((net(x) - y).squeeze(-1).pow(2) * mask).sum()
+
+    def training_step(self, batch, batch_idx):
+        self.seen.append(({k: v.detach().clone() for k, v in self.net.state_dict().items()}, batch))
+        return self.sum_loss(self.net, batch) / batch[2].sum()
+
+    def configure_optimizers(self):
+        return configure_optimizers(self, "sgd", lr=0.05)
+
+    def train_dataloader(self):
+        return torch.utils.data.DataLoader(self.ds, batch_size=MICRO, shuffle=False)
+
+
+def test_noise_callback_token_mean_matches_float64_per_micro_batch_reference(tmp_path):
+    import warnings
+
+    from _noise_ref import ema_reference, step_inputs_reference
+
+    class Record(pl.Callback):
+        def __init__(self):
+            self.values = []
+
+        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+            m = trainer.callback_metrics
+            if "noise/b_simple" in m and trainer.global_step > len(self.values):
+                self.values.append(tuple(float(m[f"noise/{k}"]) for k in ("b_simple", "grad_sqnorm", "trace_sigma")))
+
+    module, accum = Masked(), 4
+    noise, rec = NoiseScaleCallback(count_fn=lambda b: b[2].sum(), reduction="mean"), Record()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        _trainer(tmp_path, [noise, rec], accumulate=accum).fit(module)
+    ref64 = copy.deepcopy(module.net).double()
+    params = list(ref64.parameters())
+    inputs = []
+    for s in range(len(module.seen) // accum):
+        micro = module.seen[s * accum:(s + 1) * accum]
+        ref64.load_state_dict(micro[0][0])
+        S = [torch.autograd.grad(Masked.sum_loss(ref64, [t.double() for t in b]), params) for _, b in micro]
+        n = [float(b[2].sum()) for _, b in micro]
+        assert len(set(n)) > 1
+        inputs.append(step_inputs_reference(S, n, [1.0 / (c * accum) for c in n]))
+    ref = ema_reference(inputs, 0.99)
+    assert len(rec.values) == len(ref) == 4
+    for i, key in enumerate(("b_simple", "grad_sqnorm", "trace_sigma")):
+        assert [v[i] for v in rec.values] == pytest.approx([r[i] for r in ref], rel=1e-5), key
+    assert sum("weights their units unequally" in str(w.message) for w in caught) == 1
+
+
+def test_batch_size_callback_sets_the_scheduler_batch_at_the_first_step(tmp_path):
+    """issue 26 A.5: a SampleLR built for micro x 4 while the Trainer starts at accumulation 1 ran 4x fast."""
+    sched = Schedule(peak_lr=0.04, warmup_samples=48, decay="cosine", total_samples=96)
+    cb = BatchSizeCallback(ScheduleController(schedule="0:4 48:8", granularity=4), micro_batch_size=MICRO, rule="none")
+    module = Tiny(lr=0.04, schedule=sched, global_batch=MICRO * 4)
+    with pytest.warns(RuntimeWarning, match="built for a global batch of 16, the Trainer runs 4"):
+        _trainer(tmp_path, [cb], accumulate=1).fit(module)
+    batches = [n * MICRO for n, _ in module.steps]
+    assert batches == [4] * 12 + [8] * 6
+    seen = [sum(batches[:i]) for i in range(len(batches))]
+    assert [lr for _, lr in module.steps] == pytest.approx([sched(n) for n in seen], rel=1e-6)

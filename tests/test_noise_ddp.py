@@ -134,3 +134,89 @@ def test_ddp_and_accumulation_modes_agree_with_closed_form():
     # a float64 model is read in float64: equal to the float64 reference far below float32's rounding
     for groups in ("None", "parameter"):
         assert r[f"f64_{groups}"] == pytest.approx(r["ref64"], rel=1e-9), groups
+
+
+# ---- micro-batches with different loss factors (issue 26, A.1) ------------------------------------
+SIZES = {0: [5, 11, 8], 1: [9, 3]}  # unequal counts per micro-batch and per rank
+
+
+def _unequal_data(seed=3, sizes=None):
+    g = torch.Generator().manual_seed(seed)
+    return {r: [{"x": torch.randn(n, 8, generator=g), "y": torch.randn(n, 1, generator=g)} for n in ns]
+            for r, ns in (sizes or SIZES).items()}
+
+
+def _unequal_reference(net, data, kind):
+    """float64 (|G|², tr Σ) from E|Σ a S|² = (Σ a n)²|G|² + (Σ a² n) tr Σ, per-micro-batch gradients."""
+    from bigbatch.noise import unbiased_estimates
+
+    m64 = copy.deepcopy(net).double()
+    params = list(m64.parameters())
+    S, a, n = {}, {}, {}
+    for r, mbs in data.items():
+        for j, mb in enumerate(mbs):
+            S[r, j] = torch.autograd.grad(0.5 * (m64(mb["x"].double()) - mb["y"].double()).pow(2).sum(), params)
+            n[r, j], a[r, j] = len(mb["x"]), 1.0 / (len(mb["x"]) * len(mbs))
+
+    def part(keys, div=1.0):
+        g = [sum(a[key] / div * S[key][i] for key in keys) for i in range(len(params))]
+        return (sum(float(v.pow(2).sum()) for v in g), sum(a[key] / div * n[key] for key in keys),
+                sum((a[key] / div) ** 2 * n[key] for key in keys))
+
+    if kind == "ddp":  # each rank's whole share
+        groups = [[(r, j) for j in range(len(mbs))] for r, mbs in data.items()]
+    elif kind == "micro":
+        groups = [[key] for key in S]
+    else:  # prefix: the first j micro-batches of each rank, j < k_r
+        groups = [[(r, i) for i in range(j + 1)] for r, mbs in data.items() for j in range(len(mbs) - 1)]
+    smalls = [part(gr) for gr in groups]
+    small = sum(s / a_ ** 2 for s, a_, _ in smalls) / len(smalls)
+    b = len(smalls) / sum(q / a_ ** 2 for _, a_, q in smalls)
+    s_big, a_big, q_big = part(list(S), div=WORLD)  # DDP averages the ranks' gradients
+    B = a_big ** 2 / q_big
+    return list(unbiased_estimates(small, s_big / a_big ** 2, b, B)) + [b, B]
+
+
+def _unequal_worker(rank: int) -> dict:
+    from torch.nn.parallel import DistributedDataParallel as DDP
+
+    from bigbatch.noise import NoiseMonitor
+
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Linear(8, 6), torch.nn.Tanh(), torch.nn.Linear(6, 1))
+    data = _unequal_data()
+    out: dict = {}
+    for kind, kw in (("ddp", {"mode": "ddp"}), ("micro", {"mode": "accumulation", "source": "micro"}),
+                     ("prefix", {"mode": "accumulation", "source": "prefix"})):
+        model = DDP(copy.deepcopy(net))
+        mon = NoiseMonitor(model, beta=0.5, **kw)
+        mbs = data[rank]
+        mon.begin_step()
+        for j, mb in enumerate(mbs):
+            c = 1.0 / (len(mb["x"]) * len(mbs))  # a mean per micro-batch, divided by the accumulation
+            ctx = model.no_sync() if j < len(mbs) - 1 else torch.enable_grad()
+            with ctx, mon.micro_batch(len(mb["x"]), loss_scale=c):  # the factor before DDP divides by world
+                (0.5 * (model(mb["x"]) - mb["y"]).pow(2).sum() * c).backward()
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            r = mon.end_step()
+            out[kind] = [r.grad_sqnorm_step, r.trace_sigma_step, r.b_small, r.b_big, r.valid,
+                         any("unequally" in str(w.message) for w in caught)]
+        if rank == 0:
+            out[f"ref_{kind}"] = _unequal_reference(net, data, kind)
+    return out
+
+
+@pytest.mark.skipif(not dist.is_available() or not dist.is_gloo_available(), reason="torch.distributed with gloo not available")
+def test_unequal_loss_factors_under_ddp_match_float64_reference():
+    """Per-micro-batch mean losses, unequal counts and micro-batches per rank: DDP mode (which used
+    to refuse unequal scales), accumulation mode with per-micro-batch and prefix readings."""
+    r = spawn_gloo(_unequal_worker, world=WORLD)[0]
+    for kind in ("ddp", "micro", "prefix"):
+        g2, tr, b, B, valid, warned = r[kind]
+        rg2, rtr, rb, rB = r[f"ref_{kind}"]
+        assert valid and warned, kind
+        assert (b, B) == pytest.approx((rb, rB), rel=1e-6), kind
+        assert B < sum(map(sum, SIZES.values()))  # the effective batch of unequally weighted units
+        assert g2 == pytest.approx(rg2, rel=1e-5), kind
+        assert tr == pytest.approx(rtr, rel=1e-5), kind

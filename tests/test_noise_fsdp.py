@@ -134,3 +134,52 @@ def test_fsdp_mode_agrees_with_ddp_and_closed_form():
     assert "needs mode='fsdp'" in e_acc and "needs mode='fsdp'" in e_split
     assert "DistributedDataParallel" in e_ddp
     assert "source='micro'" in e_prefix
+
+
+# ---- micro-batches with different loss factors (issue 26, A.1) ------------------------------------
+def _unequal_worker(rank: int) -> dict:
+    import warnings
+
+    from test_noise_ddp import _unequal_data, _unequal_reference
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+
+    from bigbatch.noise import NoiseMonitor
+
+    mesh = init_device_mesh("cpu", (WORLD,))
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Linear(8, 6), torch.nn.Tanh(), torch.nn.Linear(6, 1))
+    # FSDP all-gathers in every forward: the ranks run as many micro-batches, of unequal sizes
+    data = _unequal_data(sizes={0: [5, 11, 8], 1: [9, 3, 6]})
+    model = copy.deepcopy(net)
+    fully_shard(model[0], mesh=mesh)
+    fully_shard(model, mesh=mesh)
+    mon = NoiseMonitor(model, beta=0.5)
+    mbs = data[rank]
+    mon.begin_step()
+    for j, mb in enumerate(mbs):
+        c = 1.0 / (len(mb["x"]) * len(mbs))  # a mean per micro-batch, divided by the accumulation
+        model.set_requires_gradient_sync(j == len(mbs) - 1)
+        with mon.micro_batch(len(mb["x"]), loss_scale=c):
+            (0.5 * (model(mb["x"]) - mb["y"]).pow(2).sum() * c).backward()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        r = mon.end_step()
+        out = {"got": [r.grad_sqnorm_step, r.trace_sigma_step, r.b_small, r.b_big, r.valid],
+               "warned": any("unequally" in str(w.message) for w in caught), "mode": mon.mode}
+    if rank == 0:
+        out["ref"] = _unequal_reference(net, data, "micro")
+    return out
+
+
+@pytest.mark.skipif(not dist.is_available() or not dist.is_gloo_available(), reason="torch.distributed with gloo not available")
+def test_fsdp_unequal_loss_factors_match_float64_reference():
+    """Per-micro-batch mean losses over unequal counts and unequal micro-batches per rank, under FSDP2."""
+    r = spawn_gloo(_unequal_worker, world=WORLD)[0]
+    g2, tr, b, B, valid = r["got"]
+    rg2, rtr, rb, rB = r["ref"]
+    assert r["mode"] == "fsdp" and valid
+    assert (b, B) == pytest.approx((rb, rB), rel=1e-6)
+    assert g2 == pytest.approx(rg2, rel=1e-5)
+    assert tr == pytest.approx(rtr, rel=1e-5)
+    assert r["warned"]  # training itself weights the units unequally: said once

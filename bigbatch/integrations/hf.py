@@ -64,21 +64,36 @@ def optimizer_and_scheduler(model: torch.nn.Module, args: TrainingArguments, opt
                             ) -> tuple[torch.optim.Optimizer, SampleLR]:
     """``(optimizer, scheduler)`` for ``Trainer(optimizers=...)``.
 
-    ``lr``/``weight_decay`` default to ``args.learning_rate``/``args.weight_decay``; ``schedule``
-    (a :class:`Schedule` in samples, or a :class:`Recipe` with ``dataset_size``, already rescaled
-    to the global batch) defaults to a constant LR. The scheduler advances by
-    :func:`trainer_global_batch` samples per optimizer step, so the LR at step ``t`` is
-    ``schedule(t × global batch)``, world size included.
+    ``schedule``: a :class:`Schedule` in samples, or a :class:`Recipe` with ``dataset_size``,
+    already rescaled to the Trainer's global batch; None: a constant LR. The schedule's peak (the
+    recipe's ``lr``) is the optimizer's LR, and a recipe's ``weight_decay`` its decay: they win over
+    ``args.learning_rate``/``args.weight_decay``, which are used only without them. An explicit
+    ``lr=`` (or, with a recipe, ``weight_decay=``) that differs from the schedule's raises, and so
+    does a recipe whose ``batch_size`` is not :func:`trainer_global_batch` (rescale it first with
+    :func:`bigbatch.integrations.common.rescale_for_global_batch`). The scheduler advances by the
+    global batch per optimizer step, so the LR at step ``t`` is ``schedule(t × global batch)``,
+    world size included.
     """
-    lr = args.learning_rate if lr is None else lr
-    if schedule is None:
-        schedule = Schedule(peak_lr=lr)
-    elif isinstance(schedule, Recipe):
+    decay = args.weight_decay if weight_decay is None else weight_decay
+    if isinstance(schedule, Recipe):
+        batch = trainer_global_batch(args)
+        if schedule.batch_size != batch:
+            raise ValueError(f"the recipe is for a global batch of {schedule.batch_size}, the Trainer runs {batch} "
+                             "(per_device_train_batch_size x gradient_accumulation_steps x world size); rescale it "
+                             "with rescale_for_global_batch")
+        if weight_decay is not None and weight_decay != schedule.weight_decay:
+            raise ValueError(f"weight_decay={weight_decay} differs from the recipe's weight_decay={schedule.weight_decay}; "
+                             "leave weight_decay out (the recipe's is used)")
+        decay = schedule.weight_decay
         schedule = schedule.to_schedule()
-    opt = create_optimizer(optimizer, model, lr=lr, weight_decay=args.weight_decay if weight_decay is None else weight_decay,
-                           **optimizer_kwargs)
+    if schedule is None:
+        schedule = Schedule(peak_lr=args.learning_rate if lr is None else lr)
     if not isinstance(schedule, Schedule):
         raise ValueError(f"schedule must be a bigbatch Schedule or Recipe, got {type(schedule).__name__}")
+    if lr is not None and lr != schedule.peak_lr:
+        raise ValueError(f"lr={lr} differs from the schedule's peak lr={schedule.peak_lr}; leave lr out "
+                         "(the schedule's is used)")
+    opt = create_optimizer(optimizer, model, lr=schedule.peak_lr, weight_decay=decay, **optimizer_kwargs)
     return opt, _FixedBatchSampleLR(opt, schedule, args=args)
 
 

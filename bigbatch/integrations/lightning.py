@@ -13,6 +13,7 @@ Needs ``pip install bigbatch[lightning]`` (``lightning>=2.2``).
 
 from __future__ import annotations
 
+import warnings
 from typing import Any, Callable
 
 import torch
@@ -28,7 +29,7 @@ from bigbatch.integrations.common import LR_ONLY_RULES, MonitorTap, leading_dim,
 from bigbatch.noise import NoiseMonitor
 from bigbatch.optim import create_optimizer
 from bigbatch.recipe import Recipe
-from bigbatch.schedules import Schedule
+from bigbatch.schedules import SampleLR, Schedule
 
 __all__ = ["configure_optimizers", "NoiseScaleCallback", "BatchSizeCallback"]
 
@@ -226,6 +227,14 @@ class BatchSizeCallback(Callback):
             self._decide(trainer)
         else:  # resumed: restore the accumulation the run had reached
             trainer.accumulate_grad_batches = self.batch_size // (self.micro_batch_size * self._world)
+        # The scheduler advances by the batch the Trainer really runs from the first step on, whatever
+        # global_batch it was built with (e.g. micro x --accum while the controller starts at accumulation 1).
+        sched = trainer.lr_scheduler_configs[0].scheduler if trainer.lr_scheduler_configs else None
+        if isinstance(sched, SampleLR) and sched.batch_size != self.batch_size:
+            warnings.warn(f"BatchSizeCallback: the SampleLR was built for a global batch of {sched.batch_size}, the "
+                          f"Trainer runs {self.batch_size} from the first step; the scheduler now advances by "
+                          f"{self.batch_size}", RuntimeWarning, stacklevel=2)
+            sched.batch_size = self.batch_size
 
     def on_train_epoch_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
         self._window_start = trainer.fit_loop.epoch_loop.batch_progress.current.ready

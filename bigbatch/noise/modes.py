@@ -7,9 +7,14 @@ share (the step's bookkeeping, the all-reduce, the estimators, the host side). T
   (a tensor hook costs a Python call per parameter per micro-batch even when it does nothing);
 * ``pieces(batch, measured)``: the micro-batches a loop should run for one of its own (split mode
   cuts it on measured steps only; the others run it whole, at full speed);
-* ``micro_done(mb, norms)``: after one micro-batch's backward (``norms``: what the hooks read);
+* ``micro_done(count, loss_scale, norms)``: after one micro-batch's backward (``norms``: what the
+  hooks read);
 * ``readings()``: at the end of the step, the big batch's per-group squared norms and the
-  small-batch readings ``[(raw [G], count, loss scale)]``, or None when the step gives nothing.
+  small-batch readings ``[(raw [G], Σ a_j n_j, Σ a_j² n_j)]`` (the sums over the micro-batches in
+  each reading, :mod:`bigbatch.noise.context`), or None when the step gives nothing.
+
+A mode is built on the monitor's :class:`~bigbatch.noise.context.StepContext` and reads nothing
+else of it.
 
 :func:`select_mode` is the one rule for ``mode="auto"``, used by the monitor and the trainer.
 Core module: torch and the standard library only.
@@ -18,19 +23,17 @@ Core module: torch and the standard library only.
 from __future__ import annotations
 
 import warnings
-from typing import TYPE_CHECKING, Any, Callable, Mapping
+from typing import Any, Callable, Mapping
 
 import torch
 
+from bigbatch.noise.context import StepContext, unit_sums
 from bigbatch.noise.fsdp import UnshardedGradHooks, check_sharded, local_grads
 from bigbatch.noise.sums import flat_norm, norm_dtype, split_batch
 
-if TYPE_CHECKING:
-    from bigbatch.noise.monitor import NoiseMonitor, _MicroBatch
-
 __all__ = ["select_mode", "Mode", "AccumulationMode", "SplitMode", "DDPMode", "FSDPMode", "MODES"]
 
-Reading = tuple[torch.Tensor, Any, Any]  # (raw per-group squared norms [G], count, loss scale)
+Reading = tuple[torch.Tensor, Any, Any]  # (raw per-group squared norms [G], Σ a_j n_j, Σ a_j² n_j)
 
 
 def select_mode(*, sharded: bool = False, ddp: bool = False, accum_steps: int | None = None) -> str:
@@ -58,9 +61,10 @@ class Mode:
 
     name = ""
     splits = 1
+    reduce_big = False  # the big batch's squared norms are per-rank parts, summed by the all-reduce
 
-    def __init__(self, monitor: "NoiseMonitor") -> None:
-        self.mon = monitor
+    def __init__(self, ctx: StepContext) -> None:
+        self.ctx = ctx
 
     def attach(self) -> None:
         """Start reading gradients (a measured step begins)."""
@@ -73,9 +77,13 @@ class Mode:
 
     def grads(self) -> list[torch.Tensor | None]:
         """The reduced gradient of each of the monitor's parameters (this rank's part of it)."""
-        return [p.grad for p in self.mon._params]
+        return [p.grad for p in self.ctx.groups.params]
 
-    def micro_done(self, mb: "_MicroBatch", norms: list[torch.Tensor]) -> None:
+    def grad_sqnorms(self) -> torch.Tensor | None:
+        """Per-group squared norms of :meth:`grads` (None when no parameter has a gradient)."""
+        return self.ctx.groups.sqnorms(self.grads())
+
+    def micro_done(self, count: Any, loss_scale: Any, norms: list[torch.Tensor]) -> None:
         pass
 
     def readings(self) -> tuple[torch.Tensor, list[Reading]] | None:
@@ -91,41 +99,38 @@ class AccumulationMode(Mode):
 
     name = "accumulation"
 
-    def __init__(self, monitor: "NoiseMonitor", source: str) -> None:
-        super().__init__(monitor)
+    def __init__(self, ctx: StepContext, source: str) -> None:
+        super().__init__(ctx)
         self.source = source
         self._handles: list[Any] = []
         self._micro: list[Reading] = []
-        self._prefix: list[Reading] = []  # (raw [G], cumulative count, loss scale)
+        self._prefix: list[Reading] = []  # (raw [G], Σ a n, Σ a² n of the first j micro-batches)
 
     def attach(self) -> None:
         self._micro, self._prefix = [], []
         if self.source == "micro":
-            mon = self.mon
-            self._handles = [p.register_hook(mon._make_hook(g)) for p, g in zip(mon._params, mon._group_index)]
+            groups = self.ctx.groups
+            self._handles = [p.register_hook(self.ctx.make_hook(g)) for p, g in zip(groups.params, groups.index)]
 
     def detach(self) -> None:
         for h in self._handles:
             h.remove()
         self._handles = []
 
-    def micro_done(self, mb: "_MicroBatch", norms: list[torch.Tensor]) -> None:
-        mon = self.mon
+    def micro_done(self, count: Any, loss_scale: Any, norms: list[torch.Tensor]) -> None:
+        ctx = self.ctx
         if self.source == "prefix":
-            # .grad now holds (loss scale)·Σ of the first m_j units' gradients: a batch of m_j.
-            vec = mon._grad_sqnorms()
+            # .grad now holds Σ_{i<=j} a_i·S_i: the first j micro-batches, whatever their factors.
+            vec = self.grad_sqnorms()
             if vec is not None:
-                self._prefix.append((vec, mon._count_local, mb.loss_scale))
+                self._prefix.append((vec, ctx.unit_sum, ctx.unit_sqsum))
             return
         if not norms:
             return
-        if not isinstance(mb.count, torch.Tensor) and mb.count == 0:
+        if not isinstance(count, torch.Tensor) and count == 0:
             return  # an empty micro-batch carries no gradient and no information
-        self._micro.append((mon._group_sum(torch.stack(norms).square(), tuple(mon._hook_groups)), mb.count, mb.loss_scale))
-
-    def check_step(self) -> None:
-        if self.source == "prefix":
-            _common_scale(self.mon._scales, self.name, self.source)
+        a, q = unit_sums(count, loss_scale)
+        self._micro.append((ctx.groups.sum(torch.stack(norms).square(), tuple(ctx.norm_groups)), a, q))
 
     def readings(self) -> tuple[torch.Tensor, list[Reading]] | None:
         if self.source == "prefix":
@@ -133,7 +138,7 @@ class AccumulationMode(Mode):
                 return None
             big = self._prefix[-1][0]  # after the last backward: the whole (reduced) gradient
             return big, [r for r in self._prefix[:-1] if isinstance(r[1], torch.Tensor) or r[1] > 0]
-        big = self.mon._grad_sqnorms()
+        big = self.grad_sqnorms()
         return None if big is None else (big, self._micro)
 
 
@@ -143,9 +148,9 @@ class SplitMode(AccumulationMode):
 
     name = "split"
 
-    def __init__(self, monitor: "NoiseMonitor", source: str, splits: int) -> None:
-        super().__init__(monitor, source)
-        if monitor.world_size > 1:
+    def __init__(self, ctx: StepContext, source: str, splits: int) -> None:
+        super().__init__(ctx, source)
+        if ctx.world_size > 1:
             raise ValueError("mode='split' is for one process; under DDP use 'ddp' or 'accumulation'")
         if splits < 2:
             raise ValueError(f"splits must be >= 2 in split mode, got {splits}")
@@ -162,15 +167,15 @@ class DDPMode(Mode):
 
     name = "ddp"
 
-    def __init__(self, monitor: "NoiseMonitor", model: Any, comm_hook: Callable[[Any, Any], Any] | None,
+    def __init__(self, ctx: StepContext, model: Any, comm_hook: Callable[[Any, Any], Any] | None,
                  comm_state: Any) -> None:
-        super().__init__(monitor)
+        super().__init__(ctx)
         from torch.distributed.algorithms.ddp_comm_hooks.default_hooks import allreduce_hook
 
         from bigbatch.noise.sums import comm_hook as reading_hook
 
         self.inner_hook = comm_hook or allreduce_hook
-        self.inner_state = comm_state if comm_hook is not None else monitor.process_group
+        self.inner_state = comm_state if comm_hook is not None else ctx.process_group
         self._bucket_raw: list[torch.Tensor] = []
         self._bucket_micro = 0
         self._multi_sync = False
@@ -181,25 +186,23 @@ class DDPMode(Mode):
 
     def read_bucket(self, bucket: Any) -> None:
         """Called by the comm hook with each bucket, before it is reduced."""
-        mon = self.mon
-        if not (mon._in_step and mon._measure and not mon._closed):
+        ctx = self.ctx
+        if not ctx.measuring:
             return
-        if self._bucket_raw and self._bucket_micro != mon._n_micro:
+        if self._bucket_raw and self._bucket_micro != ctx.n_micro:
             self._multi_sync = True  # reduced in two backwards: no_sync was not used
-        self._bucket_micro = mon._n_micro
-        if len(mon.group_names) == 1:
+        self._bucket_micro = ctx.n_micro
+        groups = ctx.groups
+        if len(groups.names) == 1:
             self._bucket_raw.append(flat_norm(bucket.buffer()).square().reshape(1))
         else:
             grads = list(bucket.gradients())
             sq = torch.stack(torch._foreach_norm(grads, 2, dtype=norm_dtype(grads[0]))).square()
-            self._bucket_raw.append(mon._group_sum(sq, tuple(mon._group_of[id(p)] for p in bucket.parameters())))
-
-    def check_step(self) -> None:
-        _common_scale(self.mon._scales, self.name, self.mon.source)
+            self._bucket_raw.append(groups.sum(sq, tuple(groups.of[id(p)] for p in bucket.parameters())))
 
     def readings(self) -> tuple[torch.Tensor, list[Reading]] | None:
-        mon = self.mon
-        big = mon._grad_sqnorms()
+        ctx = self.ctx
+        big = self.grad_sqnorms()
         if big is None:
             return None
         if self._multi_sync:
@@ -208,7 +211,8 @@ class DDPMode(Mode):
                           RuntimeWarning, stacklevel=4)
         if not self._bucket_raw or self._multi_sync:
             return None
-        return big, [(torch.stack(self._bucket_raw).sum(0), mon._count_local, mon._step_scale)]
+        # The rank's whole share, Σ_j a_j·S_j over its micro-batches: one reading with the step's sums.
+        return big, [(torch.stack(self._bucket_raw).sum(0), ctx.unit_sum, ctx.unit_sqsum)]
 
 
 class FSDPMode(AccumulationMode):
@@ -219,13 +223,13 @@ class FSDPMode(AccumulationMode):
     name = "fsdp"
     reduce_big = True
 
-    def __init__(self, monitor: "NoiseMonitor", inner: torch.nn.Module, units: list[torch.nn.Module]) -> None:
-        super().__init__(monitor, "micro")
-        check_sharded([(n, p) for n, p in inner.named_parameters() if p.requires_grad], monitor.world_size)
-        group_of = monitor._group_of
+    def __init__(self, ctx: StepContext, inner: torch.nn.Module, units: list[torch.nn.Module]) -> None:
+        super().__init__(ctx, "micro")
+        check_sharded([(n, p) for n, p in inner.named_parameters() if p.requires_grad], ctx.world_size)
+        group_of = ctx.groups.of
         slots = {(id(m), n): group_of[id(p)] for m in inner.modules()
                  for n, p in m.named_parameters(recurse=False) if id(p) in group_of}
-        self.hooks = UnshardedGradHooks(units, slots, monitor._on_grad)
+        self.hooks = UnshardedGradHooks(units, slots, ctx.on_grad)
         self._hooked: int | None = None
 
     def attach(self) -> None:
@@ -238,7 +242,7 @@ class FSDPMode(AccumulationMode):
         self.hooks.detach()
 
     def grads(self) -> list[torch.Tensor | None]:
-        return local_grads(self.mon._params)
+        return local_grads(self.ctx.groups.params)
 
     def check_step(self) -> None:
         if self._hooked == 0:
@@ -250,11 +254,3 @@ class FSDPMode(AccumulationMode):
 
 
 MODES = ("accumulation", "ddp", "fsdp", "split")
-
-
-def _common_scale(scales: list[Any], mode: str, source: str) -> None:
-    """A prefix (or a rank's whole share) mixes micro-batches: they need one common loss scale."""
-    numbers = [s for s in scales if s is not None and not isinstance(s, torch.Tensor)]
-    if any(s != numbers[0] for s in numbers):
-        raise ValueError(f"loss_scale must be the same for every micro_batch of a step in {mode} mode "
-                         f"with source={source!r}, got {numbers}")

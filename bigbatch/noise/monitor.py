@@ -8,12 +8,12 @@ step already computes gradients at two sizes, so the monitor only reads them:
   ``source="prefix"``: the accumulated ``.grad`` after each micro-batch but the last) against
   the accumulated (and, under DDP, reduced) gradient of the step.
 * ``"ddp"``: each rank's local gradient, read by a DDP communication hook just before the
-  bucket is all-reduced, against the reduced gradient. One extra all-reduce of ``G + 3``
+  bucket is all-reduced, against the reduced gradient. One extra all-reduce of ``G + 6``
   floats per step (``G`` = number of groups).
 * ``"fsdp"``: FSDP2 (``fully_shard``): each micro-batch's rank-local gradient, read by tensor
   hooks on the unsharded parameters before it is accumulated or reduce-scattered (see
   ``bigbatch.noise.fsdp``), against the reduced gradient, whose squared norm is the sum of the
-  ranks' shard norms. One extra all-reduce of ``2G + 3`` floats per step.
+  ranks' shard norms. One extra all-reduce of ``2G + 6`` floats per step.
 * ``"split"``: one process, no accumulation: on measured steps the loop splits its batch in
   ``splits`` pieces (``monitor.split_batch``), which turns it into accumulation mode at the cost
   of smaller kernels; unmeasured steps run the batch whole.
@@ -46,12 +46,13 @@ import torch.distributed as dist
 from torch import nn
 
 from bigbatch._checks import check_choice, check_int_positive, check_nonnegative
+from bigbatch.noise.context import ParamGroups, StepContext, unit_sums
 from bigbatch.noise.estimator import NoiseScale
 from bigbatch.noise.fsdp import UnshardedGradHooks, fsdp_units
 from bigbatch.noise.groups import GroupSpec, assign_groups
 from bigbatch.noise.modes import AccumulationMode, DDPMode, FSDPMode, Mode, SplitMode, select_mode
 from bigbatch.noise.reading import NoiseReading
-from bigbatch.noise.sums import flat_norm as _flat_norm, is_ddp, norm_dtype, scalar as _scalar, split_batch, step_inputs
+from bigbatch.noise.sums import is_ddp, scalar as _scalar, split_batch, step_inputs
 
 __all__ = ["NoiseMonitor", "split_batch"]
 
@@ -67,12 +68,10 @@ class _MicroBatch:
         self.mon, self.count, self.samples, self.loss_scale = mon, count, samples, loss_scale
 
     def __enter__(self) -> "_MicroBatch":
-        self.mon._micro_norms, self.mon._hook_groups = [], []
-        self.mon._in_micro = True
+        self.mon._open_micro()
         return self
 
     def __exit__(self, exc_type: Any, *exc: Any) -> None:
-        self.mon._in_micro = False
         self.mon._close_micro(self, ok=exc_type is None)
 
 
@@ -155,34 +154,32 @@ class NoiseMonitor:
         if mode == "split":
             check_int_positive("splits", splits)
         self._splits = splits
-        self._params, self._group_index, self.group_names = assign_groups(inner, groups)
-        if not self._params:
+        params, group_index, self.group_names = assign_groups(inner, groups)
+        if not params:
             raise ValueError("model has no trainable parameters")
-        self._group_of = {id(p): g for p, g in zip(self._params, self._group_index)}
+        # The step as the modes see it: they get this, never the monitor.
+        self._ctx = StepContext(ParamGroups(params, group_index, self.group_names), self.world_size, process_group)
         self.group_estimators = {name: NoiseScale(beta) for name in self.group_names} if groups is not None else {}
-        self._idx_cache: dict[tuple[Any, ...], torch.Tensor] = {}
-        self._in_step = self._in_micro = False
+        self._in_step = False
         self._closed = False
-        self._micro_norms: list[torch.Tensor] = []
-        self._hook_groups: list[int] = []
         self._pending: list[tuple[NoiseReading, dict[str, Any] | None]] = []
         self._step_index = 0
-        self._warned_single = False
+        self._warned: set[str] = set()
         self._ups_ema, self._ups_pow, self._ups_n = 0.0, 1.0, 0
         self._measure = False
         self._fsdp: UnshardedGradHooks | None = None
         self._mode: Mode
         if mode == "fsdp":
-            self._mode = FSDPMode(self, inner, units)
+            self._mode = FSDPMode(self._ctx, inner, units)
             self._fsdp = self._mode.hooks
         elif mode == "ddp":
-            self._mode = DDPMode(self, model, comm_hook, comm_state)
+            self._mode = DDPMode(self._ctx, model, comm_hook, comm_state)
         else:
             self._mode = self._local_mode(mode)
         self._reset_step()
 
     def _local_mode(self, mode: str) -> Mode:
-        return SplitMode(self, self.source, self._splits) if mode == "split" else AccumulationMode(self, self.source)
+        return SplitMode(self._ctx, self.source, self._splits) if mode == "split" else AccumulationMode(self._ctx, self.source)
 
     @property
     def mode(self) -> str:
@@ -212,41 +209,14 @@ class NoiseMonitor:
             self._mode.detach()
             self._mode = self._local_mode(mode)
 
-    # ---- hooks (run inside backward; they only read) ---------------------------------------
-    def _make_hook(self, g: int) -> Callable[[torch.Tensor], None]:
-        def hook(grad: torch.Tensor) -> None:
-            self._on_grad(g, grad)
-
-        return hook
-
-    def _on_grad(self, g: int, grad: torch.Tensor) -> None:
-        # The hot path on measured steps: one norm launch per parameter per micro-batch. Not batched
-        # into one _foreach_norm at the micro-batch's end: keeping `grad` alive until then would stop
-        # AccumulateGrad from stealing it into .grad (it copies when others hold a reference).
-        if self._in_micro:
-            self._micro_norms.append(_flat_norm(grad))
-            self._hook_groups.append(g)
-
-    def _group_sum(self, sq: torch.Tensor, idx: tuple[int, ...]) -> torch.Tensor:
-        """Per-group sums of ``sq`` (one entry per parameter, groups ``idx``) as a ``[G]`` tensor."""
-        n_groups = len(self.group_names)
-        if n_groups == 1:
-            return sq.sum().reshape(1)
-        key = (sq.device, idx)
-        t = self._idx_cache.get(key)
-        if t is None:  # built once per hook order; the order of a fixed graph repeats
-            t = self._idx_cache[key] = torch.tensor(idx, dtype=torch.long).to(sq.device)
-        return torch.zeros(n_groups, device=sq.device, dtype=sq.dtype).index_add_(0, t, sq)
-
     # ---- the loop's calls -----------------------------------------------------------------
     def _reset_step(self) -> None:
-        self._count_local: Any = 0
+        self._ctx.reset()
         self._samples_local: Any = 0
         self._have_samples = True
-        self._scales: list[Any] = []
-        self._step_scale: Any = None
-        self._n_micro = 0
+        self._n_explicit = 0  # micro-batches given a loss_scale
         self._broken = False
+        self._stale: Any = None  # |.grad|² before the step's first backward (measured steps)
 
     @property
     def measuring(self) -> bool:
@@ -259,7 +229,7 @@ class NoiseMonitor:
             raise RuntimeError("NoiseMonitor is closed")
         self._reset_step()
         self._in_step = True
-        self._measure = self._step_index % self.every == 0
+        self._measure = self._ctx.measuring = self._step_index % self.every == 0
         self._mode.detach()
         if self._measure:  # unmeasured steps carry no hooks at all
             self._mode.attach()
@@ -283,46 +253,44 @@ class NoiseMonitor:
             check_nonnegative("samples", samples)
         return _MicroBatch(self, count, samples, loss_scale)
 
+    def _open_micro(self) -> None:
+        ctx = self._ctx
+        ctx.norms, ctx.norm_groups = [], []
+        ctx.in_micro = True
+        if ctx.measuring and self._stale is None:
+            # Before the step's first backward .grad must be empty (or zeros): a gradient left from
+            # an earlier step would be read as part of this one. Device work only, read at the flush.
+            grads = self._mode.grads()
+            self._stale = 0.0 if all(g is None for g in grads) else self._ctx.groups.sqnorms(grads).sum()
+
     def _close_micro(self, mb: _MicroBatch, ok: bool) -> None:
-        norms, self._micro_norms = self._micro_norms, []
+        ctx = self._ctx
+        ctx.in_micro = False
+        norms, ctx.norms = ctx.norms, []
+        if not ctx.measuring:  # an unmeasured step keeps nothing
+            return
         if not ok:
             self._broken = True  # a partial backward: this step's gradient is unknown
             return
-        self._n_micro += 1
-        self._count_local = self._count_local + mb.count
+        ctx.n_micro += 1
+        ctx.count = ctx.count + mb.count
+        if mb.loss_scale is None:  # one factor for all: the sums are the count (no device work)
+            ctx.unit_sum = ctx.unit_sqsum = ctx.count
+        else:
+            self._n_explicit += 1
+            a, q = unit_sums(mb.count, mb.loss_scale)
+            ctx.unit_sum, ctx.unit_sqsum = ctx.unit_sum + a, ctx.unit_sqsum + q
         if mb.samples is None:
             self._have_samples = False
         else:
             self._samples_local = self._samples_local + mb.samples
-        self._scales.append(mb.loss_scale)
-        if self._measure:
-            self._mode.micro_done(mb, norms)
+        self._mode.micro_done(mb.count, mb.loss_scale, norms)
 
     def split_batch(self, batch: Mapping[str, torch.Tensor]) -> list[dict[str, torch.Tensor]]:
         """The pieces the loop should run as micro-batches for ``batch``: ``splits`` pieces in split
         mode on a measured step, else ``[batch]``. Call it before or after ``begin_step`` of the
         step it is for (the step counter only moves in ``end_step``)."""
         return self._mode.pieces(batch, self._step_index % self.every == 0)
-
-    def _grad_sqnorms(self) -> torch.Tensor | None:
-        """Per-group squared norms of the current ``.grad`` (the accumulated, reduced gradient).
-
-        In ``"fsdp"`` mode: of this rank's shards of it (summed over ranks by the caller).
-        Accumulated in float64 when any gradient is float64, else in float32.
-        """
-        buckets: dict[tuple[Any, Any], tuple[list[torch.Tensor], list[int]]] = {}
-        for grad, g in zip(self._mode.grads(), self._group_index):
-            if grad is not None:
-                gr = grad.coalesce()._values() if grad.is_sparse else grad
-                lst = buckets.setdefault((gr.device, gr.dtype), ([], []))
-                lst[0].append(gr)
-                lst[1].append(g)
-        if not buckets:
-            return None
-        parts = [self._group_sum(torch.stack(torch._foreach_norm(gs, 2, dtype=norm_dtype(gs[0]))).square(), tuple(idx))
-                 for gs, idx in buckets.values()]
-        dev = parts[0].device
-        return sum(p.to(dev) for p in parts)  # type: ignore[return-value]
 
     def end_step(self) -> NoiseReading:
         """Finish the step (call after the last backward, before ``optimizer.step()``).
@@ -335,7 +303,10 @@ class NoiseMonitor:
         self._in_step = False
         reading = NoiseReading(self, self._step_index)
         self._step_index += 1
-        self._pending.append((reading, self._collect()))
+        try:
+            self._pending.append((reading, self._collect()))
+        finally:
+            self._ctx.measuring = False
         if len(self._pending) >= self.max_pending:
             self.flush()
         return reading
@@ -343,30 +314,31 @@ class NoiseMonitor:
     def _collect(self) -> dict[str, Any] | None:
         """Device-side sums of the step, all-reduced across ranks; None if the step has no reading."""
         self._mode.detach()
-        if self._broken or self._n_micro == 0 or not self._measure:
+        ctx = self._ctx
+        if self._broken or ctx.n_micro == 0 or not self._measure:
             return None
-        explicit = [s is not None for s in self._scales]
-        if any(explicit) and not all(explicit):
+        if 0 < self._n_explicit < ctx.n_micro:
             raise ValueError("loss_scale must be given to every micro_batch of a step or to none")
-        scale = self._step_scale = self._scales[-1] if all(explicit) else None
+        explicit = self._n_explicit > 0
         self._mode.check_step()
         got = self._mode.readings()
         if got is None:
             return None
         big, readings = got
         dev = big.device
+        # Each reading is Σ_j a_j·S_j over some micro-batches: raw/(Σ a n)² reads |G|² + tr Σ·(Σ a² n)/(Σ a n)².
         if readings:
-            small_sum = sum(r.to(dev) / (n * n if c is None else n * n * c * c) for r, n, c in readings)
-            inv_n_sum, k = sum(1.0 / n for _, n, _ in readings), len(readings)
+            small_sum = sum(r.to(dev) / (a * a) for r, a, _ in readings)
+            inv_n_sum, k = sum(q / (a * a) for _, a, q in readings), len(readings)
         else:  # still take part in the all-reduce: other ranks may have readings
             small_sum, inv_n_sum, k = torch.zeros_like(big), 0.0, 0
-        if scale is not None:
-            big = big * (self.world_size / scale) ** 2
         # float64 gradients keep float64 sums; everything else is summed in float32.
         acc = torch.promote_types(small_sum.dtype, big.dtype) if isinstance(small_sum, torch.Tensor) else big.dtype
-        scal = [inv_n_sum, k, self._count_local]
+        # The big batch's two sums only matter with explicit loss scales (else they are the count).
+        scal = [inv_n_sum, k, ctx.count, ctx.unit_sum if explicit else 0.0, ctx.unit_sqsum if explicit else 0.0,
+                self._stale if self._stale is not None else 0.0]
         host: list[Any] | None = scal
-        reduce_big = getattr(self._mode, "reduce_big", False)
+        reduce_big = self._mode.reduce_big
         if self.world_size > 1 or any(isinstance(v, torch.Tensor) for v in scal):
             # Under FSDP the shards' squared norms ride along: Σ over ranks = |reduced gradient|².
             parts = [small_sum.to(acc), torch.stack([_scalar(v, dev) for v in scal]).to(acc)]
@@ -377,8 +349,8 @@ class NoiseMonitor:
                 vec, big = vec[: -big.numel()], vec[-big.numel():]
             small_sum, host = vec, None
         samples = self._samples_local if self._have_samples else None
-        return {"dev": torch.cat([small_sum.to(acc), big.to(acc)]), "host": host, "explicit": scale is not None,
-                "count_local": self._count_local, "samples_local": samples}
+        return {"dev": torch.cat([small_sum.to(acc), big.to(acc)]), "host": host, "explicit": explicit,
+                "count_local": ctx.count, "samples_local": samples}
 
     # ---- host side ------------------------------------------------------------------------
     def flush(self) -> None:
@@ -393,14 +365,27 @@ class NoiseMonitor:
                                   "grad_sqnorm_step": math.nan, "trace_sigma_step": math.nan}
         if raw is not None:
             got = step_inputs(raw["dev"].tolist(), raw["host"], raw["explicit"], n_groups, self.world_size)  # the host sync
-            if got is None:
-                if not self._warned_single:
-                    self._warned_single = True
-                    warnings.warn("NoiseMonitor: a step with one micro-batch on one process has a single batch "
-                                  "size and gives no estimate; use mode='split' or gradient accumulation",
-                                  RuntimeWarning, stacklevel=3)
+            if got.stale > 0:
+                self._warn_once("stale", f"NoiseMonitor: the parameters already held a gradient when the step's first "
+                                f"backward began (|.grad|^2 = {got.stale:.4g}), so the step's gradient is not its own; "
+                                "zero it (optimizer.zero_grad()) before the first micro-batch. No reading this step")
+            elif got.small is None:
+                if got.b_small >= got.units * (1 - 1e-9):
+                    self._warn_once("single", "NoiseMonitor: a step with one micro-batch on one process has a single "
+                                    "batch size and gives no estimate; use mode='split' or gradient accumulation")
+                else:
+                    self._warn_once("unequal_none", f"NoiseMonitor: the step's loss factors are so unequal that its "
+                                    f"effective batch ({got.b_big:.4g} units) is not larger than its small batches "
+                                    f"({got.b_small:.4g}): no estimate from such a step")
             else:
-                small, big, b_small, b_big = got
+                if got.b_big < got.units * (1 - 1e-6):
+                    self._warn_once("unequal", "NoiseMonitor: the micro-batches of a step had different loss factors "
+                                    "per unit (a per-micro-batch mean loss over unequal counts, e.g. a padded LM "
+                                    "without num_items_in_batch, or a short last micro-batch): training itself weights "
+                                    f"their units unequally, an effective batch of {got.b_big:.4g} of {got.units:.4g} "
+                                    "units. B_simple accounts for it; to weight every unit alike, divide the summed "
+                                    "loss by the step's total count")
+                small, big, b_small, b_big = got.small, got.big, got.b_small, got.b_big
                 values.update(b_small=b_small, b_big=b_big)
                 estimators = [self.estimator, *self.group_estimators.values()]
                 inputs = [(sum(small), sum(big)), *zip(small, big)][: len(estimators)]
@@ -420,6 +405,11 @@ class NoiseMonitor:
                     self._ups_n += 1
         values.update(self._snapshot())
         return values
+
+    def _warn_once(self, key: str, message: str) -> None:
+        if key not in self._warned:
+            self._warned.add(key)
+            warnings.warn(message, RuntimeWarning, stacklevel=4)
 
     @property
     def units_per_sample(self) -> float:
@@ -465,4 +455,4 @@ class NoiseMonitor:
         """Remove the parameter hooks (a DDP comm hook cannot be removed; it becomes a pass-through)."""
         self._detach()
         self._closed = True
-        self._in_step = self._in_micro = False
+        self._in_step = self._ctx.in_micro = self._ctx.measuring = False
